@@ -1,0 +1,140 @@
+// Owns: the flat parameter structs handed from the torch binding to every backend (CPU, sm80,
+// sm90). Filled by named assignment in torch-ext/torch_binding.cpp; no torch types here.
+//
+// Conventions shared by all backends (normative):
+// * Shapes: batched q (batch, seqlen_q, nheads, d); varlen q (total_q, nheads, d) with
+//   cu_seqlens_q (batch + 1). K/V likewise with nheads_k, nheads % nheads_k == 0; query head h reads
+//   K/V head h / (nheads / nheads_k). Last dim contiguous; every other stride is given (int64).
+// * Per sequence b: seqlen_q_b, seqlen_k_b (after seqused_k and left padding). The first key of
+//   the sequence is at position leftpad_k[b] of its K row range (0 without leftpad_k).
+// * Mask, bottom-right aligned: query row i may see key j iff
+//     j <= i + seqlen_k_b - seqlen_q_b + window_right   (window_right < 0: unbounded)
+//     j >= i + seqlen_k_b - seqlen_q_b - window_left    (window_left  < 0: unbounded)
+//   causal is window_right = 0 (the binding folds is_causal into the window).
+// * Logits: s = softmax_scale * (q . k); with softcap > 0, s = softcap * tanh(s / softcap);
+//   with ALiBi, s -= slope[b][h] * |i + seqlen_k_b - seqlen_q_b - j|.
+// * Output O = dropout(softmax(s)) V; softmax_lse = log(sum_j exp(s_ij)) over visible j (natural
+//   log, fp32). A row that sees no key has O = 0 and lse = +inf.
+// * Dropout: see philox.h. keep_scale = 1 / (1 - p_dropout).
+#pragma once
+#include <cstdint>
+
+#include "namespace.h"
+
+FLASH_NAMESPACE_BEGIN
+
+enum class DType : int32_t { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
+struct FwdParams {
+  DType dtype = DType::kFloat16;
+
+  // Inputs. K/V point at the paged pool when block_table != nullptr.
+  const void* q_ptr = nullptr;  // (batch, seqlen_q, nheads, d) or (total_q, nheads, d)
+  const void* k_ptr = nullptr;  // (batch_k, seqlen_k, nheads_k, d), (total_k, nheads_k, d) or
+                                // paged (num_blocks, page_block_size, nheads_k, d)
+  const void* v_ptr = nullptr;  // same layout as k
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;  // in elements
+  int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;  // batch stride = block stride
+  int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;  //   when paged
+
+  // Outputs.
+  void* o_ptr = nullptr;  // same shape as q (d = head_dim of v, equal to q's here)
+  int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
+  float* softmax_lse_ptr = nullptr;  // (batch, nheads, seqlen_q) or varlen (nheads, total_q)
+  void* p_ptr = nullptr;  // optional S_dmask (batch, nheads, seqlen_q, seqlen_k), input dtype,
+                          // contiguous, seqlen_* = the max over the batch for varlen
+
+  // Problem size.
+  int batch = 0;
+  int nheads = 0, nheads_k = 0;
+  int head_dim = 0;   // d, any value in [1, 256]; kernels with a fixed kHeadDim predicate or pad
+  int seqlen_q = 0;   // batched: the common length; varlen: an upper bound (max_seqlen_q)
+  int seqlen_k = 0;   // batched: the K/V length (cache length for kvcache); varlen: upper bound
+  int total_q = 0;    // varlen: number of query tokens (rows of q)
+
+  // Variable length, paging, KV-cache indirection (all optional).
+  const int32_t* cu_seqlens_q = nullptr;  // (batch + 1)
+  const int32_t* cu_seqlens_k = nullptr;  // (batch + 1)
+  const int32_t* seqused_k = nullptr;     // (batch): keys actually used by sequence b; for the
+                                          //   KV cache this is cache_seqlens + seqlen_new
+  const int32_t* leftpad_k = nullptr;     // (batch): first valid key position of sequence b
+  const int32_t* cache_batch_idx = nullptr;  // (batch): K/V batch row used by sequence b
+  const int32_t* block_table = nullptr;   // (batch, max_blocks_per_seq): page ids
+  int64_t block_table_batch_stride = 0;
+  int page_block_size = 0;                // keys per page, any positive value
+
+  // Score modifiers.
+  float softmax_scale = 0.f;
+  float scale_log2 = 0.f;  // softmax_scale * log2(e), computed once on the host
+  float softcap = 0.f;     // 0: off
+  const float* alibi_slopes = nullptr;  // (nheads) or (batch, nheads), fp32
+  int64_t alibi_batch_stride = 0;       // 0 for (nheads)
+  int window_left = -1, window_right = -1;
+  bool is_causal = false;  // informational: window_right == 0 already encodes it
+
+  // Dropout (p_dropout == 0: off).
+  float p_dropout = 0.f;
+  float keep_scale = 1.f;       // 1 / (1 - p_dropout)
+  uint32_t dropout_threshold = 0;
+  uint64_t seed = 0, offset = 0;
+
+  // Split-KV hint for decode (0: backend chooses). Never changes the result beyond rounding.
+  int num_splits = 0;
+};
+
+struct BwdParams : FwdParams {
+  // Gradient inputs/outputs; o_ptr/softmax_lse_ptr above hold the forward's out and lse.
+  const void* do_ptr = nullptr;  // same shape as q
+  int64_t do_batch_stride = 0, do_row_stride = 0, do_head_stride = 0;
+  void* dq_ptr = nullptr;  // same shape as q
+  int64_t dq_batch_stride = 0, dq_row_stride = 0, dq_head_stride = 0;
+  void* dk_ptr = nullptr;  // same shape as k (GQA: summed over the query heads of a group)
+  int64_t dk_batch_stride = 0, dk_row_stride = 0, dk_head_stride = 0;
+  void* dv_ptr = nullptr;  // same shape as v
+  int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
+  bool deterministic = false;
+};
+
+// In-place KV-cache update of flash_attn_with_kvcache, run before the attention.
+struct KvAppendParams {
+  DType dtype = DType::kFloat16;
+  int batch = 0, nheads_k = 0, head_dim = 0, seqlen_new = 0;
+  const void* k_new_ptr = nullptr;  // (batch, seqlen_new, nheads_k, d)
+  const void* v_new_ptr = nullptr;
+  int64_t knew_batch_stride = 0, knew_row_stride = 0, knew_head_stride = 0;
+  int64_t vnew_batch_stride = 0, vnew_row_stride = 0, vnew_head_stride = 0;
+  void* k_cache_ptr = nullptr;  // contiguous-or-strided cache, paged when block_table != nullptr
+  void* v_cache_ptr = nullptr;
+  int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
+  int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
+  const int32_t* cache_seqlens = nullptr;    // (batch): write position of the first new token
+  const int32_t* cache_batch_idx = nullptr;  // (batch) or null
+  const int32_t* block_table = nullptr;
+  int64_t block_table_batch_stride = 0;
+  int page_block_size = 0;
+  // Rotary (rotary_dim == 0: off). cos/sin: (seqlen_ro, rotary_dim / 2), contiguous, input dtype.
+  // The new key at cache position t is rotated with row t of the tables.
+  const void* rotary_cos_ptr = nullptr;
+  const void* rotary_sin_ptr = nullptr;
+  int rotary_dim = 0;
+  bool rotary_interleaved = false;  // true: pairs (2i, 2i+1) (GPT-J); false: (i, i + r/2) (NeoX)
+};
+
+// Rotary on the queries of flash_attn_with_kvcache (out-of-place: q is never modified).
+// Query row i of sequence b uses table row cache_seqlens[b] + i when the attention is causal or
+// local, and row cache_seqlens[b] for every query otherwise (FA2 semantics).
+struct RotaryQParams {
+  DType dtype = DType::kFloat16;
+  int batch = 0, seqlen_q = 0, nheads = 0, head_dim = 0;
+  const void* q_ptr = nullptr;  // (batch, seqlen_q, nheads, d)
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  void* q_out_ptr = nullptr;  // (batch, seqlen_q, nheads, d) contiguous
+  const int32_t* cache_seqlens = nullptr;
+  const void* rotary_cos_ptr = nullptr;
+  const void* rotary_sin_ptr = nullptr;
+  int rotary_dim = 0;
+  bool rotary_interleaved = false;
+  bool positions_per_row = true;  // causal or local
+};
+
+FLASH_NAMESPACE_END

@@ -1,0 +1,15 @@
+// Owns: the CPU backend's entry points. Conventions: kernel_src/common/params.h and docs/design.md.
+// Every entry point works for fp16, bf16, fp32 and fp64, any head_dim in [1, 256], in memory
+// linear in the sequence lengths, and throws std::runtime_error (naming the argument) on input it
+// cannot serve.
+#pragma once
+#include "../common/params.h"
+
+FLASH_NAMESPACE_BEGIN
+
+void run_fwd_cpu(const FwdParams& params);
+void run_bwd_cpu(const BwdParams& params);
+void run_kv_append_cpu(const KvAppendParams& params);
+void run_rotary_q_cpu(const RotaryQParams& params);
+
+FLASH_NAMESPACE_END

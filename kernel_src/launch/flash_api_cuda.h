@@ -1,0 +1,14 @@
+// Owns: the CUDA entry points the binding calls. Conventions: kernel_src/common/params.h and
+// docs/design.md. Implementations live in kernel_src/launch/ (the only place where runtime values
+// become template arguments) and throw std::runtime_error, naming the argument, for what no
+// compiled kernel serves (e.g. a GPU below sm80).
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include "../common/params.h"
+
+FLASH_NAMESPACE_BEGIN
+
+void run_fwd_cuda(const FwdParams& params, cudaStream_t stream);
+
+FLASH_NAMESPACE_END
