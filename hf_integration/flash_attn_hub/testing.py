@@ -1,0 +1,117 @@
+"""Helpers shared by the Transformers tests, the demo and the e2e benchmark.
+
+Tiny randomly initialised models built from configs (no downloads), twins with identical weights
+under two attention implementations, a spy on the kernel calls Transformers makes, and the
+location of the project's local build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CPU_VARIANT_SUFFIX = "-cpu-x86_64-linux"
+
+
+def kernel_root() -> Path:
+    """Repository whose `build/` the tests load (env FLASH_ATTN_HUB_KERNEL_ROOT overrides)."""
+    return Path(os.environ.get("FLASH_ATTN_HUB_KERNEL_ROOT", REPO_ROOT)).resolve()
+
+
+def has_variant(root: Path, suffix: str = CPU_VARIANT_SUFFIX) -> bool:
+    build = root / "build"
+    return build.is_dir() and any(p.name.endswith(suffix) and (p / "metadata.json").is_file()
+                                  for p in build.iterdir())
+
+
+def ensure_cpu_build(root: Path | None = None) -> Path:
+    """Return `root/build`, building the CPU variant with tools/build_local.py if it is missing."""
+    root = root or kernel_root()
+    if not has_variant(root):
+        tool = root / "tools" / "build_local.py"
+        if not tool.is_file():
+            raise FileNotFoundError(f"no CPU variant under {root / 'build'} and no {tool} to build it")
+        subprocess.run([sys.executable, str(tool), "--variant", "cpu"], cwd=root, check=True)
+    return root / "build"
+
+
+# --- tiny models --------------------------------------------------------------------------------
+
+_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def tiny_config(family: str = "llama", **overrides):
+    """A small config of `family` (llama, mistral, qwen2, gemma2): GQA 4/2, head dim 16."""
+    from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
+           "gemma2": Gemma2Config}[family]
+    kw = dict(_TINY)
+    if family == "gemma2":
+        kw.update(head_dim=16, query_pre_attn_scalar=16)
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def twin_models(config, impls: tuple[str, ...] = ("sdpa", "flash_hub"), seed: int = 0,
+                dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """One causal LM per attention implementation, all with the same random weights, in eval."""
+    from transformers import AutoModelForCausalLM
+
+    models = []
+    for impl in impls:
+        torch.manual_seed(seed)
+        m = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=dtype)
+        models.append(m.to(device).eval())
+    state = models[0].state_dict()
+    for m in models[1:]:
+        m.load_state_dict(state)
+    return models
+
+
+# --- spying on what Transformers hands the kernel -----------------------------------------------
+
+class KernelSpy:
+    """Records every call Transformers makes to the loaded flash functions.
+
+    Wraps the module-level functions Transformers resolved for the current flash implementation
+    (`_flash_fn`, `_flash_varlen_fn`). `functools.wraps` keeps the kernel's signature visible, so
+    Transformers' keyword filtering is unchanged. Each record: (function name, kwargs).
+    """
+
+    def __init__(self):
+        self.calls: list[tuple[str, dict]] = []
+
+    def names(self) -> list[str]:
+        return [n for n, _ in self.calls]
+
+    def kwargs_of(self, name: str) -> list[dict]:
+        return [kw for n, kw in self.calls if n == name]
+
+    def _wrap(self, fn):
+        @functools.wraps(fn)
+        def spy(*args, **kwargs):
+            self.calls.append((fn.__name__, dict(kwargs)))
+            return fn(*args, **kwargs)
+        return spy
+
+    @contextlib.contextmanager
+    def watch(self, implementation: str):
+        """Spy on `implementation` (loaded first, so the wrappers are not replaced by a reload)."""
+        from transformers import modeling_flash_attention_utils as mfau
+
+        mfau.lazy_import_flash_attention(implementation)
+        saved = mfau._flash_fn, mfau._flash_varlen_fn
+        mfau._flash_fn, mfau._flash_varlen_fn = (self._wrap(f) if f else f for f in saved)
+        try:
+            yield self
+        finally:
+            mfau._flash_fn, mfau._flash_varlen_fn = saved
