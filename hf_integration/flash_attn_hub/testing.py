@@ -25,16 +25,21 @@ def kernel_root() -> Path:
     return Path(os.environ.get("FLASH_ATTN_HUB_KERNEL_ROOT", REPO_ROOT)).resolve()
 
 
-def has_variant(root: Path, suffix: str = CPU_VARIANT_SUFFIX) -> bool:
+def has_variant(root: Path, suffix: str = "") -> bool:
+    """Whether `root/build` holds a variant (whose name ends with `suffix`) with metadata.json."""
     build = root / "build"
     return build.is_dir() and any(p.name.endswith(suffix) and (p / "metadata.json").is_file()
                                   for p in build.iterdir())
 
 
 def ensure_cpu_build(root: Path | None = None) -> Path:
-    """Return `root/build`, building the CPU variant with tools/build_local.py if it is missing."""
+    """Return `root/build`, building the CPU variant with tools/build_local.py if it is missing.
+
+    On a GPU machine the carried build may hold only the CUDA variant; kernels picks it there.
+    """
     root = root or kernel_root()
-    if not has_variant(root):
+    wanted = "" if torch.cuda.is_available() else CPU_VARIANT_SUFFIX
+    if not has_variant(root, wanted):
         tool = root / "tools" / "build_local.py"
         if not tool.is_file():
             raise FileNotFoundError(f"no CPU variant under {root / 'build'} and no {tool} to build it")
