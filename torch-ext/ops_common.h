@@ -1,0 +1,244 @@
+// Owns: what the op files share beyond argument checks: output allocation, the host-side checks of
+// index tensors' contents (cu_seqlens, seqused_k, block_table), the score/dropout part of the
+// params, and the hand-off to the backend of the tensors' device.
+// Invariant: contents of index tensors are read only when they live on the host; for CUDA tensors
+// the kernels must be robust to bad indices (no device sync here).
+#pragma once
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../kernel_src/common/params.h"
+#include "../kernel_src/common/philox.h"
+#include "../kernel_src/cpu/flash_api_cpu.h"
+#include "checks.h"
+
+#ifdef CUDA_KERNEL
+#ifndef USE_CUDA
+#error "CUDA_KERNEL builds need -DUSE_CUDA (it declares aoti_torch_get_current_cuda_stream)"
+#endif
+#include "../kernel_src/launch/flash_api_cuda.h"
+#endif
+
+FLASH_NAMESPACE_BEGIN
+// Hidden like torch::stable, whose Tensor these helpers hold.
+namespace __attribute__((visibility("hidden"))) binding {
+
+// A new contiguous tensor on t's device.
+inline Tensor alloc(const Tensor& t, std::initializer_list<int64_t> sizes, ScalarType dtype) {
+  return torch::stable::new_empty(t, std::vector<int64_t>(sizes), dtype);
+}
+
+inline Tensor alloc_zeros(const Tensor& t, std::initializer_list<int64_t> sizes,
+                          ScalarType dtype) {
+  return torch::stable::new_zeros(t, std::vector<int64_t>(sizes), dtype);
+}
+
+inline Tensor alloc_like(const Tensor& t) {
+  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+  return torch::stable::new_empty(t, sizes, t.scalar_type());
+}
+
+inline Tensor zeros_like(const Tensor& t) {
+  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+  return torch::stable::new_zeros(t, sizes, t.scalar_type());
+}
+
+constexpr double kLog2e = 1.4426950408889634;  // M_LOG2E is not in strict ISO C++
+
+// Scores and dropout, shared by every forward and backward.
+inline void set_score_params(FwdParams& p, double softmax_scale, double softcap, Window w,
+                             const Dropout& d) {
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.scale_log2 = static_cast<float>(softmax_scale * kLog2e);
+  p.softcap = static_cast<float>(softcap);
+  p.window_left = w.left;
+  p.window_right = w.right;
+  p.is_causal = w.left < 0 && w.right == 0;
+  p.p_dropout = d.p;
+  p.keep_scale = d.p > 0.f ? 1.f / (1.f - d.p) : 1.f;
+  p.dropout_threshold = d.p > 0.f ? dropout_threshold(d.p) : 0u;
+  p.seed = d.seed;
+  p.offset = d.offset;
+}
+
+inline void set_alibi(FwdParams& p, const OptTensor& alibi, const Tensor& q, int64_t batch,
+                      int64_t nheads) {
+  if (!alibi) return;
+  p.alibi_batch_stride = check_alibi(*alibi, q, batch, nheads);
+  p.alibi_slopes = alibi->const_data_ptr<float>();
+}
+
+// ---- host-side checks of index tensors' contents --------------------------------------------
+
+// cu_seqlens (batch + 1, int32, contiguous, host): starts at 0, never decreases and, when
+// `total` >= 0, ends at `total`. Returns the per-sequence lengths.
+inline std::vector<int> seqlens_from_cu(const Tensor& cu, const char* name, int64_t total,
+                                        const char* total_name) {
+  const int32_t* c = cu.const_data_ptr<int32_t>();
+  const int64_t n = cu.size(0) - 1;
+  FLASH_CHECK(c[0] == 0, name, "[0] must be 0, got ", c[0]);
+  std::vector<int> lens(n);
+  for (int64_t b = 0; b < n; ++b) {
+    FLASH_CHECK(c[b + 1] >= c[b], name, " must be non-decreasing, but ", name, "[", b + 1,
+                "] = ", c[b + 1], " < ", name, "[", b, "] = ", c[b]);
+    lens[b] = c[b + 1] - c[b];
+  }
+  if (total >= 0) {
+    FLASH_CHECK(c[n] == total, name, "[-1] = ", c[n], " must equal the number of tokens in ",
+                total_name, " (", total, ")");
+  }
+  return lens;
+}
+
+inline int max_of(const std::vector<int>& v) {
+  return v.empty() ? 0 : *std::max_element(v.begin(), v.end());
+}
+
+// A given max_seqlen (>= 0) must bound every sequence; -1 means "not given".
+inline void check_max_seqlen(int64_t given, const char* name, const std::vector<int>& lens) {
+  if (given < 0) return;
+  for (size_t b = 0; b < lens.size(); ++b) {
+    FLASH_CHECK(lens[b] <= given, name, " = ", given, " is smaller than the length ", lens[b],
+                " of sequence ", b);
+  }
+}
+
+// seqused_k (batch, int32, host): 0 <= seqused_k[b] <= limit[b] (limit < 0: no upper bound).
+inline std::vector<int> apply_seqused(const Tensor& seqused, const std::vector<int>& limit,
+                                      const char* limit_what) {
+  const int32_t* s = seqused.const_data_ptr<int32_t>();
+  std::vector<int> lens(limit.size());
+  for (size_t b = 0; b < limit.size(); ++b) {
+    FLASH_CHECK(s[b] >= 0, "seqused_k[", b, "] = ", s[b], " is negative");
+    FLASH_CHECK(limit[b] < 0 || s[b] <= limit[b], "seqused_k[", b, "] = ", s[b],
+                " exceeds the ", limit[b], " ", limit_what, " of sequence ", b);
+    lens[b] = s[b];
+  }
+  return lens;
+}
+
+// block_table (batch, max_blocks, int32, host): sequence b reads its first
+// ceil(len_k[b] / page_size) entries; each must name a block of the pool.
+inline void check_block_table_host(const Tensor& block_table, const std::vector<int>& len_k,
+                                   int64_t page_size, int64_t num_blocks) {
+  const int32_t* bt = block_table.const_data_ptr<int32_t>();
+  const int64_t max_blocks = block_table.size(1), stride = block_table.stride(0);
+  for (size_t b = 0; b < len_k.size(); ++b) {
+    const int64_t pages = (static_cast<int64_t>(len_k[b]) + page_size - 1) / page_size;
+    FLASH_CHECK(pages <= max_blocks, "block_table has ", max_blocks,
+                " pages per sequence, too few for the ", len_k[b], " keys of sequence ", b,
+                " (page size ", page_size, " needs ", pages, ")");
+    for (int64_t i = 0; i < pages; ++i) {
+      const int32_t id = bt[b * stride + i];
+      FLASH_CHECK(id >= 0 && id < num_blocks, "block_table[", b, ", ", i, "] = ", id,
+                  " is out of range; the K/V pool has ", num_blocks, " blocks");
+    }
+  }
+}
+
+// The sequence-length bounds handed to the backend for a varlen call (FwdParams::seqlen_q/k).
+// For host index tensors this also checks their contents: cu_seqlens, seqused_k, max_seqlen and
+// the block_table entries each sequence reads. For device tensors nothing is read (no sync) and
+// the bounds fall back to what the shapes guarantee.
+struct VarlenBounds {
+  int64_t seqlen_q = 0, seqlen_k = 0;
+};
+
+struct VarlenIndex {
+  const Tensor* cu_seqlens_q;
+  const Tensor* cu_seqlens_k;
+  const std::optional<Tensor>* seqused_k;
+  const std::optional<Tensor>* block_table;  // paged K/V when set
+  int64_t total_q = 0;
+  int64_t total_k = 0;  // rows of k when not paged
+  int64_t page_size = 0, num_blocks = 0;
+  int64_t max_seqlen_q = -1, max_seqlen_k = -1;
+};
+
+inline VarlenBounds varlen_bounds(const Tensor& q, const VarlenIndex& ix) {
+  const bool paged = ix.block_table->has_value();
+  VarlenBounds out;
+  if (!q.is_cpu()) {
+    out.seqlen_q = ix.max_seqlen_q >= 0 ? ix.max_seqlen_q : ix.total_q;
+    out.seqlen_k = ix.max_seqlen_k >= 0
+                       ? ix.max_seqlen_k
+                       : (paged ? (*ix.block_table)->size(1) * ix.page_size : ix.total_k);
+    return out;
+  }
+  const std::vector<int> lens_q = seqlens_from_cu(*ix.cu_seqlens_q, "cu_seqlens_q", ix.total_q, "q");
+  std::vector<int> lens_k =
+      seqlens_from_cu(*ix.cu_seqlens_k, "cu_seqlens_k", paged ? -1 : ix.total_k, "k");
+  if (ix.seqused_k->has_value()) {
+    // Paged: cu_seqlens_k carries no offsets, so seqused_k is bounded by the pages only.
+    lens_k = apply_seqused(**ix.seqused_k, paged ? std::vector<int>(lens_k.size(), -1) : lens_k,
+                           "keys given by cu_seqlens_k");
+  }
+  check_max_seqlen(ix.max_seqlen_q, "max_seqlen_q", lens_q);
+  check_max_seqlen(ix.max_seqlen_k, "max_seqlen_k", lens_k);
+  if (paged) check_block_table_host(**ix.block_table, lens_k, ix.page_size, ix.num_blocks);
+  out.seqlen_q = ix.max_seqlen_q >= 0 ? ix.max_seqlen_q : max_of(lens_q);
+  out.seqlen_k = ix.max_seqlen_k >= 0 ? ix.max_seqlen_k : max_of(lens_k);
+  return out;
+}
+
+// cu_seqlens_q/k and seqused_k: dtype, shape and device (contents: varlen_bounds).
+struct VarlenTensors {
+  int64_t batch = 0;
+  Tensor cu_q, cu_k;
+  std::optional<Tensor> used;
+};
+
+inline VarlenTensors check_varlen_tensors(const Tensor& q, const Tensor& cu_seqlens_q,
+                                          const Tensor& cu_seqlens_k, const OptTensor& seqused_k,
+                                          int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  VarlenTensors t;
+  FLASH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) >= 1,
+              "cu_seqlens_q must have shape (batch + 1,), got ", shape_str(cu_seqlens_q));
+  t.batch = cu_seqlens_q.size(0) - 1;
+  t.cu_q = check_index_vector(cu_seqlens_q, "cu_seqlens_q", t.batch + 1, q, "(batch + 1,)");
+  t.cu_k = check_index_vector(cu_seqlens_k, "cu_seqlens_k", t.batch + 1, q,
+                              "(batch + 1,), the length of cu_seqlens_q");
+  if (seqused_k) t.used = check_index_vector(*seqused_k, "seqused_k", t.batch, q, "(batch,)");
+  FLASH_CHECK(max_seqlen_q >= -1, "max_seqlen_q must be >= 0 (or -1: not given), got ",
+              max_seqlen_q);
+  FLASH_CHECK(max_seqlen_k >= -1, "max_seqlen_k must be >= 0 (or -1: not given), got ",
+              max_seqlen_k);
+  return t;
+}
+
+// ---- backend hand-off ----------------------------------------------------------------------
+
+#ifdef CUDA_KERNEL
+inline cudaStream_t current_stream(const Tensor& t) {
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
+  return static_cast<cudaStream_t>(stream);
+}
+#endif
+
+inline void run_fwd(const FwdParams& p, const Tensor& q) {
+  if (q.is_cpu()) {
+    run_fwd_cpu(p);
+    return;
+  }
+#ifdef CUDA_KERNEL
+  const torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  run_fwd_cuda(p, current_stream(q));
+#else
+  fail("q is on ", device_str(q), " but this build of flash_attn has no CUDA backend");
+#endif
+}
+
+// Ops that the CUDA backend does not have yet fail before touching any data.
+inline void check_cpu_only(const Tensor& q, const char* op) {
+  FLASH_CHECK(q.is_cpu(), op, " is not implemented for CUDA yet (q is on ", device_str(q),
+              "); use CPU tensors for this op");
+}
+
+}  // namespace binding
+FLASH_NAMESPACE_END

@@ -1,0 +1,63 @@
+// Owns: the op schemas (docs/design.md is the contract) and their registration, nothing else.
+// The library is named by TORCH_EXTENSION_NAME, which the build sets to the ops name
+// (_flash_attn_<backend>_<rev>), so two builds never share a namespace. registration.h comes from
+// the build (kernel-builder, or tools/build_local.py) and provides the *_EXPAND macros and
+// REGISTER_EXTENSION (the Python module init that lets `from . import <ops name>` load the .so).
+#include <torch/csrc/stable/library.h>
+
+#include "registration.h"
+#include "torch_binding.h"
+
+STABLE_TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
+  ops.def(
+      "fwd(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, float dropout_p, "
+      "float softmax_scale, bool is_causal, int window_size_left, int window_size_right, "
+      "float softcap, bool return_softmax, Tensor? rng_state, bool deterministic=False) "
+      "-> (Tensor out, Tensor softmax_lse, Tensor S_dmask, Tensor rng_state)");
+  ops.def(
+      "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "Tensor? seqused_k, Tensor? block_table, Tensor? alibi_slopes, int max_seqlen_q, "
+      "int max_seqlen_k, float dropout_p, float softmax_scale, bool is_causal, "
+      "int window_size_left, int window_size_right, float softcap, bool return_softmax, "
+      "Tensor? rng_state, bool deterministic=False) "
+      "-> (Tensor out, Tensor softmax_lse, Tensor S_dmask, Tensor rng_state)");
+  ops.def(
+      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
+      "Tensor? alibi_slopes, float dropout_p, float softmax_scale, bool is_causal, "
+      "int window_size_left, int window_size_right, float softcap, bool deterministic, "
+      "Tensor? rng_state) -> (Tensor dq, Tensor dk, Tensor dv)");
+  ops.def(
+      "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, Tensor? alibi_slopes, "
+      "int max_seqlen_q, int max_seqlen_k, float dropout_p, float softmax_scale, "
+      "bool is_causal, int window_size_left, int window_size_right, float softcap, "
+      "bool deterministic, Tensor? rng_state) -> (Tensor dq, Tensor dk, Tensor dv)");
+  ops.def(
+      "fwd_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
+      "Tensor? cache_seqlens, Tensor? rotary_cos, Tensor? rotary_sin, Tensor? cache_batch_idx, "
+      "Tensor? cache_leftpad, Tensor? block_table, Tensor? alibi_slopes, float softmax_scale, "
+      "bool is_causal, int window_size_left, int window_size_right, float softcap, "
+      "bool rotary_interleaved, int num_splits) -> (Tensor out, Tensor softmax_lse)");
+}
+
+// One implementation per op serves both devices: it checks the device itself and calls the
+// matching backend (CUDA entries that have no kernel yet fail with a clear error).
+STABLE_TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, CPU, ops) {
+  ops.impl("fwd", TORCH_BOX(&FLASH_NAMESPACE::mha_fwd));
+  ops.impl("varlen_fwd", TORCH_BOX(&FLASH_NAMESPACE::mha_varlen_fwd));
+  ops.impl("bwd", TORCH_BOX(&FLASH_NAMESPACE::mha_bwd));
+  ops.impl("varlen_bwd", TORCH_BOX(&FLASH_NAMESPACE::mha_varlen_bwd));
+  ops.impl("fwd_kvcache", TORCH_BOX(&FLASH_NAMESPACE::mha_fwd_kvcache));
+}
+
+#ifdef CUDA_KERNEL
+STABLE_TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, CUDA, ops) {
+  ops.impl("fwd", TORCH_BOX(&FLASH_NAMESPACE::mha_fwd));
+  ops.impl("varlen_fwd", TORCH_BOX(&FLASH_NAMESPACE::mha_varlen_fwd));
+  ops.impl("bwd", TORCH_BOX(&FLASH_NAMESPACE::mha_bwd));
+  ops.impl("varlen_bwd", TORCH_BOX(&FLASH_NAMESPACE::mha_varlen_bwd));
+  ops.impl("fwd_kvcache", TORCH_BOX(&FLASH_NAMESPACE::mha_fwd_kvcache));
+}
+#endif
+
+REGISTER_EXTENSION(TORCH_EXTENSION_NAME)

@@ -1,0 +1,60 @@
+// Owns: the C++ signatures of the five custom ops (schemas in torch_binding.cpp and
+// docs/design.md). Each op checks its arguments (checks.h), fills the params struct of
+// kernel_src/common/params.h by named assignment, and calls the backend of the tensors' device.
+// Stable ABI only: no ATen/c10 types, so one build serves every torch >= 2.10.
+#pragma once
+#include <torch/csrc/stable/tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "../kernel_src/common/namespace.h"
+
+FLASH_NAMESPACE_BEGIN
+
+using torch::stable::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// -> (out, softmax_lse, S_dmask, rng_state)
+std::tuple<Tensor, Tensor, Tensor, Tensor> mha_fwd(
+    const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& alibi_slopes,
+    double dropout_p, double softmax_scale, bool is_causal, int64_t window_size_left,
+    int64_t window_size_right, double softcap, bool return_softmax, const OptTensor& rng_state,
+    bool deterministic);
+
+// -> (out, softmax_lse, S_dmask, rng_state)
+std::tuple<Tensor, Tensor, Tensor, Tensor> mha_varlen_fwd(
+    const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
+    const Tensor& cu_seqlens_k, const OptTensor& seqused_k, const OptTensor& block_table,
+    const OptTensor& alibi_slopes, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p,
+    double softmax_scale, bool is_causal, int64_t window_size_left, int64_t window_size_right,
+    double softcap, bool return_softmax, const OptTensor& rng_state, bool deterministic);
+
+// -> (dq, dk, dv)
+std::tuple<Tensor, Tensor, Tensor> mha_bwd(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& softmax_lse, const OptTensor& alibi_slopes, double dropout_p,
+    double softmax_scale, bool is_causal, int64_t window_size_left, int64_t window_size_right,
+    double softcap, bool deterministic, const OptTensor& rng_state);
+
+// -> (dq, dk, dv)
+std::tuple<Tensor, Tensor, Tensor> mha_varlen_bwd(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+    const Tensor& softmax_lse, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+    const OptTensor& seqused_k, const OptTensor& alibi_slopes, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double dropout_p, double softmax_scale, bool is_causal,
+    int64_t window_size_left, int64_t window_size_right, double softcap, bool deterministic,
+    const OptTensor& rng_state);
+
+// Appends k/v to the cache in place (k_cache, v_cache are mutated), then attends.
+// -> (out, softmax_lse)
+std::tuple<Tensor, Tensor> mha_fwd_kvcache(
+    const Tensor& q, Tensor k_cache, Tensor v_cache, const OptTensor& k, const OptTensor& v,
+    const OptTensor& cache_seqlens, const OptTensor& rotary_cos, const OptTensor& rotary_sin,
+    const OptTensor& cache_batch_idx, const OptTensor& cache_leftpad,
+    const OptTensor& block_table, const OptTensor& alibi_slopes, double softmax_scale,
+    bool is_causal, int64_t window_size_left, int64_t window_size_right, double softcap,
+    bool rotary_interleaved, int64_t num_splits);
+
+FLASH_NAMESPACE_END
