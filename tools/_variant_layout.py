@@ -131,7 +131,7 @@ def assemble(repo: Path, variant: Path, config: dict, ops_name: str, backend: st
     expected = {so_name, "_ops.py", "metadata.json"}
     for rel, src in package_files(repo, pkg).items():
         if rel == "_ops.py":
-            raise RuntimeError(f"torch-ext/{pkg}/_ops.py must not exist: the build generates it")
+            raise FileExistsError(f"torch-ext/{pkg}/_ops.py must not exist: the build generates it")
         write_if_changed(variant / rel, src.read_bytes())
         expected.add(rel)
     write_if_changed(variant / "_ops.py", OPS_PY.format(ops=ops_name).encode())

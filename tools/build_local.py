@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for backend in backends:
             build_variant(backend, args, config, trim)
-    except BuildConfigError as e:
+    except (BuildConfigError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"build_local: {e}")
     return 0
 
