@@ -1,0 +1,210 @@
+"""Fixtures shared by the suite: the loaded kernel, devices, fresh inputs, the tolerance rule.
+
+Options:
+  --kernel-source local|local-env|hub-cache   how `flash` is loaded (default: local, i.e.
+                                              kernels.get_local_kernel(<repo>/build))
+  --full-grid       full cartesian grids on the CPU too (also FLASH_FULL_GRID=1); CUDA always
+                    runs the full product
+  --seed N          reproduce a run: every test seeds torch with hash(N, test id)
+  --grid-summary P  write a JSON summary (configs run, worst error ratio per dtype) to P
+"""
+import hashlib
+import json
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import grid
+import kernel_loader
+from reference import error_ratio
+
+# Ops that have no CUDA implementation yet. Tests of these ops on CUDA are skipped, and
+# test_loading.py::test_cuda_unimplemented_op_raises_clear_error checks the error instead.
+# Remove an entry when its kernel lands: its full test grid then runs on the GPU.
+CUDA_NOT_IMPLEMENTED = {"bwd", "varlen_bwd", "fwd_kvcache"}
+CUDA_NOT_IMPLEMENTED_MSG = "not implemented for CUDA yet"
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("flash")
+    group.addoption("--kernel-source", default=os.environ.get("FLASH_KERNEL_SOURCE", "local"),
+                    choices=["local", "local-env", "hub-cache"])
+    group.addoption("--full-grid", action="store_true",
+                    default=os.environ.get("FLASH_FULL_GRID", "") not in ("", "0"))
+    group.addoption("--seed", type=int, default=None)
+    group.addoption("--grid-summary", default=None, metavar="PATH")
+
+
+def pytest_configure(config):
+    seed = config.getoption("--seed")
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**31)
+    config.stash[SEED_KEY] = seed
+    config.stash[RECORD_KEY] = []
+
+
+def pytest_report_header(config):
+    full = config.getoption("--full-grid")
+    return [f"flash: seed={config.stash[SEED_KEY]} (reproduce with --seed), "
+            f"kernel-source={config.getoption('--kernel-source')}, "
+            f"grid={'full' if full else 'pairwise on CPU'}, "
+            f"cuda={'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}"]
+
+
+SEED_KEY = pytest.StashKey[int]()
+RECORD_KEY = pytest.StashKey[list]()
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernel
+
+
+@pytest.fixture(scope="session")
+def flash(request, tmp_path_factory):
+    """The kernel module as users get it from `kernels`."""
+    source = request.config.getoption("--kernel-source")
+    try:
+        if source == "local":
+            return kernel_loader.load_local()
+        if source == "local-env":
+            return kernel_loader.load_local_env()
+        return kernel_loader.load_hub_cache(tmp_path_factory.mktemp("hf_hub_cache"))
+    except kernel_loader.BuildMissing as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def ops(flash):
+    """torch.ops.<namespace> of the loaded kernel (the five custom ops)."""
+    return kernel_loader.ops_of(flash)
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices and grids
+
+
+def cuda_available():
+    return torch.cuda.is_available()
+
+
+def device_params():
+    """'cpu', and 'cuda' (skipped without a CUDA device)."""
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+        not cuda_available(), reason="needs a CUDA device"))]
+
+
+def full_grid(config, device):
+    return device == "cuda" or config.getoption("--full-grid")
+
+
+def grid_params(config, axes, *, cpu_axes=None, cuda_axes=None, fast=None):
+    """pytest.params of (device, case) for a grid.
+
+    axes: the shared axis dict; cpu_axes/cuda_axes override entries per device (e.g. dtypes).
+    CPU: pairwise unless --full-grid; CUDA: full product (one skipped param when no GPU).
+    fast: predicate on a CPU case that adds the `fast` marker.
+    """
+    params = []
+    cpu = dict(axes, **(cpu_axes or {}))
+    for case in grid.combine(cpu, full_grid(config, "cpu")):
+        marks = [pytest.mark.fast] if fast is not None and fast(case) else []
+        params.append(pytest.param("cpu", case, id="cpu-" + grid.case_id(case), marks=marks))
+    if cuda_available():
+        cuda = dict(axes, **(cuda_axes or {}))
+        for case in grid.combine(cuda, True):
+            params.append(pytest.param("cuda", case, id="cuda-" + grid.case_id(case)))
+    else:
+        params.append(pytest.param("cuda", None, id="cuda",
+                                   marks=pytest.mark.skip(reason="needs a CUDA device")))
+    return params
+
+
+def skip_if_cuda_unimplemented(op, device):
+    if device == "cuda" and op in CUDA_NOT_IMPLEMENTED:
+        pytest.skip(f"{op} is {CUDA_NOT_IMPLEMENTED_MSG} (conftest.CUDA_NOT_IMPLEMENTED)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fresh inputs, poisoned allocations
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed(request):
+    """Fresh random inputs every run, reproducible per test with --seed."""
+    digest = hashlib.sha256(f"{request.config.stash[SEED_KEY]}:{request.node.nodeid}".encode())
+    torch.manual_seed(int.from_bytes(digest.digest()[:8], "little"))
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialized_memory():
+    """Every torch.empty (ours included) comes back filled with NaN, so an output element the
+    kernel never writes fails the NaN check instead of passing with stale memory."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tolerance rule and grid summary
+
+
+class Tolerance:
+    """Applies the DEVELOPERS.md rule and records the error ratio for --grid-summary."""
+
+    def __init__(self, request):
+        self.records = request.config.stash[RECORD_KEY]
+        self.nodeid = request.node.nodeid
+
+    def check(self, name, ours, ref, pt, dtype, factor=2.0, context=""):
+        ratio, msg = error_ratio(ours, ref, pt, dtype, factor)
+        self.records.append({"test": self.nodeid, "quantity": name,
+                             "dtype": grid.dtype_name(dtype), "ratio": ratio})
+        assert ratio <= 1.0, f"{name}: {msg} {context}"
+        return ratio
+
+
+@pytest.fixture
+def tol(request):
+    return Tolerance(request)
+
+
+def _git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=kernel_loader.REPO_ROOT,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config.getoption("--grid-summary")
+    if not path:
+        return
+    records = session.config.stash[RECORD_KEY]
+    worst = {}
+    for r in records:
+        w = worst.get(r["dtype"])
+        if w is None or r["ratio"] > w["ratio"]:
+            worst[r["dtype"]] = dict(r)
+    configs = sorted({r["test"] for r in records})
+    summary = {
+        "device": torch.cuda.get_device_name() if cuda_available() else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "git_sha": _git_sha(),
+        "seed": session.config.stash[SEED_KEY],
+        "full_grid": session.config.getoption("--full-grid"),
+        "exitstatus": int(exitstatus),
+        "checks": len(records),
+        "configs_run": len(configs),
+        "worst_ratio_per_dtype": worst,
+        "rule": "ratio = max|ours-ref| / (factor*max|pt-ref| + eps*max|ref|); pass iff <= 1",
+        "configs": configs,
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(summary, indent=1, default=str))

@@ -1,0 +1,170 @@
+"""Backward: gradients against the fp64 reference (3x rule), gradcheck in fp64 on the CPU
+backend, and bitwise determinism with deterministic=True."""
+import pytest
+import torch
+
+import grid
+from conftest import device_params, grid_params, skip_if_cuda_unimplemented
+from helpers import alibi_for, case_context, cu_seqlens, qkv, randn, window_for
+from reference import attention_ref, pt_options
+
+BWD_AXES = {"dtype": grid.DTYPES_CPU, "hdim": grid.HDIMS, "mask": grid.MASKS,
+            "heads": grid.HEADS, "seqlens": grid.SEQLENS}
+FAST_SEQLENS = {(1, 1), (113, 203), (239, 1), (799, 3)}
+
+
+def pytest_generate_tests(metafunc):
+    if "bwd_case" in metafunc.fixturenames:
+        axes = dict(BWD_AXES)
+        if metafunc.config.getoption("--full-grid"):
+            axes["seqlens"] = grid.SEQLENS + grid.SEQLENS_SLOW
+        params = grid_params(metafunc.config, axes,
+                             cuda_axes={"dtype": grid.DTYPES_CUDA,
+                                        "seqlens": grid.SEQLENS + grid.SEQLENS_SLOW},
+                             fast=lambda c: c["seqlens"] in FAST_SEQLENS and c["hdim"] <= 64)
+        metafunc.parametrize(("device", "bwd_case"), params)
+    if "mod_case" in metafunc.fixturenames:
+        axes = {"dtype": grid.DTYPES_CPU, "softcap": [0.0, 2.0], "alibi": ["none", "h", "bh"],
+                "mask": grid.MASKS, "seqlens": [(113, 203), (239, 1), (64, 64)]}
+        params = grid_params(metafunc.config, axes, cuda_axes={"dtype": grid.DTYPES_CUDA},
+                             fast=lambda c: c["seqlens"] == (64, 64))
+        metafunc.parametrize(("device", "mod_case"), params)
+
+
+def check_grads(tol, fn_ours, ref_fn, inputs, dtype, context=""):
+    """Run ours, the fp64 reference and the same-math-in-dtype oracle on `inputs` (leaf tensors
+    in `dtype`) with one random dout; check out (2x) and every gradient (3x)."""
+    out = fn_ours(*inputs)
+    dout = torch.randn_like(out, dtype=torch.float32).to(dtype)
+    grads = torch.autograd.grad(out, inputs, dout)
+
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    out_ref = ref_fn(*ref_in, upcast=True)
+    grads_ref = torch.autograd.grad(out_ref, ref_in, dout.double())
+
+    pt_in = [t.detach().clone().requires_grad_() for t in inputs]
+    out_pt = ref_fn(*pt_in, **pt_options(dtype))
+    grads_pt = torch.autograd.grad(out_pt, pt_in, dout)
+
+    tol.check("out", out, out_ref, out_pt, dtype, 2.0, context)
+    for name, g, g_ref, g_pt in zip(("dq", "dk", "dv"), grads, grads_ref, grads_pt):
+        assert g.dtype == dtype and g.shape == g_ref.shape
+        tol.check(name, g, g_ref, g_pt, dtype, 3.0, context)
+
+
+def test_bwd_matches_reference_grid(flash, tol, device, bwd_case):
+    """Gradients over dtype x hdim x mask x MHA/GQA/MQA x awkward seqlens."""
+    skip_if_cuda_unimplemented("bwd", device)
+    c = bwd_case
+    sq, sk = c["seqlens"]
+    h, hk = grid.head_counts(c["heads"], device)
+    b = grid.batch_for(sq, sk, device)
+    inputs = qkv(b, sq, sk, h, hk, c["hdim"], dtype=c["dtype"], device=device,
+                 requires_grad=True)
+    causal, window = window_for(c["mask"], sq, sk)
+    kw = dict(causal=causal, window_size=window)
+    check_grads(tol, lambda q, k, v: flash.flash_attn_func(q, k, v, **kw),
+                lambda q, k, v, **o: attention_ref(q, k, v, **kw, **o)[0], inputs, c["dtype"],
+                case_context(window=window))
+
+
+def test_bwd_softcap_alibi(flash, tol, device, mod_case):
+    """Gradients through softcap's tanh and with ALiBi (no gradient to the slopes)."""
+    skip_if_cuda_unimplemented("bwd", device)
+    c = mod_case
+    sq, sk = c["seqlens"]
+    b, h, hk, d = 2, 4, 2, 32
+    inputs = qkv(b, sq, sk, h, hk, d, dtype=c["dtype"], device=device, requires_grad=True)
+    causal, window = window_for(c["mask"], sq, sk)
+    kw = dict(causal=causal, window_size=window, softcap=c["softcap"],
+              alibi_slopes=alibi_for(c["alibi"], b, h, device))
+    check_grads(tol, lambda q, k, v: flash.flash_attn_func(q, k, v, **kw),
+                lambda q, k, v, **o: attention_ref(q, k, v, **kw, **o)[0], inputs, c["dtype"],
+                case_context(window=window))
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("device", device_params())
+def test_bwd_packed_variants(flash, tol, device):
+    """Gradients flow back into qkv / kv of the packed APIs."""
+    skip_if_cuda_unimplemented("bwd", device)
+    dtype = torch.bfloat16
+    b, s, h, d = 2, 37, 2, 32
+    qkv_packed = randn(b, s, 3, h, d, dtype=dtype, device=device, requires_grad=True)
+    check_grads(tol, lambda x: flash.flash_attn_qkvpacked_func(x, causal=True),
+                lambda x, **o: attention_ref(*x.unbind(2), causal=True, **o)[0],
+                [qkv_packed], dtype)
+    q = randn(b, s, h, d, dtype=dtype, device=device, requires_grad=True)
+    kv = randn(b, s + 3, 2, 1, d, dtype=dtype, device=device, requires_grad=True)
+    check_grads(tol, lambda q, kv: flash.flash_attn_kvpacked_func(q, kv),
+                lambda q, kv, **o: attention_ref(q, *kv.unbind(2), **o)[0], [q, kv], dtype)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=grid.dtype_name)
+def test_bwd_deterministic_is_bitwise_repeatable(flash, device, dtype):
+    """deterministic=True: repeated backward passes give bitwise equal gradients."""
+    skip_if_cuda_unimplemented("bwd", device)
+    q, k, v = qkv(2, 257, 300, 6, 2, 64, dtype=dtype, device=device, requires_grad=True)
+    dout = None
+    results = []
+    for _ in range(3):
+        out = flash.flash_attn_func(q, k, v, causal=True, deterministic=True)
+        dout = torch.randn_like(out) if dout is None else dout
+        results.append(torch.autograd.grad(out, (q, k, v), dout))
+    for other in results[1:]:
+        for g0, g1 in zip(results[0], other):
+            assert torch.equal(g0, g1)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradcheck in fp64 on the CPU backend
+
+GRADCHECK_CASES = {
+    "causal": dict(causal=True),
+    "local": dict(window_size=(2, 1)),
+    "softcap": dict(softcap=1.5),
+    "alibi": dict(alibi="bh"),
+    "gqa": dict(nheads_k=1),
+    "sq_gt_sk_causal": dict(causal=True, seqlens=(7, 4)),
+}
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("name", list(GRADCHECK_CASES))
+def test_gradcheck_fp64(flash, name):
+    opts = dict(GRADCHECK_CASES[name])
+    sq, sk = opts.pop("seqlens", (5, 6))
+    hk = opts.pop("nheads_k", 2)
+    alibi = alibi_for(opts.pop("alibi", None), 2, 2, "cpu")  # slopes stay fp32 by contract
+    q, k, v = qkv(2, sq, sk, 2, hk, 8, dtype=torch.float64, device="cpu", requires_grad=True)
+    fn = lambda q, k, v: flash.flash_attn_func(q, k, v, alibi_slopes=alibi, **opts)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.fast
+def test_gradcheck_fp64_dropout_fixed_rng_state(flash):
+    """Dropout with the generator reseeded before each call, so every evaluation of the
+    function draws the same mask (rng_state is taken from torch's default CPU generator)."""
+    q, k, v = qkv(1, 6, 7, 2, 1, 8, dtype=torch.float64, device="cpu", requires_grad=True)
+
+    def fn(q, k, v):
+        torch.manual_seed(1234)
+        return flash.flash_attn_func(q, k, v, dropout_p=0.3, causal=True)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.fast
+def test_gradcheck_fp64_varlen(flash):
+    lens_q, lens_k = [3, 0, 1, 4], [5, 2, 0, 3]
+    cu_q, cu_k = cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu")
+    q = randn(sum(lens_q), 2, 8, dtype=torch.float64, device="cpu", requires_grad=True)
+    k = randn(sum(lens_k), 1, 8, dtype=torch.float64, device="cpu", requires_grad=True)
+    v = randn(sum(lens_k), 1, 8, dtype=torch.float64, device="cpu", requires_grad=True)
+
+    def fn(q, k, v):
+        return flash.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k),
+                                            causal=True, softcap=2.0)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6, rtol=1e-4)
