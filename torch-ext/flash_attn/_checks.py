@@ -1,0 +1,309 @@
+"""Static argument checks (ranks, shapes, dtypes, devices, scalar ranges) of the five ops.
+
+Shared by the public functions (so eager callers get the error before any work) and by the fake
+implementations (so ``torch.compile`` reports the same error while tracing). They only read
+metadata, never tensor contents: the C++ binding repeats them and also checks the contents of host
+index tensors (``torch-ext/checks.h``). Every failure is a ``RuntimeError`` starting with
+``flash_attn:`` that names the argument, exactly like the C++ side.
+"""
+
+import torch
+
+_CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def fail(message):
+    raise RuntimeError(f"flash_attn: {message}")
+
+
+def rank(t, name, n, layout):
+    if t.dim() != n:
+        fail(f"{name} must have {n} dimensions {layout}, got shape {tuple(t.shape)}")
+
+
+def same_device_dtype(t, name, q):
+    if t.device != q.device:
+        fail(f"{name} is on {t.device} but q is on {q.device}; all tensors must be on the same device")
+    if t.dtype != q.dtype:
+        fail(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
+
+
+def q_dtype(q):
+    if q.device.type == "cpu":
+        if q.dtype not in _CPU_DTYPES:
+            fail(
+                f"q has dtype {q.dtype}; the CPU backend supports torch.float16, torch.bfloat16, "
+                "torch.float32 and torch.float64"
+            )
+    elif q.device.type == "cuda":
+        if q.dtype not in _CUDA_DTYPES:
+            fail(f"q has dtype {q.dtype}; the CUDA backend supports torch.float16 and torch.bfloat16 only")
+    else:
+        fail(f"q is on {q.device}; only CPU and CUDA tensors are supported")
+
+
+def head_dim(q):
+    d = q.shape[-1]
+    if d < 1 or d > 256:
+        fail(f"q has head dimension {d}; supported head dimensions are 1 to 256")
+    return d
+
+
+def same_head_dim(t, name, d):
+    if t.shape[-1] != d:
+        fail(f"{name} has head dimension {t.shape[-1]} but q has {d}; they must match")
+
+
+def shape(t, name, expected, layout):
+    if t.dim() != len(expected) or any(a != b for a, b in zip(t.shape, expected)):
+        fail(f"{name} must have shape {tuple(expected)} {layout}, got {tuple(t.shape)}")
+
+
+def nheads(h, hk):
+    if hk < 1 or h % hk != 0:
+        fail(f"q has {h} heads, which is not a multiple of the {hk} heads of k/v (nheads must be divisible by nheads_k)")
+
+
+def last_dim_contiguous(t, name):
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        fail(f"{name} must be contiguous in its last dimension (stride(-1) == 1), got stride {t.stride(-1)}")
+
+
+def scalars(dropout_p, softmax_scale, softcap, window_left, window_right):
+    if not (0.0 <= dropout_p < 1.0):
+        fail(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if softmax_scale != softmax_scale or softmax_scale in (float("inf"), float("-inf")):
+        fail(f"softmax_scale must be finite, got {softmax_scale}")
+    if not (softcap >= 0.0) or softcap == float("inf"):
+        fail(f"softcap must be >= 0 and finite (0 disables it), got {softcap}")
+    if window_left < -1:
+        fail(f"window_size_left must be >= -1 (-1 is unbounded), got {window_left}")
+    if window_right < -1:
+        fail(f"window_size_right must be >= -1 (-1 is unbounded), got {window_right}")
+
+
+def alibi(a, q, batch, h):
+    if a is None:
+        return
+    if a.device != q.device:
+        fail(f"alibi_slopes is on {a.device} but q is on {q.device}; all tensors must be on the same device")
+    if a.dtype != torch.float32:
+        fail(f"alibi_slopes must have dtype torch.float32, got {a.dtype}")
+    ok = (a.dim() == 1 and a.shape[0] == h) or (a.dim() == 2 and a.shape[0] == batch and a.shape[1] == h)
+    if not ok:
+        fail(
+            f"alibi_slopes must have shape (nheads,) = ({h},) or (batch, nheads) = ({batch}, {h}), "
+            f"got {tuple(a.shape)}"
+        )
+    last_dim_contiguous(a, "alibi_slopes")
+
+
+def rng_state(dropout_p, r):
+    if dropout_p <= 0:
+        return
+    if r is None:
+        fail("rng_state is required when dropout_p > 0 (an int64 CPU tensor [seed, offset])")
+    if r.device.type != "cpu" or r.dtype != torch.int64 or tuple(r.shape) != (2,):
+        fail(
+            "rng_state must be an int64 CPU tensor of shape (2,) holding [seed, offset], got "
+            f"{r.dtype} {tuple(r.shape)} on {r.device}"
+        )
+
+
+def index_vector(t, name, length, q, what):
+    if t is None:
+        return
+    if t.device != q.device:
+        fail(f"{name} is on {t.device} but q is on {q.device}; all tensors must be on the same device")
+    if t.dtype != torch.int32:
+        fail(f"{name} must have dtype torch.int32, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != length:
+        fail(f"{name} must have shape ({length},) {what}, got {tuple(t.shape)}")
+
+
+def block_table(t, q, batch):
+    if t is None:
+        return
+    if t.device != q.device:
+        fail(f"block_table is on {t.device} but q is on {q.device}; all tensors must be on the same device")
+    if t.dtype != torch.int32:
+        fail(f"block_table must have dtype torch.int32, got {t.dtype}")
+    if t.dim() != 2 or t.shape[0] != batch:
+        fail(f"block_table must have shape (batch, max_blocks_per_seq) with batch = {batch}, got {tuple(t.shape)}")
+
+
+def max_seqlen(value, name):
+    if value < -1:
+        fail(f"{name} must be >= 0 (or -1: not given), got {value}")
+
+
+# ---- per op -------------------------------------------------------------------------------------
+
+
+def _qkv_common(q, k, v):
+    q_dtype(q)
+    same_device_dtype(k, "k", q)
+    same_device_dtype(v, "v", q)
+    d = head_dim(q)
+    same_head_dim(k, "k", d)
+    return d
+
+
+def fwd(q, k, v, alibi_slopes, dropout_p, softmax_scale, softcap, window_left, window_right, rng):
+    rank(q, "q", 4, "(batch, seqlen_q, nheads, head_dim)")
+    rank(k, "k", 4, "(batch, seqlen_k, nheads_k, head_dim)")
+    rank(v, "v", 4, "(batch, seqlen_k, nheads_k, head_dim)")
+    d = _qkv_common(q, k, v)
+    b, _, h, _ = q.shape
+    _, sk, hk, _ = k.shape
+    shape(k, "k", (b, sk, hk, d), "(batch, seqlen_k, nheads_k, head_dim) matching q")
+    shape(v, "v", (b, sk, hk, d), "(batch, seqlen_k, nheads_k, head_dim) matching k")
+    nheads(h, hk)
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        last_dim_contiguous(t, name)
+    scalars(dropout_p, softmax_scale, softcap, window_left, window_right)
+    alibi(alibi_slopes, q, b, h)
+    rng_state(dropout_p, rng)
+
+
+def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_tbl, alibi_slopes, max_seqlen_q,
+               max_seqlen_k, dropout_p, softmax_scale, softcap, window_left, window_right, return_softmax,
+               rng):
+    paged = block_tbl is not None
+    kv_layout = (
+        "(num_blocks, page_block_size, nheads_k, head_dim) since block_table is given"
+        if paged
+        else "(total_k, nheads_k, head_dim)"
+    )
+    rank(q, "q", 3, "(total_q, nheads, head_dim)")
+    rank(k, "k", 4 if paged else 3, kv_layout)
+    rank(v, "v", 4 if paged else 3, kv_layout)
+    _qkv_common(q, k, v)
+    if tuple(v.shape) != tuple(k.shape):
+        fail(f"v must have the same shape as k, got v {tuple(v.shape)} and k {tuple(k.shape)}")
+    h, hk = q.shape[1], k.shape[-2]
+    nheads(h, hk)
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        last_dim_contiguous(t, name)
+    batch = _varlen_index(q, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
+    block_table(block_tbl, q, batch)
+    if paged and k.shape[1] < 1:
+        fail("k has page_block_size 0 (dimension 1); pages must hold keys")
+    scalars(dropout_p, softmax_scale, softcap, window_left, window_right)
+    if return_softmax and dropout_p > 0 and (max_seqlen_q < 0 or max_seqlen_k < 0):
+        fail(
+            "max_seqlen_q and max_seqlen_k must be given (not -1) when return_softmax is set with "
+            "dropout_p > 0: they size S_dmask"
+        )
+    alibi(alibi_slopes, q, batch, h)
+    rng_state(dropout_p, rng)
+    return batch
+
+
+def _varlen_index(q, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k):
+    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] < 1:
+        fail(f"cu_seqlens_q must have shape (batch + 1,), got {tuple(cu_seqlens_q.shape)}")
+    batch = cu_seqlens_q.shape[0] - 1
+    index_vector(cu_seqlens_q, "cu_seqlens_q", batch + 1, q, "(batch + 1,)")
+    index_vector(cu_seqlens_k, "cu_seqlens_k", batch + 1, q, "(batch + 1,), the length of cu_seqlens_q")
+    index_vector(seqused_k, "seqused_k", batch, q, "(batch,)")
+    max_seqlen(max_seqlen_q, "max_seqlen_q")
+    max_seqlen(max_seqlen_k, "max_seqlen_k")
+    return batch
+
+
+def _bwd_extra(dout, out, lse, q, lse_shape, lse_layout):
+    for t, name in ((out, "out"), (dout, "dout")):
+        same_device_dtype(t, name, q)
+        if tuple(t.shape) != tuple(q.shape):
+            fail(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+        last_dim_contiguous(t, name)
+    if lse.device != q.device:
+        fail(f"softmax_lse is on {lse.device} but q is on {q.device}; all tensors must be on the same device")
+    if lse.dtype != torch.float32:
+        fail(f"softmax_lse must have dtype torch.float32, got {lse.dtype}")
+    shape(lse, "softmax_lse", lse_shape, lse_layout)
+
+
+def bwd(dout, q, k, v, out, lse, alibi_slopes, dropout_p, softmax_scale, softcap, window_left,
+        window_right, rng):
+    fwd(q, k, v, alibi_slopes, dropout_p, softmax_scale, softcap, window_left, window_right, rng)
+    b, sq, h, _ = q.shape
+    _bwd_extra(dout, out, lse, q, (b, h, sq), "(batch, nheads, seqlen_q)")
+
+
+def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, max_seqlen_q,
+               max_seqlen_k, dropout_p, softmax_scale, softcap, window_left, window_right, rng):
+    varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, None, alibi_slopes, max_seqlen_q,
+               max_seqlen_k, dropout_p, softmax_scale, softcap, window_left, window_right, False, rng)
+    total_q, h, _ = q.shape
+    _bwd_extra(dout, out, lse, q, (h, total_q), "(nheads, total_q)")
+
+
+def fwd_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, cache_batch_idx,
+                cache_leftpad, block_tbl, alibi_slopes, softmax_scale, softcap, window_left, window_right,
+                num_splits):
+    paged = block_tbl is not None
+    cache_layout = (
+        "(num_blocks, page_block_size, nheads_k, head_dim) since block_table is given"
+        if paged
+        else "(batch_cache, seqlen_cache, nheads_k, head_dim)"
+    )
+    rank(q, "q", 4, "(batch, seqlen_q, nheads, head_dim)")
+    rank(k_cache, "k_cache", 4, cache_layout)
+    rank(v_cache, "v_cache", 4, cache_layout)
+    q_dtype(q)
+    same_device_dtype(k_cache, "k_cache", q)
+    same_device_dtype(v_cache, "v_cache", q)
+    d = head_dim(q)
+    same_head_dim(k_cache, "k_cache", d)
+    shape(v_cache, "v_cache", tuple(k_cache.shape), "matching k_cache")
+    b, _, h, _ = q.shape
+    hk = k_cache.shape[2]
+    nheads(h, hk)
+    last_dim_contiguous(q, "q")
+    last_dim_contiguous(k_cache, "k_cache")
+    last_dim_contiguous(v_cache, "v_cache")
+    if (k is None) != (v is None):
+        fail("k and v must be given together (both or neither)")
+    if k is not None:
+        rank(k, "k", 4, "(batch, seqlen_new, nheads_k, head_dim)")
+        for t, name in ((k, "k"), (v, "v")):
+            same_device_dtype(t, name, q)
+            shape(t, name, (b, k.shape[1], hk, d), "(batch, seqlen_new, nheads_k, head_dim) matching q and k_cache")
+            last_dim_contiguous(t, name)
+        if cache_seqlens is None:
+            fail("cache_seqlens is required when k and v are given: it says where to append them")
+    index_vector(cache_seqlens, "cache_seqlens", b, q, "(batch,)")
+    if cache_batch_idx is not None and paged:
+        fail("cache_batch_idx cannot be combined with block_table (a paged cache is indexed through block_table)")
+    index_vector(cache_batch_idx, "cache_batch_idx", b, q, "(batch,)")
+    if cache_batch_idx is None and not paged and k_cache.shape[0] < b:
+        fail(
+            f"k_cache has {k_cache.shape[0]} rows but q has batch {b}; pass cache_batch_idx to map "
+            "sequences to rows"
+        )
+    index_vector(cache_leftpad, "cache_leftpad", b, q, "(batch,)")
+    block_table(block_tbl, q, b)
+    if paged and k_cache.shape[1] < 1:
+        fail("k_cache has page_block_size 0 (dimension 1); pages must hold keys")
+    if (rotary_cos is None) != (rotary_sin is None):
+        fail("rotary_cos and rotary_sin must be given together (both or neither)")
+    if rotary_cos is not None:
+        if k is None:
+            fail("rotary_cos/rotary_sin are applied while appending k and v, so k and v must be given too")
+        rank(rotary_cos, "rotary_cos", 2, "(seqlen_ro, rotary_dim / 2)")
+        same_device_dtype(rotary_cos, "rotary_cos", q)
+        same_device_dtype(rotary_sin, "rotary_sin", q)
+        shape(rotary_sin, "rotary_sin", tuple(rotary_cos.shape), "matching rotary_cos")
+        rd = 2 * rotary_cos.shape[1]
+        if rd < 2 or rd > d:
+            fail(
+                f"rotary_cos has {rotary_cos.shape[1]} columns, so rotary_dim = {rd}, which must be in "
+                f"[2, head_dim = {d}]"
+            )
+    scalars(0.0, softmax_scale, softcap, window_left, window_right)
+    if num_splits < 0:
+        fail(f"num_splits must be >= 0 (0: the backend chooses), got {num_splits}")
+    alibi(alibi_slopes, q, b, h)

@@ -1,0 +1,323 @@
+"""The public API: FlashAttention-2 (2.8) functions with its names, arguments, defaults, shapes
+and return values, on top of the custom ops of this kernel.
+
+Differences from FlashAttention-2, all of them widenings: any head dimension in [1, 256] (the
+CUDA path pads internally), any page size for ``block_table``, fp32/fp64 on CPU, ``seqused_k`` on
+``flash_attn_varlen_func``, and ``max_seqlen_q/k`` may be 0-dim tensors (then they are not read,
+so ``torch.compile(fullgraph=True)`` sees no data-dependent value).
+
+Shapes follow FlashAttention-2: q (batch, seqlen_q, nheads, headdim), k/v (batch, seqlen_k,
+nheads_k, headdim) with nheads % nheads_k == 0 (MQA/GQA); varlen tensors are (total, nheads,
+headdim) with int32 ``cu_seqlens`` of length batch + 1. ``causal`` masks are aligned to the
+bottom-right corner; ``window_size=(left, right)`` with -1 meaning unbounded; ``softcap > 0``
+applies ``softcap * tanh(scores / softcap)``; ``alibi_slopes`` is fp32 (nheads,) or
+(batch, nheads). Gradients flow to q, k, v (to the packed tensor for the packed variants).
+"""
+
+import torch
+
+from . import _checks
+from . import _ops_meta  # noqa: F401  (registers fakes and autograd)
+from ._ops import ops
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
+]
+
+
+def _maybe_contiguous(x):
+    # As FlashAttention-2: the kernels need a unit stride in the last dimension only.
+    return x.contiguous() if x is not None and x.stride(-1) != 1 else x
+
+
+def _softmax_scale(softmax_scale, q):
+    return q.shape[-1] ** (-0.5) if softmax_scale is None else float(softmax_scale)
+
+
+def _window(window_size):
+    if window_size is None:
+        return -1, -1
+    if len(window_size) != 2:
+        _checks.fail(f"window_size must be a pair (left, right), got {window_size!r}")
+    return int(window_size[0]), int(window_size[1])
+
+
+def _max_seqlen(value, name):
+    """An int is passed on; a tensor (Transformers' packed position_ids path) becomes -1, "not
+    given", so that nothing reads its value (no .item(), no graph break under torch.compile)."""
+    if value is None:
+        return -1
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            _checks.fail(f"{name} must be an int or a one-element tensor, got shape {tuple(value.shape)}")
+        return -1
+    return int(value)
+
+
+def _max_seqlen_for_probs(value, name):
+    # S_dmask is sized by the max lengths, so return_attn_probs with dropout needs their values.
+    if isinstance(value, torch.Tensor):
+        return int(value.item())
+    return _max_seqlen(value, name)
+
+
+def _rng_state(dropout_p):
+    """[seed, offset] from torch's default CPU generator: torch.manual_seed makes the dropout mask
+    reproducible on every backend. Drawn only when dropout is on."""
+    if dropout_p > 0:
+        return torch.randint(0, 2**63 - 1, (2,), dtype=torch.int64, device="cpu")
+    return None
+
+
+def _attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+          deterministic, return_attn_probs):
+    q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
+    softmax_scale = _softmax_scale(softmax_scale, q)
+    window_left, window_right = _window(window_size)
+    dropout_p, softcap = float(dropout_p), float(softcap)
+    rng_state = _rng_state(dropout_p)
+    _checks.fwd(q, k, v, alibi_slopes, dropout_p, softmax_scale, softcap, window_left, window_right,
+                rng_state)
+    out, softmax_lse, s_dmask, _ = ops.fwd(
+        q, k, v, alibi_slopes, dropout_p, softmax_scale, bool(causal), window_left, window_right,
+        softcap, bool(return_attn_probs) and dropout_p > 0, rng_state, bool(deterministic),
+    )
+    return (out, softmax_lse, s_dmask) if return_attn_probs else out
+
+
+def _varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                 softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                 return_attn_probs, block_table, seqused_k):
+    q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
+    softmax_scale = _softmax_scale(softmax_scale, q)
+    window_left, window_right = _window(window_size)
+    dropout_p, softcap = float(dropout_p), float(softcap)
+    want_probs = bool(return_attn_probs) and dropout_p > 0
+    to_int = _max_seqlen_for_probs if want_probs else _max_seqlen
+    max_seqlen_q = to_int(max_seqlen_q, "max_seqlen_q")
+    max_seqlen_k = to_int(max_seqlen_k, "max_seqlen_k")
+    rng_state = _rng_state(dropout_p)
+    _checks.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
+                       max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, softcap, window_left,
+                       window_right, want_probs, rng_state)
+    out, softmax_lse, s_dmask, _ = ops.varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes, max_seqlen_q,
+        max_seqlen_k, dropout_p, softmax_scale, bool(causal), window_left, window_right, softcap,
+        want_probs, rng_state, bool(deterministic),
+    )
+    return (out, softmax_lse, s_dmask) if return_attn_probs else out
+
+
+def _unpack(packed, dim, n, name, layout):
+    if packed.dim() <= dim or packed.shape[dim] != n:
+        _checks.fail(f"{name} must have shape {layout}, got {tuple(packed.shape)}")
+    return packed.unbind(dim)
+
+
+def flash_attn_qkvpacked_func(
+    qkv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),  # -1 means infinite context window
+    softcap=0.0,  # 0.0 means deactivated
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """Attention over packed qkv (batch, seqlen, 3, nheads, headdim) -> out (batch, seqlen, nheads,
+    headdim); with return_attn_probs also softmax_lse (batch, nheads, seqlen) and S_dmask (testing
+    only; empty unless dropout_p > 0). dropout_p should be 0.0 in evaluation."""
+    _checks.rank(qkv, "qkv", 5, "(batch, seqlen, 3, nheads, headdim)")
+    q, k, v = _unpack(qkv, 2, 3, "qkv", "(batch, seqlen, 3, nheads, headdim)")
+    return _attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                 deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(
+    q,
+    kv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),  # -1 means infinite context window
+    softcap=0.0,  # 0.0 means deactivated
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """Attention of q (batch, seqlen_q, nheads, headdim) over packed kv (batch, seqlen_k, 2,
+    nheads_k, headdim); MQA/GQA when nheads_k < nheads. Returns as flash_attn_func."""
+    _checks.rank(kv, "kv", 5, "(batch, seqlen_k, 2, nheads_k, headdim)")
+    k, v = _unpack(kv, 2, 2, "kv", "(batch, seqlen_k, 2, nheads_k, headdim)")
+    return _attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                 deterministic, return_attn_probs)
+
+
+def flash_attn_func(
+    q,
+    k,
+    v,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),  # -1 means infinite context window
+    softcap=0.0,  # 0.0 means deactivated
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """softmax(q k^T * softmax_scale + masks) v for q (batch, seqlen_q, nheads, headdim) and k, v
+    (batch, seqlen_k, nheads_k, headdim). Returns out (batch, seqlen_q, nheads, headdim); with
+    return_attn_probs, (out, softmax_lse (batch, nheads, seqlen_q) fp32, S_dmask). S_dmask is for
+    testing: (batch, nheads, seqlen_q, seqlen_k) holding the softmax, negated where dropout dropped
+    the entry, and empty unless dropout_p > 0. dropout_p should be 0.0 in evaluation."""
+    return _attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                 deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv,
+    cu_seqlens,
+    max_seqlen,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),  # -1 means infinite context window
+    softcap=0.0,  # 0.0 means deactivated
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """Varlen attention over packed qkv (total, 3, nheads, headdim) with int32 cu_seqlens
+    (batch + 1,). Returns out (total, nheads, headdim); with return_attn_probs also softmax_lse
+    (nheads, total) and S_dmask."""
+    _checks.rank(qkv, "qkv", 4, "(total, 3, nheads, headdim)")
+    q, k, v = _unpack(qkv, 1, 3, "qkv", "(total, 3, nheads, headdim)")
+    return _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                        softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                        return_attn_probs, None, None)
+
+
+def flash_attn_varlen_kvpacked_func(
+    q,
+    kv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),  # -1 means infinite context window
+    softcap=0.0,  # 0.0 means deactivated
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """Varlen attention of q (total_q, nheads, headdim) over packed kv (total_k, 2, nheads_k,
+    headdim). Returns as flash_attn_varlen_func."""
+    _checks.rank(kv, "kv", 4, "(total_k, 2, nheads_k, headdim)")
+    k, v = _unpack(kv, 1, 2, "kv", "(total_k, 2, nheads_k, headdim)")
+    return _varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                        softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                        return_attn_probs, None, None)
+
+
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),  # -1 means infinite context window
+    softcap=0.0,  # 0.0 means deactivated
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    block_table=None,
+    seqused_k=None,
+):
+    """Attention over sequences packed without padding: q (total_q, nheads, headdim), k, v
+    (total_k, nheads_k, headdim), cu_seqlens_q/k int32 (batch + 1,), max_seqlen_q/k ints or 0-dim
+    tensors (an upper bound; a given int smaller than a sequence is an error).
+
+    block_table (batch, max_blocks_per_seq) int32 makes k, v a paged pool (num_blocks,
+    page_block_size, nheads_k, headdim) of any page size; sequence b then has
+    cu_seqlens_k[b+1] - cu_seqlens_k[b] keys (forward only). seqused_k (batch,) int32 limits
+    sequence b to its first seqused_k[b] keys.
+
+    Returns out (total_q, nheads, headdim); with return_attn_probs, (out, softmax_lse (nheads,
+    total_q) fp32, S_dmask (batch, nheads, max_seqlen_q, max_seqlen_k), empty unless
+    dropout_p > 0)."""
+    return _varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                        softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                        return_attn_probs, block_table, seqused_k)
+
+
+def flash_attn_with_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    rotary_cos=None,
+    rotary_sin=None,
+    cache_seqlens=None,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    block_table=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),  # -1 means infinite context window
+    softcap=0.0,  # 0.0 means deactivated
+    rotary_interleaved=True,
+    alibi_slopes=None,
+    num_splits=0,
+    return_softmax_lse=False,
+):
+    """Decoding attention over a KV cache. If k and v (batch, seqlen_new, nheads_k, headdim) are
+    given they are first written into k_cache/v_cache *in place* at positions cache_seqlens[b]
+    onwards (row cache_batch_idx[b], or through block_table when paged, any page size), then q
+    (batch, seqlen_q, nheads, headdim) attends to the keys [cache_leftpad[b], cache_seqlens[b] +
+    seqlen_new) of its sequence (the whole cache when cache_seqlens is None).
+
+    k_cache/v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), or (num_blocks,
+    page_block_size, nheads_k, headdim) with block_table (batch, max_blocks_per_seq) int32.
+    cache_seqlens: int or (batch,) int32. rotary_cos/sin (seqlen_ro, rotary_dim / 2): the new key
+    at cache position t is rotated with row t; queries use rows cache_seqlens[b] + i when causal or
+    local, else row cache_seqlens[b]; rotary_interleaved pairs (2i, 2i+1) (GPT-J) instead of
+    (i, i + rotary_dim/2) (GPT-NeoX). num_splits is a performance hint (0: automatic).
+    No backward (as FlashAttention-2). Returns out, or (out, softmax_lse (batch, nheads, seqlen_q))
+    with return_softmax_lse."""
+    q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
+    softmax_scale = _softmax_scale(softmax_scale, q)
+    window_left, window_right = _window(window_size)
+    softcap = float(softcap)
+    if cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor):
+        cache_seqlens = torch.full(
+            (q.shape[0],), int(cache_seqlens), dtype=torch.int32, device=k_cache.device
+        )
+    _checks.fwd_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin,
+                        cache_batch_idx, cache_leftpad, block_table, alibi_slopes, softmax_scale,
+                        softcap, window_left, window_right, int(num_splits))
+    # The op mutates the caches, so it cannot carry an autograd formula; like FlashAttention-2 the
+    # output does not require grad.
+    with torch.no_grad():
+        out, softmax_lse = ops.fwd_kvcache(
+            q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, cache_batch_idx,
+            cache_leftpad, block_table, alibi_slopes, softmax_scale, bool(causal), window_left,
+            window_right, softcap, bool(rotary_interleaved), int(num_splits),
+        )
+    return (out, softmax_lse) if return_softmax_lse else out
