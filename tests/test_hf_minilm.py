@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "hf_integration"))
 
 import flash_attn_hub  # noqa: E402
-from flash_attn_hub.testing import KernelSpy, ensure_cpu_build, kernel_root  # noqa: E402
+from flash_attn_hub.testing import KernelSpy, kernel_source  # noqa: E402
 
 SENTENCES = [
     "A man is eating food.",
@@ -44,7 +44,7 @@ def minilm_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def backend():
-    flash_attn_hub.register(name="flash_hub", source=ensure_cpu_build(kernel_root()))
+    flash_attn_hub.register(name="flash_hub", source=kernel_source())
     yield "flash_hub"
     flash_attn_hub.unregister("flash_hub")
 

@@ -16,18 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "hf_integration"))
 
 import flash_attn_hub  # noqa: E402
-from flash_attn_hub.testing import KernelSpy, ensure_cpu_build, kernel_root, tiny_config, twin_models  # noqa: E402
+from flash_attn_hub.testing import KernelSpy, kernel_source, tiny_config, twin_models  # noqa: E402
 
 TOL = dict(rtol=1e-4, atol=2e-5)
 
 
-@pytest.fixture(scope="module")
-def build_dir():
-    return ensure_cpu_build(kernel_root())
-
-
 @pytest.fixture
-def named(build_dir, monkeypatch):
+def named(monkeypatch):
     """Register under a fresh name, with the Hub unreachable; unregister afterwards."""
     import huggingface_hub.constants as hfc
 
@@ -35,7 +30,8 @@ def named(build_dir, monkeypatch):
     monkeypatch.delenv("LOCAL_KERNELS", raising=False)
     names = []
 
-    def register(name, source=build_dir):
+    def register(name, source=None):
+        source = source or kernel_source()
         names.append(name)
         return flash_attn_hub.register(name=name, source=source)
 
@@ -103,10 +99,9 @@ def test_named_backend_generate_and_set_attn_implementation(named):
 
 
 @torch.no_grad()
-def test_name_without_flash_and_re_registration(named, build_dir):
-    named("hub_attn")                      # not preloaded as flash by Transformers: still works
-    named("hub_attn", source=build_dir / next(p.name for p in build_dir.iterdir()
-                                                if p.name.endswith("-cpu-x86_64-linux")))
+def test_name_without_flash_and_re_registration(named):
+    module = named("hub_attn")             # not preloaded as flash by Transformers: still works
+    named("hub_attn", source=Path(module.__file__).parent)    # re-point at the variant dir
     ref, ours = twin_models(tiny_config("llama"), ("sdpa", "hub_attn"))
     ids, mask = _padded([6, 3])
     torch.testing.assert_close(ours(ids, attention_mask=mask).logits[mask.bool()],

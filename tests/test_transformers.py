@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT / "hf_integration"))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import hub_tree  # noqa: E402
-from flash_attn_hub.testing import KernelSpy, ensure_cpu_build, kernel_root, tiny_config, twin_models  # noqa: E402
+from flash_attn_hub.testing import (KernelSpy, ensure_cpu_build, kernel_root, kernel_source,  # noqa: E402
+                                    tiny_config, twin_models)
 
 REPO_ID = hub_tree.repo_id_of(ROOT)
 TOL = dict(rtol=1e-4, atol=2e-5)  # fp32: both sides accumulate in fp32, orders differ
@@ -35,11 +36,11 @@ def build_dir():
 
 
 @pytest.fixture
-def local_kernel(build_dir, monkeypatch):
-    """attn_implementation=REPO_ID resolves to build/ through LOCAL_KERNELS (kernels' override)."""
+def local_kernel(monkeypatch):
+    """attn_implementation=REPO_ID resolves to the build through LOCAL_KERNELS (kernels' override)."""
     from transformers import modeling_flash_attention_utils as mfau
 
-    monkeypatch.setenv("LOCAL_KERNELS", f"{REPO_ID}={build_dir}")
+    monkeypatch.setenv("LOCAL_KERNELS", f"{REPO_ID}={kernel_source()}")
     monkeypatch.setattr(mfau, "_loaded_implementation", None)  # force a fresh resolution
     return REPO_ID
 

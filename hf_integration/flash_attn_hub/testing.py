@@ -47,6 +47,21 @@ def ensure_cpu_build(root: Path | None = None) -> Path:
     return root / "build"
 
 
+def kernel_source() -> Path:
+    """What in-process tests should load: the variant this process already imported, if any.
+
+    The extension registers its ops namespace once per process, so loading the same build from a
+    second path (say an offline-cache copy after build/) would clash. When another test module
+    loaded the kernel first, reuse that variant directory; otherwise use the local build.
+    """
+    import kernels
+
+    for loaded in kernels.get_loaded_kernels():
+        if str(loaded.metadata.name) == "flash-attn":
+            return Path(loaded.module.__file__).resolve().parent
+    return ensure_cpu_build(kernel_root())
+
+
 # --- tiny models --------------------------------------------------------------------------------
 
 _TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
