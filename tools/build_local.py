@@ -154,9 +154,27 @@ def build_variant(backend: str, args, config: dict, trim: Trim) -> Path:
     t0 = time.monotonic()
     if subprocess.run(cmd, env=env).returncode != 0:
         sys.exit(f"build_local: the {name} build failed")
+    check_undefined(plan.output)
     assemble(REPO, out_dir, config, ops_name, backend, archs if backend == "cuda" else None)
     print(f"== {name}: done in {time.monotonic() - t0:.1f}s -> {out_dir}", flush=True)
     return out_dir
+
+
+def check_undefined(so: Path) -> None:
+    """Fail on symbols of our own namespace that nothing defines (a declared entry point whose
+    implementation is missing from build.toml's sources). The linker accepts them in a shared
+    library; dlopen would reject the .so later with a less helpful "undefined symbol" error."""
+    syms = subprocess.run(["readelf", "--dyn-syms", "--wide", str(so)], check=True,
+                          capture_output=True, text=True).stdout
+    mangled_ns = "9flash_hub"  # FLASH_NAMESPACE (kernel_src/common/namespace.h), mangled
+    missing = sorted({line.split()[-1] for line in syms.splitlines()
+                      if " UND " in line and mangled_ns in line})
+    if missing:
+        so.unlink()  # never leave a .so that cannot load where the loader would find it
+        names = subprocess.run(["c++filt", *missing], capture_output=True, text=True).stdout
+        sys.exit(f"build_local: {so.name} references undefined functions (implementation not "
+                 f"compiled; is its source listed in build.toml?):\n  "
+                 + "\n  ".join(names.split("\n")).rstrip())
 
 
 def _csv(kind):
