@@ -37,7 +37,9 @@ def _maybe_contiguous(x):
 
 
 def _softmax_scale(softmax_scale, q):
-    return q.shape[-1] ** (-0.5) if softmax_scale is None else float(softmax_scale)
+    if softmax_scale is None:
+        return _checks.head_dim(q) ** (-0.5)  # checked first: head dim 0 has no default scale
+    return float(softmax_scale)
 
 
 def _window(window_size):
