@@ -138,8 +138,9 @@ std::tuple<Tensor, Tensor> mha_fwd_kvcache(
   OptTensor cos, sin;
   int rotary_dim = 0;
   if (rotary_cos) {
-    FLASH_CHECK(k.has_value(), "rotary_cos/rotary_sin are applied while appending k and v, so k "
-                               "and v must be given too");
+    // Wider than FlashAttention-2, which also demands k/v: without them only q is rotated.
+    FLASH_CHECK(seqlens.has_value(), "rotary_cos/rotary_sin need cache_seqlens: it gives the "
+                                     "rotary positions of the queries and new keys");
     check_rank(*rotary_cos, "rotary_cos", 2, "(seqlen_ro, rotary_dim / 2)");
     for (const auto& [t, name] : {std::pair{&*rotary_cos, "rotary_cos"},
                                   std::pair{&*rotary_sin, "rotary_sin"}}) {
@@ -173,7 +174,8 @@ std::tuple<Tensor, Tensor> mha_fwd_kvcache(
     const int32_t* cs = seqlens->const_data_ptr<int32_t>();
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t q_rows = positions_per_row ? cs[b] + seqlen_q : cs[b] + 1;
-      const int64_t need = std::max<int64_t>(len_k[b], seqlen_q > 0 ? q_rows : 0);
+      const int64_t k_rows = seqlen_new > 0 ? cs[b] + seqlen_new : 0;
+      const int64_t need = std::max<int64_t>(k_rows, seqlen_q > 0 ? q_rows : 0);
       FLASH_CHECK(cos->size(0) >= need, "rotary_cos has ", cos->size(0),
                   " rows, but sequence ", b, " needs rotary positions up to ", need - 1);
     }

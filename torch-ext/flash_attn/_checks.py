@@ -291,8 +291,8 @@ def fwd_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin
     if (rotary_cos is None) != (rotary_sin is None):
         fail("rotary_cos and rotary_sin must be given together (both or neither)")
     if rotary_cos is not None:
-        if k is None:
-            fail("rotary_cos/rotary_sin are applied while appending k and v, so k and v must be given too")
+        if cache_seqlens is None:
+            fail("rotary_cos/rotary_sin need cache_seqlens: it gives the rotary positions of the queries and new keys")
         rank(rotary_cos, "rotary_cos", 2, "(seqlen_ro, rotary_dim / 2)")
         same_device_dtype(rotary_cos, "rotary_cos", q)
         same_device_dtype(rotary_sin, "rotary_sin", q)

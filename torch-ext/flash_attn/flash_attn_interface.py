@@ -297,10 +297,11 @@ def flash_attn_with_kvcache(
 
     k_cache/v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), or (num_blocks,
     page_block_size, nheads_k, headdim) with block_table (batch, max_blocks_per_seq) int32.
-    cache_seqlens: int or (batch,) int32. rotary_cos/sin (seqlen_ro, rotary_dim / 2): the new key
-    at cache position t is rotated with row t; queries use rows cache_seqlens[b] + i when causal or
-    local, else row cache_seqlens[b]; rotary_interleaved pairs (2i, 2i+1) (GPT-J) instead of
-    (i, i + rotary_dim/2) (GPT-NeoX). num_splits is a performance hint (0: automatic).
+    cache_seqlens: int or (batch,) int32. rotary_cos/sin (seqlen_ro, rotary_dim / 2), which need
+    cache_seqlens: the new key at cache position t is rotated with row t; queries use rows
+    cache_seqlens[b] + i when causal or local, else row cache_seqlens[b] (without k/v only q is
+    rotated, where FlashAttention-2 refuses); rotary_interleaved pairs (2i, 2i+1) (GPT-J) instead
+    of (i, i + rotary_dim/2) (GPT-NeoX). num_splits is a performance hint (0: automatic).
     No backward (as FlashAttention-2). Returns out, or (out, softmax_lse (batch, nheads, seqlen_q))
     with return_softmax_lse."""
     q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
