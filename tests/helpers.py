@@ -64,18 +64,19 @@ def paged_pool(k_seqs, page_size, *, extra_blocks=3, poison=float("nan")):
     """
     hk, d = k_seqs[0].shape[1:]
     dtype, device = k_seqs[0].dtype, k_seqs[0].device
-    blocks_per = [max(1, -(-t.shape[0] // page_size)) for t in k_seqs]
+    blocks_per = [-(-t.shape[0] // page_size) for t in k_seqs]
     num_blocks = sum(blocks_per) + extra_blocks
     perm = torch.randperm(num_blocks).tolist()
     pool = torch.full((num_blocks, page_size, hk, d), poison, dtype=dtype, device=device)
-    table = torch.zeros(len(k_seqs), max(blocks_per), dtype=torch.int32)
+    table = torch.zeros(len(k_seqs), max(max(blocks_per), 1), dtype=torch.int32)
     nxt = 0
     for b, t in enumerate(k_seqs):
         for blk in range(blocks_per[b]):
             table[b, blk] = perm[nxt]
             nxt += 1
-        # unused table entries point at valid blocks (FA2 requires in-range ids everywhere)
-        table[b, blocks_per[b]:] = perm[0]
+        # entries a sequence does not read may hold anything (docs/design.md; Transformers
+        # writes -1): -1 here makes a kernel that reads them fail
+        table[b, blocks_per[b]:] = -1
         for i in range(t.shape[0]):
             pool[table[b, i // page_size], i % page_size] = t[i]
     return pool, table.to(device)

@@ -8,7 +8,6 @@ Three routes, all of which end in `kernels` importing `build/<variant>/`:
 
 Only one route may run per process: the extension registers its ops namespace once.
 """
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -75,43 +74,22 @@ def _hub_tree_module():
     return mod
 
 
-def tree_digest(root):
-    """A 40-hex id of a directory tree's contents, standing in for the Hub commit sha."""
-    h = hashlib.sha1()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(str(p.relative_to(root)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 def make_hub_cache(cache_root, build_dir=BUILD_DIR):
     """Build `$HF_HUB_CACHE/kernels--<org>--<repo>/{refs/v1, snapshots/<sha>/...}`.
 
-    The snapshot is exactly the tree tools/hub_tree.py assembles for upload; refs/v1 holds the
-    snapshot's sha, as huggingface_hub writes it (see kernels/_versions.py and
-    huggingface_hub/_snapshot_download.py in kernels 0.17.2 / huggingface_hub 2.4).
-    Returns the snapshot directory.
+    The snapshot is exactly the tree tools/hub_tree.py assembles for upload, installed by its
+    install_offline_cache (refs/v1 holds the snapshot's sha, as huggingface_hub writes it; see
+    kernels/_versions.py and huggingface_hub/_snapshot_download.py). Returns the snapshot dir.
     """
     require_build(build_dir)
     hub_tree = _hub_tree_module()
     cache_root = Path(cache_root)
-    staging = cache_root / "_staging"
+    staging = cache_root.parent / (cache_root.name + "_tree")
     if staging.exists():
         shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    hub_tree.assemble(REPO_ROOT, staging)
-    sha = tree_digest(staging)
-    org, name = repo_id().split("/")
-    repo_dir = cache_root / f"kernels--{org}--{name}"
-    snapshot = repo_dir / "snapshots" / sha
-    if snapshot.exists():
-        shutil.rmtree(snapshot)
-    snapshot.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(staging), str(snapshot))
-    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
-    (repo_dir / "refs" / "v1").write_text(sha)
-    return snapshot
+    tree = hub_tree.assemble(REPO_ROOT, staging)
+    return hub_tree.install_offline_cache(tree, cache_root, hub_tree.repo_id_of(REPO_ROOT),
+                                          hub_tree.version_of(REPO_ROOT))
 
 
 def load_hub_cache(cache_root, build_dir=BUILD_DIR):

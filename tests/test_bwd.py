@@ -136,8 +136,8 @@ def test_gradcheck_fp64(flash, name):
     opts = dict(GRADCHECK_CASES[name])
     sq, sk = opts.pop("seqlens", (5, 6))
     hk = opts.pop("nheads_k", 2)
-    alibi = alibi_for(opts.pop("alibi", None), 2, 2, "cpu")  # slopes stay fp32 by contract
-    q, k, v = qkv(2, sq, sk, 2, hk, 8, dtype=torch.float64, device="cpu", requires_grad=True)
+    alibi = alibi_for(opts.pop("alibi", None), 1, 2, "cpu")  # slopes stay fp32 by contract
+    q, k, v = qkv(1, sq, sk, 2, hk, 8, dtype=torch.float64, device="cpu", requires_grad=True)
     fn = lambda q, k, v: flash.flash_attn_func(q, k, v, alibi_slopes=alibi, **opts)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6, rtol=1e-4)
 

@@ -70,8 +70,10 @@ class Cache:
             page = int(layout[5:])
             per_seq = -(-CACHE_LEN // page)
             n_blocks = batch * per_seq + 2
-            self.block_table = torch.randperm(n_blocks)[:batch * per_seq].view(
-                batch, per_seq).to(torch.int32).to(device)
+            table = torch.randperm(n_blocks)[:batch * per_seq].view(batch, per_seq)
+            for b in range(batch):  # entries past what a sequence reads may hold anything
+                table[b, -(-(lens[b] + n_new) // page):] = -1
+            self.block_table = table.to(torch.int32).to(device)
             shape = (n_blocks, page, hk, d)
         else:
             rows = batch
