@@ -1,0 +1,186 @@
+// Owns: the tile-level steps that the CPU forward and backward share, so that the backward
+// recomputes exactly the logits and dropout mask of the forward: loading a query tile, loading a
+// K/V tile, S = scale * Q K^T with softcap, ALiBi and the mask applied, and the dropout keep mask
+// of a tile.
+//
+// Query tiles pack the query heads of one K/V head (GQA/MQA): packed row pi of sequence b and
+// K/V head hk is query row i = pi / group of query head h = hk * group + pi % group. The K/V tile
+// is then loaded and converted once for the whole group, and decoding (seqlen_q = 1) still fills
+// a tile with `group` rows (FA2 does the same "seqlen_q <-> ngroups swap" for decode).
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "../common/mask.h"
+#include "../common/philox.h"
+#include "../common/score_mod.h"
+#include "dtype_cpu.h"
+#include "layout_cpu.h"
+#include "tile_gemm_cpu.h"
+
+FLASH_NAMESPACE_BEGIN
+namespace cpu {
+
+// Per-call constants, converted once to the accumulation type.
+template <typename T>
+struct AttnCtx {
+  using Acc = acc_t<T>;
+  const FwdParams& p;
+  const Problem& pr;
+  Acc scale, softcap, inv_softcap, keep_scale;
+  bool has_softcap, has_alibi, has_dropout;
+  uint32_t threshold;
+
+  AttnCtx(const FwdParams& params, const Problem& problem)
+      : p(params),
+        pr(problem),
+        scale(static_cast<Acc>(params.softmax_scale)),
+        softcap(static_cast<Acc>(params.softcap)),
+        inv_softcap(params.softcap > 0.f ? Acc(1) / static_cast<Acc>(params.softcap) : Acc(0)),
+        // In Acc (not the float keep_scale field) so that fp64 keeps fp64 accuracy.
+        keep_scale(Acc(1) / (Acc(1) - static_cast<Acc>(params.p_dropout))),
+        has_softcap(params.softcap > 0.f),
+        has_alibi(params.alibi_slopes != nullptr),
+        has_dropout(params.p_dropout > 0.f),
+        threshold(params.dropout_threshold) {}
+
+  const T* q() const { return static_cast<const T*>(p.q_ptr); }
+  const T* k() const { return static_cast<const T*>(p.k_ptr); }
+  const T* v() const { return static_cast<const T*>(p.v_ptr); }
+};
+
+// What each packed row of a query tile is.
+template <typename Acc>
+struct TileRows {
+  int n = 0;               // rows in the tile
+  int i_first = 0, i_last = 0;  // query rows covered (inclusive)
+  int i[kBlockM];          // query row within the sequence
+  int h[kBlockM];          // query head
+  Acc slope[kBlockM];      // ALiBi slope of (b, h), 0 without ALiBi
+  uint64_t subseq[kBlockM];  // dropout subsequence of (b, h)
+};
+
+template <typename T>
+void make_tile_rows(const AttnCtx<T>& c, int b, int hk, int pr0, int n,
+                    TileRows<acc_t<T>>* rows) {
+  const int group = c.pr.group;
+  rows->n = n;
+  for (int r = 0; r < n; ++r) {
+    const int pi = pr0 + r;
+    const int h = hk * group + pi % group;
+    rows->i[r] = pi / group;
+    rows->h[r] = h;
+    rows->slope[r] =
+        c.has_alibi ? static_cast<acc_t<T>>(
+                          c.p.alibi_slopes[static_cast<int64_t>(b) * c.p.alibi_batch_stride + h])
+                    : acc_t<T>(0);
+    rows->subseq[r] = c.p.offset + static_cast<uint64_t>(b) * c.pr.nheads + h;
+  }
+  rows->i_first = rows->i[0];
+  rows->i_last = rows->i[n - 1];
+}
+
+// dst[r][0..dpad) = factor * src row (zero padded), for the rows of a tile. src_base points at
+// (row 0, head 0) of the sequence; rows live at src_base + i * row_stride + h * head_stride.
+template <typename T>
+void load_rows(const T* src_base, int64_t row_stride, int64_t head_stride,
+               const TileRows<acc_t<T>>& rows, int d, int dpad, acc_t<T> factor, acc_t<T>* dst) {
+  for (int r = 0; r < rows.n; ++r) {
+    const T* src = src_base + rows.i[r] * row_stride + rows.h[r] * head_stride;
+    acc_t<T>* out = dst + r * dpad;
+    for (int c = 0; c < d; ++c) out[c] = Traits<T>::load(src[c]) * factor;
+    for (int c = d; c < dpad; ++c) out[c] = acc_t<T>(0);
+  }
+}
+
+// Row offsets of key positions [n0, n0 + n) of sequence s, into the caller's buffers.
+struct KvTileRows {
+  int64_t k[kBlockN];
+  int64_t v[kBlockN];
+};
+
+// kt[c][j] = K[n0 + j][c] (transposed, for S = Q K^T), for c < d, j < n.
+template <typename T>
+void load_k_transposed(const AttnCtx<T>& c, const KvTileRows& kv, int hk, int n,
+                       acc_t<T>* kt) {
+  const T* kbase = c.k() + hk * c.p.k_head_stride;
+  const int d = c.pr.d;
+  for (int j = 0; j < n; ++j) {
+    const T* src = kbase + kv.k[j];
+    for (int col = 0; col < d; ++col) kt[col * kBlockN + j] = Traits<T>::load(src[col]);
+  }
+}
+
+// dst[j][c] = X[n0 + j][c] row-major (zero padded to dpad), X = K or V.
+template <typename T>
+void load_kv_rows(const T* base, const int64_t* row_off, int n, int d, int dpad,
+                  acc_t<T>* dst) {
+  for (int j = 0; j < n; ++j) {
+    const T* src = base + row_off[j];
+    acc_t<T>* out = dst + j * dpad;
+    for (int col = 0; col < d; ++col) out[col] = Traits<T>::load(src[col]);
+    for (int col = d; col < dpad; ++col) out[col] = acc_t<T>(0);
+  }
+}
+
+// S[r][j] for key positions n0 + j, j < n: the final logits of params.h (scale, softcap, ALiBi),
+// -inf where masked. qs holds the query tile pre-scaled by softmax_scale. When tanh_out is given
+// (backward with softcap) it receives tanh(scale * q.k / softcap) for the chain rule.
+template <typename T>
+void compute_scores(const AttnCtx<T>& c, const Mask& mask, const TileRows<acc_t<T>>& rows,
+                    const acc_t<T>* qs, const acc_t<T>* kt, int n0, int n, acc_t<T>* S,
+                    acc_t<T>* tanh_out) {
+  using Acc = acc_t<T>;
+  const int nrows = rows.n;
+  for (int e = 0; e < nrows * kBlockN; ++e) S[e] = Acc(0);
+  // S = Q K^T
+  gemm_acc<Acc>(qs, c.pr.dpad, kt, kBlockN, S, kBlockN, nrows, c.pr.d, kBlockN);
+  const bool full = mask.tile_is_full(rows.i_first, rows.i_last + 1, n0, n0 + n);
+  const int shift = mask.seqlen_k - mask.seqlen_q;
+  for (int r = 0; r < nrows; ++r) {
+    Acc* srow = S + r * kBlockN;
+    if (c.has_softcap) {
+      Acc* trow = tanh_out != nullptr ? tanh_out + r * kBlockN : nullptr;
+      for (int j = 0; j < n; ++j) {
+        Acc t;
+        srow[j] = softcap_apply(srow[j], c.softcap, c.inv_softcap, &t);
+        if (trow != nullptr) trow[j] = t;
+      }
+    }
+    if (c.has_alibi) {
+      const Acc slope = rows.slope[r];
+      const int i = rows.i[r];
+      for (int j = 0; j < n; ++j) srow[j] += alibi_bias(slope, i, n0 + j, shift);
+    }
+    if (!full) {
+      int cb, ce;
+      mask.col_limits(rows.i[r], &cb, &ce);
+      const Acc ninf = -static_cast<Acc>(INFINITY);
+      for (int j = 0; j < n; ++j) {
+        const int col = n0 + j;
+        if (col < cb || col >= ce) srow[j] = ninf;
+      }
+    }
+  }
+}
+
+// keep[r][j] = 1 where element (row, key n0 + j) survives dropout, else 0 (philox.h spec).
+template <typename T>
+void dropout_keep_tile(const AttnCtx<T>& c, const TileRows<acc_t<T>>& rows, int n0, int n,
+                       uint8_t* keep) {
+  for (int r = 0; r < rows.n; ++r) {
+    uint8_t* krow = keep + r * kBlockN;
+    const uint32_t i = static_cast<uint32_t>(rows.i[r]);
+    for (int c4 = n0 & ~3; c4 < n0 + n; c4 += 4) {
+      const Philox4 draw = dropout_draws(c.p.seed, rows.subseq[r], i, static_cast<uint32_t>(c4));
+      for (int t = 0; t < 4; ++t) {
+        const int j = c4 + t - n0;
+        if (j >= 0 && j < n) krow[j] = philox_word(draw, t) >= c.threshold ? 1 : 0;
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+FLASH_NAMESPACE_END

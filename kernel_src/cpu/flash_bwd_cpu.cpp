@@ -1,0 +1,279 @@
+// Owns: run_bwd_cpu, the CPU backward. Exact gradients by recomputation (FA2 algorithm 2):
+// P is rebuilt from the saved lse (fp64 recomputes lse in fp64 so that gradcheck sees the exact
+// gradient of the fp64 forward), the dropout mask is regenerated from the same Philox stream,
+// D = rowsum(dO * O), dS = P * (dP - D), softcap's chain rule dS *= 1 - tanh^2.
+//
+// Parallel over (sequence, K/V head): one task owns dK/dV of its K/V head and dQ of the query
+// heads of its group, so nothing is shared between threads and the result is deterministic and
+// independent of the thread count (deterministic=true costs nothing here). Inside a task the
+// loop is key tile outer (dK, dV accumulate in a kBlockN x d tile), query tile inner over
+// Mask::q_range; dQ accumulates in an fp32/fp64 buffer of (seqlen_q x group) x d: linear in the
+// sequence length, like FA2's dq_accum.
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "../common/softmax_state.h"
+#include "attn_tile_cpu.h"
+#include "flash_api_cpu.h"
+#include "parallel_cpu.h"
+
+FLASH_NAMESPACE_BEGIN
+namespace cpu {
+namespace {
+
+template <typename T>
+struct BwdScratch {
+  using Acc = acc_t<T>;
+  std::vector<Acc> qs, dout, kt, ks, vt, s, tanh_s, dp, pt, dst, dk, dv;
+  std::vector<uint8_t> keep;
+  std::vector<Acc> dq, lse, dsum;  // per task: (seqlen_q * group) rows
+  TileRows<Acc> rows;
+  KvTileRows kv;
+
+  explicit BwdScratch(int dpad)
+      : qs(kBlockM * dpad),
+        dout(kBlockM * dpad),
+        kt(dpad * kBlockN),
+        ks(kBlockN * dpad),
+        vt(dpad * kBlockN),
+        s(kBlockM * kBlockN),
+        tanh_s(kBlockM * kBlockN),
+        dp(kBlockM * kBlockN),
+        pt(kBlockN * kBlockM),
+        dst(kBlockN * kBlockM),
+        dk(kBlockN * dpad),
+        dv(kBlockN * dpad),
+        keep(kBlockM * kBlockN) {}
+};
+
+// Per-sequence offsets of the gradient-side tensors (the backward has no paging or left padding).
+struct BwdOffsets {
+  int64_t dout, dq, k, v, dk, dv;
+};
+
+BwdOffsets bwd_offsets(const BwdParams& p, int b) {
+  BwdOffsets o;
+  if (p.cu_seqlens_q != nullptr) {
+    const int64_t q0 = p.cu_seqlens_q[b];
+    o.dout = q0 * p.do_row_stride;
+    o.dq = q0 * p.dq_row_stride;
+  } else {
+    o.dout = static_cast<int64_t>(b) * p.do_batch_stride;
+    o.dq = static_cast<int64_t>(b) * p.dq_batch_stride;
+  }
+  if (p.cu_seqlens_k != nullptr) {
+    const int64_t k0 = p.cu_seqlens_k[b];
+    o.k = k0 * p.k_row_stride;
+    o.v = k0 * p.v_row_stride;
+    o.dk = k0 * p.dk_row_stride;
+    o.dv = k0 * p.dv_row_stride;
+  } else {
+    o.k = static_cast<int64_t>(b) * p.k_batch_stride;
+    o.v = static_cast<int64_t>(b) * p.v_batch_stride;
+    o.dk = static_cast<int64_t>(b) * p.dk_batch_stride;
+    o.dv = static_cast<int64_t>(b) * p.dv_batch_stride;
+  }
+  return o;
+}
+
+// lse of every packed row of the task, recomputed in Acc with the forward's online softmax.
+template <typename T>
+void recompute_lse(const AttnCtx<T>& c, const SeqInfo& s, const Mask& mask, int b, int hk,
+                   BwdScratch<T>& sc) {
+  using Acc = acc_t<T>;
+  const int packed = s.seqlen_q * c.pr.group;
+  for (int pr0 = 0; pr0 < packed; pr0 += kBlockM) {
+    const int nrows = packed - pr0 < kBlockM ? packed - pr0 : kBlockM;
+    make_tile_rows(c, b, hk, pr0, nrows, &sc.rows);
+    load_rows(c.q() + s.q_off, c.p.q_row_stride, c.p.q_head_stride, sc.rows, c.pr.d, c.pr.dpad,
+              c.scale, sc.qs.data());
+    SoftmaxState<Acc> state[kBlockM];
+    for (int r = 0; r < nrows; ++r) state[r] = SoftmaxState<Acc>::empty();
+    int nb, ne;
+    mask.kv_range(sc.rows.i_first, sc.rows.i_last + 1, &nb, &ne);
+    for (int n0 = nb; n0 < ne; n0 += kBlockN) {
+      const int n = ne - n0 < kBlockN ? ne - n0 : kBlockN;
+      kv_row_offsets(c.p, s, n0, n, sc.kv.k, sc.kv.v);
+      load_k_transposed(c, sc.kv, hk, n, sc.kt.data());
+      compute_scores(c, mask, sc.rows, sc.qs.data(), sc.kt.data(), n0, n, sc.s.data(),
+                     static_cast<Acc*>(nullptr));
+      for (int r = 0; r < nrows; ++r) {
+        const Acc* srow = sc.s.data() + r * kBlockN;
+        Acc mx = -static_cast<Acc>(INFINITY);
+        for (int j = 0; j < n; ++j) mx = srow[j] > mx ? srow[j] : mx;
+        state[r].rescale(mx);
+        const Acc off = state[r].offset();
+        Acc sum = Acc(0);
+        for (int j = 0; j < n; ++j) sum += std::exp(srow[j] - off);
+        state[r].add(sum);
+      }
+    }
+    for (int r = 0; r < nrows; ++r) sc.lse[pr0 + r] = state[r].lse();
+  }
+}
+
+template <typename T>
+void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch<T>& sc) {
+  using Acc = acc_t<T>;
+  const SeqInfo& s = c.pr.seqs[b];
+  const BwdOffsets off = bwd_offsets(p, b);
+  const int d = c.pr.d, dpad = c.pr.dpad, group = c.pr.group;
+  const int packed = s.seqlen_q * group;
+  const Mask mask(s.seqlen_q, s.seqlen_k, p.window_left, p.window_right);
+  const T* dout = static_cast<const T*>(p.do_ptr) + off.dout;
+  const T* out = static_cast<const T*>(p.o_ptr) + s.o_off;
+
+  sc.dq.assign(static_cast<size_t>(packed) * dpad, Acc(0));
+  sc.lse.resize(packed);
+  sc.dsum.resize(packed);
+
+  // D = rowsum(dO * O) and the lse of every row of the group.
+  for (int pi = 0; pi < packed; ++pi) {
+    const int i = pi / group, h = hk * group + pi % group;
+    const T* dorow = dout + i * p.do_row_stride + h * p.do_head_stride;
+    const T* orow = out + i * p.o_row_stride + h * p.o_head_stride;
+    Acc acc = Acc(0);
+    for (int col = 0; col < d; ++col) acc += Traits<T>::load(dorow[col]) * Traits<T>::load(orow[col]);
+    sc.dsum[pi] = acc;
+    sc.lse[pi] = static_cast<Acc>(p.softmax_lse_ptr[s.lse_off + h * c.pr.lse_head_stride + i]);
+  }
+  if (sizeof(Acc) > sizeof(float)) recompute_lse(c, s, mask, b, hk, sc);
+
+  T* dk_out = static_cast<T*>(p.dk_ptr) + off.dk + hk * p.dk_head_stride;
+  T* dv_out = static_cast<T*>(p.dv_ptr) + off.dv + hk * p.dv_head_stride;
+  const T* kbase = c.k() + off.k + hk * p.k_head_stride;
+  const T* vbase = c.v() + off.v + hk * p.v_head_stride;
+  const Acc ninf = -static_cast<Acc>(INFINITY);
+
+  for (int n0 = 0; n0 < s.seqlen_k; n0 += kBlockN) {
+    const int n = s.seqlen_k - n0 < kBlockN ? s.seqlen_k - n0 : kBlockN;
+    for (int e = 0; e < n * dpad; ++e) sc.dk[e] = sc.dv[e] = Acc(0);
+    int ib, ie;
+    mask.q_range(n0, n0 + n, &ib, &ie);
+    if (ib < ie) {
+      // K tile row-major (for dQ) and transposed (for S), V transposed (for dP).
+      for (int j = 0; j < n; ++j) {
+        sc.kv.k[j] = static_cast<int64_t>(n0 + j) * p.k_row_stride;
+        sc.kv.v[j] = static_cast<int64_t>(n0 + j) * p.v_row_stride;
+      }
+      load_kv_rows(kbase, sc.kv.k, n, d, dpad, sc.ks.data());
+      transpose(sc.ks.data(), dpad, sc.kt.data(), kBlockN, n, d);
+      for (int j = 0; j < n; ++j) {
+        const T* src = vbase + sc.kv.v[j];
+        for (int col = 0; col < d; ++col) sc.vt[col * kBlockN + j] = Traits<T>::load(src[col]);
+      }
+    }
+    for (int pr0 = ib * group; pr0 < ie * group; pr0 += kBlockM) {
+      const int nrows = ie * group - pr0 < kBlockM ? ie * group - pr0 : kBlockM;
+      TileRows<Acc>& rows = sc.rows;
+      make_tile_rows(c, b, hk, pr0, nrows, &rows);
+      load_rows(c.q() + s.q_off, p.q_row_stride, p.q_head_stride, rows, d, dpad, c.scale,
+                sc.qs.data());
+      load_rows(dout, p.do_row_stride, p.do_head_stride, rows, d, dpad, Acc(1), sc.dout.data());
+      // S = Q K^T, then P = exp(S - lse)
+      compute_scores(c, mask, rows, sc.qs.data(), sc.kt.data(), n0, n, sc.s.data(),
+                     c.has_softcap ? sc.tanh_s.data() : static_cast<Acc*>(nullptr));
+      for (int r = 0; r < nrows; ++r) {
+        Acc* srow = sc.s.data() + r * kBlockN;
+        const Acc lse = sc.lse[pr0 + r];
+        for (int j = 0; j < n; ++j) srow[j] = srow[j] == ninf ? Acc(0) : std::exp(srow[j] - lse);
+      }
+      if (c.has_dropout) dropout_keep_tile(c, rows, n0, n, sc.keep.data());
+      // dV += (P o Z)^T dO, with Z = keep * keep_scale
+      for (int r = 0; r < nrows; ++r)
+        for (int j = 0; j < n; ++j) {
+          Acc pz = sc.s[r * kBlockN + j];
+          if (c.has_dropout) pz = sc.keep[r * kBlockN + j] ? pz * c.keep_scale : Acc(0);
+          sc.pt[j * kBlockM + r] = pz;
+        }
+      gemm_acc<Acc>(sc.pt.data(), kBlockM, sc.dout.data(), dpad, sc.dv.data(), dpad, n, nrows,
+                    dpad);
+      // dP = (dO V^T) o Z
+      for (int e = 0; e < nrows * kBlockN; ++e) sc.dp[e] = Acc(0);
+      gemm_acc<Acc>(sc.dout.data(), dpad, sc.vt.data(), kBlockN, sc.dp.data(), kBlockN, nrows, d,
+                    kBlockN);
+      // dS = P o (dP - D), o (1 - tanh^2) under softcap; kept in dp
+      for (int r = 0; r < nrows; ++r) {
+        const Acc dsum = sc.dsum[pr0 + r];
+        const Acc* prow = sc.s.data() + r * kBlockN;
+        Acc* dprow = sc.dp.data() + r * kBlockN;
+        for (int j = 0; j < n; ++j) {
+          Acc dpz = dprow[j];
+          if (c.has_dropout) dpz = sc.keep[r * kBlockN + j] ? dpz * c.keep_scale : Acc(0);
+          Acc ds = prow[j] * (dpz - dsum);
+          if (c.has_softcap) {
+            const Acc t = sc.tanh_s[r * kBlockN + j];
+            ds *= Acc(1) - t * t;
+          }
+          dprow[j] = ds;
+        }
+      }
+      // dQ += dS K (softmax_scale applied once when dQ is written)
+      gemm_acc<Acc>(sc.dp.data(), kBlockN, sc.ks.data(), dpad, sc.dq.data() + pr0 * dpad, dpad,
+                    nrows, n, dpad);
+      // dK += dS^T (scale Q)
+      transpose(sc.dp.data(), kBlockN, sc.dst.data(), kBlockM, nrows, n);
+      gemm_acc<Acc>(sc.dst.data(), kBlockM, sc.qs.data(), dpad, sc.dk.data(), dpad, n, nrows,
+                    dpad);
+    }
+    for (int j = 0; j < n; ++j) {
+      T* dkrow = dk_out + static_cast<int64_t>(n0 + j) * p.dk_row_stride;
+      T* dvrow = dv_out + static_cast<int64_t>(n0 + j) * p.dv_row_stride;
+      for (int col = 0; col < d; ++col) {
+        dkrow[col] = Traits<T>::store(sc.dk[j * dpad + col]);
+        dvrow[col] = Traits<T>::store(sc.dv[j * dpad + col]);
+      }
+    }
+  }
+  // Keys the sequence owns but does not use (seqused_k) get zero gradients.
+  for (int j = s.seqlen_k; j < s.seqlen_k_rows; ++j) {
+    T* dkrow = dk_out + static_cast<int64_t>(j) * p.dk_row_stride;
+    T* dvrow = dv_out + static_cast<int64_t>(j) * p.dv_row_stride;
+    for (int col = 0; col < d; ++col) dkrow[col] = dvrow[col] = Traits<T>::store(Acc(0));
+  }
+  // dQ = scale * accumulated dS K
+  T* dq_out = static_cast<T*>(p.dq_ptr) + off.dq;
+  for (int pi = 0; pi < packed; ++pi) {
+    const int i = pi / group, h = hk * group + pi % group;
+    T* dst = dq_out + i * p.dq_row_stride + h * p.dq_head_stride;
+    const Acc* src = sc.dq.data() + static_cast<int64_t>(pi) * dpad;
+    for (int col = 0; col < d; ++col) dst[col] = Traits<T>::store(src[col] * c.scale);
+  }
+}
+
+template <typename T>
+void run_bwd_typed(const BwdParams& p, const Problem& pr) {
+  const AttnCtx<T> c(p, pr);
+  const int64_t ntasks = static_cast<int64_t>(pr.batch) * pr.nheads_k;
+  parallel_tasks(
+      ntasks, [&] { return std::make_unique<BwdScratch<T>>(pr.dpad); },
+      [&](int64_t t, BwdScratch<T>& sc) {
+        bwd_task<T>(c, p, static_cast<int>(t / pr.nheads_k), static_cast<int>(t % pr.nheads_k),
+                    sc);
+      });
+}
+
+void check_bwd_pointers(const BwdParams& p) {
+  if (p.batch == 0) return;
+  if (p.do_ptr == nullptr) fail("dout is null");
+  if (p.dq_ptr == nullptr) fail("dq is null");
+  if (p.dk_ptr == nullptr) fail("dk is null");
+  if (p.dv_ptr == nullptr) fail("dv is null");
+  if (p.p_ptr != nullptr) fail("S_dmask (p_ptr) must be null in the backward pass");
+}
+
+}  // namespace
+}  // namespace cpu
+
+void run_bwd_cpu(const BwdParams& params) {
+  const cpu::Problem pr = cpu::make_problem(params, /*is_bwd=*/true);
+  cpu::check_bwd_pointers(params);
+  cpu::dispatch_dtype(params.dtype, "q", [&](auto tag) {
+    using T = decltype(tag);
+    cpu::run_bwd_typed<T>(params, pr);
+  });
+}
+
+FLASH_NAMESPACE_END
