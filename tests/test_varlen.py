@@ -171,7 +171,7 @@ def test_varlen_equal_lengths_match_batched(flash, device):
         q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, s, s, causal=True,
         return_attn_probs=True)
     torch.testing.assert_close(out_v.view(b, s, h, d), out_b, rtol=0,
-                               atol=2 * torch.finfo(dtype).eps)
+                               atol=4 * torch.finfo(dtype).eps)
     torch.testing.assert_close(lse_v.view(h, b, s).transpose(0, 1), lse_b, rtol=1e-6, atol=1e-6)
 
 
