@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Builds build/harness/libflash_harness.so: the CUDA forward (kernel_src/launch, instantiations,
+# sm90 dispatch) plus benchmarks/fwd_harness.cu, for the given archs, without torch.
+# Usage: benchmarks/build_harness.sh [ARCH...]   (default: 90; e.g. 80 86 90)
+# Env: JOBS (parallel nvcc, default nproc), HDIMS ("64 128" trims the others), NVCC_EXTRA.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ARCHS=${*:-90}
+OUT=build/harness
+rm -rf "$OUT/obj"; mkdir -p "$OUT/obj"
+GENCODE=""
+for a in $ARCHS; do GENCODE+=" -gencode=arch=compute_${a},code=sm_${a}"; done
+DEFS=""
+if [[ -n "${HDIMS:-}" ]]; then
+  for h in 32 64 96 128 192 256; do
+    [[ " $HDIMS " == *" $h "* ]] || DEFS+=" -DFLASH_DISABLE_HDIM$h"
+  done
+fi
+FLAGS="-O3 -std=c++17 --expt-relaxed-constexpr -lineinfo -Xcompiler -fPIC $DEFS $GENCODE ${NVCC_EXTRA:-}"
+SRCS="kernel_src/launch/flash_api_cuda.cu kernel_src/sm90/dispatch_sm90.cu benchmarks/fwd_harness.cu"
+for f in kernel_src/instantiations/*.cu; do
+  h=$(basename "$f" | sed -E 's/fwd_sm80_hdim([0-9]+)_.*/\1/')
+  if [[ -z "${HDIMS:-}" || " $HDIMS " == *" $h "* ]]; then SRCS+=" $f"; fi
+done
+printf '%s\n' $SRCS | xargs -P "${JOBS:-$(nproc)}" -I{} sh -c \
+  'o='"$OUT"'/obj/$(echo {} | tr / _).o; nvcc '"$FLAGS"' -Xptxas -v -c {} -o $o 2> $o.log || { cat $o.log; exit 255; }; echo "built {}"'
+nvcc -shared $GENCODE -o "$OUT/libflash_harness.so" "$OUT"/obj/*.o
+grep -h -E "Compiling entry|spill|Used" "$OUT"/obj/*.log > "$OUT/ptxas.txt" || true
+echo "wrote $OUT/libflash_harness.so"

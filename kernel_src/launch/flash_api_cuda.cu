@@ -1,0 +1,82 @@
+// Owns: run_fwd_cuda, the CUDA forward entry point the binding calls (flash_api_cuda.h): checks
+// that the device is served, routes to the Hopper path when it takes the call, else turns dtype
+// and head dim into template arguments (static_switch.h) and hands over to the sm80 launch.
+#include <cuda_runtime_api.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "../sm90/dispatch_sm90.h"
+#include "flash_api_cuda.h"
+#include "fwd_dispatch_sm80.h"
+#include "static_switch.h"
+
+FLASH_NAMESPACE_BEGIN
+
+namespace {
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("flash_attn CUDA: ") + what + " failed: " +
+                             cudaGetErrorString(err));
+  }
+}
+
+// Device attributes are cheap driver queries (no synchronisation), so they are read per call
+// rather than cached: the current device can change between calls.
+DeviceCaps current_device_caps() {
+  DeviceCaps caps;
+  check(cudaGetDevice(&caps.device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&caps.major, cudaDevAttrComputeCapabilityMajor, caps.device),
+        "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
+  check(cudaDeviceGetAttribute(&caps.minor, cudaDevAttrComputeCapabilityMinor, caps.device),
+        "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
+  check(cudaDeviceGetAttribute(&caps.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                               caps.device),
+        "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  check(cudaDeviceGetAttribute(&caps.sm_count, cudaDevAttrMultiProcessorCount, caps.device),
+        "cudaDeviceGetAttribute(MultiProcessorCount)");
+  return caps;
+}
+
+void require_sm80(const DeviceCaps& caps) {
+  if (caps.major >= 8) return;
+  cudaDeviceProp prop{};
+  const std::string name =
+      cudaGetDeviceProperties(&prop, caps.device) == cudaSuccess ? prop.name : "unknown";
+  throw std::runtime_error(
+      "flash_attn CUDA: device " + std::to_string(caps.device) + " ('" + name +
+      "') has compute capability " + std::to_string(caps.major) + "." +
+      std::to_string(caps.minor) +
+      "; the CUDA kernels need compute capability 8.0 or newer (Ampere, Ada, Hopper)");
+}
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) throw std::runtime_error("flash_attn CUDA: " + msg);
+}
+
+}  // namespace
+
+void run_fwd_cuda(const FwdParams& params, cudaStream_t stream) {
+  const DeviceCaps caps = current_device_caps();
+  require_sm80(caps);
+  require(params.head_dim >= 1 && params.head_dim <= 256,
+          "head_dim = " + std::to_string(params.head_dim) + " must be in [1, 256]");
+  require(params.nheads_k >= 1 && params.nheads % params.nheads_k == 0,
+          "nheads = " + std::to_string(params.nheads) + " must be a multiple of nheads_k = " +
+              std::to_string(params.nheads_k));
+  require(params.block_table == nullptr || params.page_block_size > 0,
+          "page_block_size must be positive with a block_table");
+  require(params.batch >= 0 && params.nheads >= 0 && params.seqlen_k >= 0,
+          "batch, nheads and seqlen_k must be non-negative");
+  const bool varlen = params.cu_seqlens_q != nullptr;
+  if (params.batch == 0 || params.nheads == 0) return;
+  if (varlen ? params.total_q <= 0 : params.seqlen_q <= 0) return;  // no query rows: nothing to write
+
+  if (try_run_fwd_sm90(params, stream)) return;
+  DTYPE_SWITCH(params.dtype, [&] {
+    HDIM_SWITCH(params.head_dim, [&] { run_fwd_sm80<elem_type, kHeadDim>(params, stream, caps); });
+  });
+}
+
+FLASH_NAMESPACE_END

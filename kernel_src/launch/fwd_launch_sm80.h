@@ -1,0 +1,119 @@
+// Owns: turning one forward call into a launch of the sm80 kernel: which variant (fast or general,
+// masked or not, dropout or not), which tile config (tile_size.h, by the device's shared-memory
+// limit), the grid, the shared-memory attribute. Included by the generated instantiation files
+// (one per head dim x dtype), which compile run_fwd_sm80<Element, kHeadDim>.
+//
+// Invariants: no device synchronisation and no allocation here (nothing beyond O and the LSE);
+// every CUDA error becomes a std::runtime_error naming what failed.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "../common/params.h"
+#include "../sm80/fwd_kernel_sm80.h"
+#include "../sm80/kernel_traits_sm80.h"
+#include "../sm80/tile_size.h"
+#include "fwd_dispatch_sm80.h"
+#include "static_switch.h"
+
+FLASH_NAMESPACE_BEGIN
+
+inline void cuda_check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("flash_attn CUDA: ") + what + " failed: " +
+                             cudaGetErrorString(err));
+  }
+}
+
+// The fast kernel serves a call unless it uses a feature only the general kernel has.
+inline bool needs_general_kernel(const FwdParams& p) {
+  return p.p_dropout > 0.f || p.softcap > 0.f || p.alibi_slopes != nullptr ||
+         p.block_table != nullptr || p.leftpad_k != nullptr || p.cache_batch_idx != nullptr ||
+         p.p_ptr != nullptr || !(p.scale_log2 > 0.f) || !sm80::tensors_aligned(p);
+}
+
+// Row blocks per (sequence, head) in the grid's x dimension. Batched: exact. Varlen: bounded by
+// max_seqlen_q when given; when it is not (seqlen_q <= 0) or is only the trivial bound total_q,
+// the grid is sized from the average length and the CTAs loop (fwd_kernel_sm80), so a packed
+// batch of many short sequences does not launch batch x total_q / kBlockM idle CTAs.
+inline int grid_row_blocks(const FwdParams& p, int block_m) {
+  auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  int64_t rows = p.seqlen_q;
+  if (p.cu_seqlens_q != nullptr) {
+    const bool bound_known = p.seqlen_q > 0 && (p.seqlen_q < p.total_q || p.batch == 1);
+    if (!bound_known) {
+      const int64_t avg_blocks = ceil_div(std::max<int64_t>(p.total_q, 1), int64_t(p.batch) * block_m);
+      rows = std::min<int64_t>(p.total_q, (2 * avg_blocks + 1) * block_m);
+    }
+  }
+  return static_cast<int>(std::max<int64_t>(1, ceil_div(std::max<int64_t>(rows, 1), block_m)));
+}
+
+template <typename Traits, bool Is_masked, bool Is_general, bool Is_dropout>
+void launch_fwd_sm80(const FwdParams& params, cudaStream_t stream) {
+  auto kernel = &sm80::fwd_kernel_sm80<Traits, Is_masked, Is_general, Is_dropout>;
+  constexpr int kSmem = Traits::kSmemBytes;
+  if (kSmem > 48 * 1024) {
+    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+               "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  }
+  if (params.nheads > 65535) {
+    throw std::runtime_error("flash_attn CUDA: nheads = " + std::to_string(params.nheads) +
+                             " exceeds the 65535 heads the grid can address");
+  }
+  const dim3 grid(grid_row_blocks(params, Traits::kBlockM), params.nheads,
+                  std::min(params.batch, 65535));
+  kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
+  cuda_check(cudaGetLastError(), "launching the sm80 forward kernel");
+}
+
+template <typename Element, int kHeadDim, sm80::TileKind kKind, bool Is_general>
+void launch_fwd_sm80_config(const FwdParams& params, cudaStream_t stream) {
+  using Traits = typename sm80::TraitsFor<kHeadDim, kKind, Element>::type;
+  const bool masked = params.window_left >= 0 || params.window_right >= 0;
+  BOOL_SWITCH(masked, Is_masked, [&] {
+    if constexpr (Is_general) {
+      BOOL_SWITCH(params.p_dropout > 0.f, Is_dropout, [&] {
+        launch_fwd_sm80<Traits, Is_masked, true, Is_dropout>(params, stream);
+      });
+    } else {
+      launch_fwd_sm80<Traits, Is_masked, false, false>(params, stream);
+    }
+  });
+}
+
+// The smallest dynamic shared-memory limit among sm80+ GPUs (sm86/sm89: 99 KB): configs within
+// it run everywhere, larger ones need the kSmallSmem fallback compiled too.
+constexpr int kMinSmemOptin = 99 * 1024;
+
+template <typename Element, int kHeadDim>
+void run_fwd_sm80(const FwdParams& params, cudaStream_t stream, const DeviceCaps& caps) {
+  using sm80::TileKind;
+  if (needs_general_kernel(params)) {
+    static_assert(sm80::tile_smem_bytes(kHeadDim, sm80::tile_config(kHeadDim, TileKind::kGeneral)) <=
+                      kMinSmemOptin,
+                  "the general config must fit every sm80+ GPU");
+    launch_fwd_sm80_config<Element, kHeadDim, TileKind::kGeneral, true>(params, stream);
+    return;
+  }
+  constexpr int kFastSmem =
+      sm80::tile_smem_bytes(kHeadDim, sm80::tile_config(kHeadDim, TileKind::kFast));
+  if constexpr (kFastSmem <= kMinSmemOptin) {
+    launch_fwd_sm80_config<Element, kHeadDim, TileKind::kFast, false>(params, stream);
+  } else {
+    constexpr int kSmallSmem =
+        sm80::tile_smem_bytes(kHeadDim, sm80::tile_config(kHeadDim, TileKind::kSmallSmem));
+    static_assert(kSmallSmem <= kMinSmemOptin, "the small config must fit every sm80+ GPU");
+    if (kFastSmem <= caps.max_smem_optin) {
+      launch_fwd_sm80_config<Element, kHeadDim, TileKind::kFast, false>(params, stream);
+    } else {
+      launch_fwd_sm80_config<Element, kHeadDim, TileKind::kSmallSmem, false>(params, stream);
+    }
+  }
+}
+
+FLASH_NAMESPACE_END

@@ -1,0 +1,185 @@
+// Owns: what the sm80 forward does to the S = Q K^T accumulators of one warp between the two
+// GEMMs, at register level: score modifiers (softcap, ALiBi), the element-wise mask of boundary
+// tiles, the online softmax (rescale of O, exponentials, row sums) and dropout.
+//
+// Reuse of kernel_src/common/: the per-row state is common/softmax_state.h's SoftmaxState (in
+// base 2), and the visible key range of a row comes from common/mask.h's Mask::col_limits, so the
+// mask semantics and the empty-row conventions are the CPU backend's by construction. What is
+// specific here is only the fragment layout: a thread holds, for each 16-row MMA tile, rows
+// g and g + 8 (g = lane / 4) and columns 8 j + 2 t, +1 (t = lane % 4) of every 8-column tile j;
+// the four threads of a quad share a row, so row reductions are 2 shuffles.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "../common/mask.h"
+#include "../common/philox.h"
+#include "../common/softmax_state.h"
+#include "kernel_traits_sm80.h"
+#include "primitives.h"
+
+FLASH_NAMESPACE_BEGIN
+namespace sm80 {
+
+// Per-thread view of the rows it owns: row r = 2 * mi + h is query row
+// m0_warp + 16 mi + g + 8 h, with its online-softmax state.
+template <typename Traits>
+struct RowState {
+  static constexpr int kRows = 2 * Traits::kMmaM;
+  SoftmaxState<float, /*kBase2=*/true> softmax[kRows];
+
+  __device__ __forceinline__ static int row_of(int m0_warp, int r, int lane) {
+    return m0_warp + 16 * (r / 2) + (lane >> 2) + 8 * (r % 2);
+  }
+
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) softmax[r] = SoftmaxState<float, true>::empty();
+  }
+};
+
+// Element-wise mask of a boundary tile starting at key n0: invisible scores become -inf. The
+// visible range of each row comes from the shared Mask (recomputed here rather than kept in
+// registers through the main loop: only boundary tiles pay for it).
+template <typename Traits>
+__device__ __forceinline__ void apply_mask(float (&acc_s)[Traits::kMmaM][Traits::kMmaNS][4],
+                                           const Mask& mask, int m0_warp, int n0, int lane) {
+  const int col0 = n0 + 2 * (lane & 3);
+#pragma unroll
+  for (int r = 0; r < RowState<Traits>::kRows; ++r) {
+    int col_begin, col_end;
+    mask.col_limits(RowState<Traits>::row_of(m0_warp, r, lane), &col_begin, &col_end);
+    const int mi = r / 2, h = r % 2;
+#pragma unroll
+    for (int nj = 0; nj < Traits::kMmaNS; ++nj)
+#pragma unroll
+      for (int e = 2 * h; e < 2 * h + 2; ++e) {
+        const int col = col0 + 8 * nj + (e & 1);
+        if (col < col_begin || col >= col_end) acc_s[mi][nj][e] = -INFINITY;
+      }
+  }
+}
+
+// General path: turns raw q.k into natural-unit logits with softcap and ALiBi (params.h order:
+// scale, softcap, then the ALiBi bias), so the softmax below runs with scale log2(e).
+template <typename Traits>
+__device__ __forceinline__ void apply_score_mods(float (&acc_s)[Traits::kMmaM][Traits::kMmaNS][4],
+                                                 float softmax_scale, float softcap,
+                                                 float alibi_slope, int m0_warp, int n0,
+                                                 int shift, int lane) {
+  const float inv_cap_scale = softcap > 0.f ? softmax_scale / softcap : 0.f;
+  const int col0 = n0 + 2 * (lane & 3);
+#pragma unroll
+  for (int mi = 0; mi < Traits::kMmaM; ++mi)
+#pragma unroll
+    for (int nj = 0; nj < Traits::kMmaNS; ++nj)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float s = acc_s[mi][nj][e];
+        s = softcap > 0.f ? softcap * tanhf(s * inv_cap_scale) : s * softmax_scale;
+        if (alibi_slope != 0.f) {
+          const int row = RowState<Traits>::row_of(m0_warp, 2 * mi + e / 2, lane);
+          const int col = col0 + 8 * nj + (e & 1);
+          const int dist = row + shift - col;
+          s -= alibi_slope * static_cast<float>(dist < 0 ? -dist : dist);
+        }
+        acc_s[mi][nj][e] = s;
+      }
+}
+
+// Online softmax for one tile: moves each row's max, rescales its O accumulator row, replaces
+// the scores by exp2(s * scale_log2 - max) and adds them to the (per-thread partial) row sums.
+// scale_log2 > 0 (the launch routes other scales to the general path, which pre-scales S and
+// passes log2(e)). kCheckRescale: skip the O rescale when no row max of the warp moved (common
+// once a row has seen its largest logits); a warp-uniform branch, so no divergence.
+template <typename Traits>
+__device__ __forceinline__ void online_softmax(float (&acc_s)[Traits::kMmaM][Traits::kMmaNS][4],
+                                               float (&acc_o)[Traits::kMmaM][Traits::kMmaNO][4],
+                                               RowState<Traits>& rows, float scale_log2) {
+  float factor[RowState<Traits>::kRows];
+  bool moved = false;
+#pragma unroll
+  for (int r = 0; r < RowState<Traits>::kRows; ++r) {
+    const int mi = r / 2, h = r % 2;
+    float block_max = -INFINITY;
+#pragma unroll
+    for (int nj = 0; nj < Traits::kMmaNS; ++nj) {
+      block_max = fmaxf(block_max, fmaxf(acc_s[mi][nj][2 * h], acc_s[mi][nj][2 * h + 1]));
+    }
+    block_max = warp::quad_max(block_max) * scale_log2;
+    factor[r] = rows.softmax[r].rescale(block_max);
+    moved |= factor[r] != 1.f;
+    const float offset = rows.softmax[r].offset();
+    float sum = 0.f;
+#pragma unroll
+    for (int nj = 0; nj < Traits::kMmaNS; ++nj) {
+#pragma unroll
+      for (int e = 2 * h; e < 2 * h + 2; ++e) {
+        const float p = exp2_approx(fmaf(acc_s[mi][nj][e], scale_log2, -offset));
+        acc_s[mi][nj][e] = p;
+        sum += p;
+      }
+    }
+    rows.softmax[r].add(sum);
+  }
+  if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+    for (int mi = 0; mi < Traits::kMmaM; ++mi)
+#pragma unroll
+      for (int dj = 0; dj < Traits::kMmaNO; ++dj)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_o[mi][dj][e] *= factor[2 * mi + e / 2];
+  }
+}
+
+// Dropout on P (after the row sums took the undropped values): the Philox stream of
+// common/philox.h, counter (col / 4, row, subsequence), word col % 4, dropped iff word <
+// threshold. The two threads of a lane pair (t, t ^ 1) need the same 4-word draws for rows g and
+// g + 8 (their columns 2t, 2t+1 share col / 4): the even thread computes row g, the odd one row
+// g + 8, and they swap the two words the other needs, halving the Philox work.
+// Dropped elements become 0 (for P V) or, with kNegate, -p (the S_dmask convention).
+template <typename Traits, bool kNegate>
+__device__ __forceinline__ void apply_dropout(float (&acc_s)[Traits::kMmaM][Traits::kMmaNS][4],
+                                              uint64_t seed, uint64_t subsequence, int m0_warp,
+                                              int n0, uint32_t threshold, int lane) {
+  const int t = lane & 3;
+  const bool odd = (t & 1) != 0;
+#pragma unroll
+  for (int mi = 0; mi < Traits::kMmaM; ++mi) {
+    const int row_g = RowState<Traits>::row_of(m0_warp, 2 * mi, lane);
+    const uint32_t my_row = static_cast<uint32_t>(row_g + (odd ? 8 : 0));
+#pragma unroll
+    for (int nj = 0; nj < Traits::kMmaNS; ++nj) {
+      const uint32_t col = static_cast<uint32_t>(n0 + 8 * nj + 2 * t);
+      const Philox4 r = dropout_draws(seed, subsequence, my_row, col);
+      const uint32_t send0 = odd ? r.x : r.z, send1 = odd ? r.y : r.w;
+      const uint32_t recv0 = __shfl_xor_sync(0xffffffffu, send0, 1);
+      const uint32_t recv1 = __shfl_xor_sync(0xffffffffu, send1, 1);
+      // Words of (row g: cols 2t, 2t+1) and (row g + 8: cols 2t, 2t+1).
+      const uint32_t w[4] = {odd ? recv0 : r.x, odd ? recv1 : r.y, odd ? r.z : recv0,
+                             odd ? r.w : recv1};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if (w[e] < threshold) acc_s[mi][nj][e] = kNegate ? -acc_s[mi][nj][e] : 0.f;
+      }
+    }
+  }
+}
+
+// End of the row block: completes the row sums across the quad and returns, per owned row, the
+// factor that normalises O (times keep_scale for dropout; 0 for a row that saw no key) and the
+// natural-log LSE (+inf for such a row).
+template <typename Traits>
+__device__ __forceinline__ void finalize_rows(RowState<Traits>& rows, float keep_scale,
+                                              float (&o_scale)[RowState<Traits>::kRows],
+                                              float (&lse)[RowState<Traits>::kRows]) {
+#pragma unroll
+  for (int r = 0; r < RowState<Traits>::kRows; ++r) {
+    rows.softmax[r].row_sum = warp::quad_sum(rows.softmax[r].row_sum);
+    o_scale[r] = rows.softmax[r].inv_sum() * keep_scale;
+    lse[r] = rows.softmax[r].lse();
+  }
+}
+
+}  // namespace sm80
+FLASH_NAMESPACE_END
