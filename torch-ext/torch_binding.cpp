@@ -1,4 +1,6 @@
 // Owns: the op schemas (docs/design.md is the contract) and their registration, nothing else.
+// max_seqlen_q/k are SymInt (an int at run time) so that a traced `.item()` can reach the op under
+// torch.compile, as with FlashAttention-2's own custom ops.
 // The library is named by TORCH_EXTENSION_NAME, which the build sets to the ops name
 // (_flash_attn_<backend>_<rev>), so two builds never share a namespace. registration.h comes from
 // the build (kernel-builder, or tools/build_local.py) and provides the *_EXPAND macros and
@@ -16,8 +18,8 @@ STABLE_TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "-> (Tensor out, Tensor softmax_lse, Tensor S_dmask, Tensor rng_state)");
   ops.def(
       "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "Tensor? seqused_k, Tensor? block_table, Tensor? alibi_slopes, int max_seqlen_q, "
-      "int max_seqlen_k, float dropout_p, float softmax_scale, bool is_causal, "
+      "Tensor? seqused_k, Tensor? block_table, Tensor? alibi_slopes, SymInt max_seqlen_q, "
+      "SymInt max_seqlen_k, float dropout_p, float softmax_scale, bool is_causal, "
       "int window_size_left, int window_size_right, float softcap, bool return_softmax, "
       "Tensor? rng_state, bool deterministic=False) "
       "-> (Tensor out, Tensor softmax_lse, Tensor S_dmask, Tensor rng_state)");
@@ -29,7 +31,7 @@ STABLE_TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(
       "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, Tensor? alibi_slopes, "
-      "int max_seqlen_q, int max_seqlen_k, float dropout_p, float softmax_scale, "
+      "SymInt max_seqlen_q, SymInt max_seqlen_k, float dropout_p, float softmax_scale, "
       "bool is_causal, int window_size_left, int window_size_right, float softcap, "
       "bool deterministic, Tensor? rng_state) -> (Tensor dq, Tensor dk, Tensor dv)");
   ops.def(

@@ -134,8 +134,11 @@ def block_table(t, q, batch):
 
 
 def max_seqlen(value, name):
-    if value < -1:
-        fail(f"{name} must be >= 0 (or -1: not given), got {value}")
+    # torch._check, not `if`: under torch.compile the value may be an unbacked SymInt (a traced
+    # .item()), which then gets a run-time assert instead of a data-dependent guard. Dynamo only
+    # accepts a message closing over constants, hence no value in it.
+    message = f"flash_attn: {name} must be >= 0 (or -1: not given)"
+    torch._check(value >= -1, lambda: message)
 
 
 # ---- per op -------------------------------------------------------------------------------------

@@ -59,6 +59,10 @@ def _max_seqlen(value, name):
         if value.numel() != 1:
             _checks.fail(f"{name} must be an int or a one-element tensor, got shape {tuple(value.shape)}")
         return -1
+    if isinstance(value, (int, torch.SymInt)):
+        # A SymInt is a traced .item() (Transformers under torch.compile): passed on untouched,
+        # since int() on it would be a data-dependent guard.
+        return value
     return int(value)
 
 
