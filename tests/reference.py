@@ -3,8 +3,9 @@
 Every function here runs in one of two modes:
 * upcast=True: fp64 throughout, the reference ("ref");
 * upcast=False: the same math in the input dtype ("pt"), used only to measure how much error
-  honest rounding in that dtype produces. For fp64 inputs the "pt" run also reorders the
-  scaling (reorder_ops) so that it differs from "ref" by real fp64 rounding instead of 0.
+  honest rounding in that dtype produces. For fp64 inputs the "pt" run computes in the flash
+  order instead (reorder_ops: scale on k, unnormalised exp, one division at the end) so that it
+  differs from "ref" by real fp64 rounding instead of 0.
 
 The semantics follow kernel_src/common/params.h and docs/design.md: bottom-right aligned
 windows, softcap before ALiBi, lse = +inf and out = 0 for a row that sees no key, dropout applied
@@ -90,14 +91,28 @@ def attention_ref(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1,
     # Rows that see nothing: keep them finite so neither softmax nor its gradient makes NaNs;
     # their P is zeroed below and their lse is +inf by contract.
     s = torch.where(row_any[:, None], s, torch.zeros_like(s))
-    lse = torch.logsumexp(s, dim=-1)
+    if reorder_ops:
+        # the flash order: unnormalised exp(s - max), P V, one division at the end
+        row_max = s.amax(dim=-1, keepdim=True)
+        e = torch.exp(s - row_max)
+        row_sum = e.sum(dim=-1, keepdim=True)
+        lse = (row_max + torch.log(row_sum)).squeeze(-1)
+        p = e / row_sum
+        e_used = e if keep_mask is None else e.masked_fill(~keep_mask, 0.0) / (1.0 - dropout_p)
+        out = _einsum("bhts,bshd->bthd", e_used.to(v.dtype), v)
+        out = out / row_sum.transpose(1, 2).to(out.dtype)
+        row_ok = row_any[None, :, None, None]
+        out = torch.where(row_ok, out, torch.zeros_like(out))
+    else:
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.softmax(s, dim=-1)
+        p = torch.where(row_any[:, None], p, torch.zeros_like(p))
+        p_used = p
+        if keep_mask is not None:
+            p_used = p.masked_fill(~keep_mask, 0.0) * (1.0 / (1.0 - dropout_p))
+        out = _einsum("bhts,bshd->bthd", p_used.to(v.dtype), v)
     lse = torch.where(row_any, lse, torch.full_like(lse, float("inf")))
-    p = torch.softmax(s, dim=-1)
     p = torch.where(row_any[:, None], p, torch.zeros_like(p))
-    p_used = p
-    if keep_mask is not None:
-        p_used = p.masked_fill(~keep_mask, 0.0) * (1.0 / (1.0 - dropout_p))
-    out = _einsum("bhts,bshd->bthd", p_used.to(v.dtype), v)
     return out, lse, p
 
 
