@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../kernel_src/common/params.h"
@@ -71,6 +72,13 @@ inline void set_alibi(FwdParams& p, const OptTensor& alibi, const Tensor& q, int
   if (!alibi) return;
   p.alibi_batch_stride = check_alibi(*alibi, q, batch, nheads);
   p.alibi_slopes = alibi->const_data_ptr<float>();
+}
+
+// No keys at all (seqlen_k 0, an empty pool or cache): every row sees none, so out = 0 and
+// lse = +inf as params.h specifies. The backends are never handed empty (null) K/V.
+inline void fill_no_keys(Tensor& out, Tensor& lse) {
+  torch::stable::zero_(out);
+  torch::stable::fill_(lse, std::numeric_limits<double>::infinity());
 }
 
 // ---- host-side checks of index tensors' contents --------------------------------------------

@@ -88,7 +88,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mha_fwd(
   set_score_params(p, softmax_scale, softcap, window, drop);
   set_alibi(p, alibi_slopes, q, batch, nheads);
 
-  if (out.numel() > 0) run_fwd(p, q);
+  if (out.numel() == 0) return {out, lse, s_dmask, drop.rng_out};
+  if (k.numel() == 0) {
+    fill_no_keys(out, lse);
+  } else {
+    run_fwd(p, q);
+  }
   return {out, lse, s_dmask, drop.rng_out};
 }
 
@@ -209,7 +214,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mha_varlen_fwd(
   set_score_params(p, softmax_scale, softcap, window, drop);
   set_alibi(p, alibi_slopes, q, batch, nheads);
 
-  if (out.numel() > 0 && batch > 0) run_fwd(p, q);
+  if (out.numel() == 0 || batch == 0) return {out, lse, s_dmask, drop.rng_out};
+  if (k.numel() == 0) {
+    fill_no_keys(out, lse);
+  } else {
+    run_fwd(p, q);
+  }
   return {out, lse, s_dmask, drop.rng_out};
 }
 

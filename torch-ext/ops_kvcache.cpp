@@ -292,7 +292,12 @@ std::tuple<Tensor, Tensor> mha_fwd_kvcache(
   set_alibi(p, alibi_slopes, q, batch, nheads);
   p.num_splits = to_int(num_splits, "num_splits");
 
-  if (out.numel() > 0) run_fwd(p, q);
+  if (out.numel() == 0) return {out, lse};
+  if (k_cache.numel() == 0) {
+    fill_no_keys(out, lse);
+  } else {
+    run_fwd(p, q);
+  }
   return {out, lse};
 }
 
