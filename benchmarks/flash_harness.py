@@ -70,14 +70,15 @@ def _pack(fields):
     return bytes(raw)
 
 
-def runner(fields):
-    """A zero-argument callable running run_fwd_cuda with these FwdParams fields (tensors for
-    pointers), packed once: benchmarks time the kernel, not the Python packing."""
+def runner(fields, entry=None):
+    """A zero-argument callable running run_fwd_cuda (or `entry`, a ctypes function with the
+    signature of flash_harness_fwd) with these FwdParams fields (tensors for pointers), packed
+    once: benchmarks time the kernel, not the Python packing."""
     _load()
     raw = _pack(fields)
     err = ctypes.create_string_buffer(2048)
     stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-    fn = _LIB.flash_harness_fwd
+    fn = entry if entry is not None else _LIB.flash_harness_fwd
     n = len(raw)
 
     def call():
@@ -100,7 +101,7 @@ def flash_fwd(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1)
               alibi_slopes=None, dropout_p=0.0, seed=0, offset=0, return_softmax=False,
               cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=-1, max_seqlen_k=-1,
               seqused_k=None, block_table=None, leftpad_k=None, cache_batch_idx=None,
-              poison=True, out=None, prepare_only=False):
+              poison=True, out=None, prepare_only=False, entry=None):
     """Like the fwd / varlen_fwd ops: returns (out, lse, S_dmask or None), or with prepare_only
     a zero-argument callable that reruns the call into the same outputs.
 
@@ -177,8 +178,9 @@ def flash_fwd(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1)
         dropout_threshold=thr, seed=seed & 0xFFFFFFFFFFFFFFFF,
         offset=offset & 0xFFFFFFFFFFFFFFFF, num_splits=0,
     )
-    call = runner(fields)
+    call = runner(fields, entry)
     if prepare_only:
+        call.out, call.lse = out, lse
         return call
     call()
     return out, lse, p

@@ -80,7 +80,9 @@ __device__ void write_softmax_probs(const FwdParams& params, const SeqInfo& seq,
       cp_async_commit();
       cp_async_wait<0>();
       __syncthreads();
-      warp::gemm_qk<Traits>(acc_s, smem_q, smem_u32(smem_k_tile), lanes);
+      warp::QFrags<Traits> q_frags;
+      warp::load_q_frags<Traits>(q_frags, smem_q, lanes);
+      warp::gemm_qk<Traits>(acc_s, q_frags, smem_q, smem_u32(smem_k_tile), lanes);
       apply_score_mods<Traits>(acc_s, params.softmax_scale, params.softcap, alibi_slope,
                                m0 + warp_row0, n0, seq.seqlen_k - seq.seqlen_q, lane);
       apply_mask<Traits>(acc_s, mask, m0 + warp_row0, n0, lane);
@@ -220,12 +222,19 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc_o[mi][dj][e] = 0.f;
 
+  warp::QFrags<Traits> q_frags;
   if (valid_q > 0 && n_block_max > n_block_min) {
     // ---- prologue: Q and the first K/V tile in flight ----------------------------------------
     load_q();
+    if constexpr (Traits::kQInRegs) cp_async_commit();  // Q alone first: its fragments are read
     load_k(n_block_max - 1, smem_k);
     if constexpr (Traits::kStages == 2) load_v(n_block_max - 1, smem_v);
     cp_async_commit();
+    if constexpr (Traits::kQInRegs) {
+      cp_async_wait<1>();
+      __syncthreads();
+      warp::load_q_frags<Traits>(q_frags, smem_q_warp, lanes);
+    }
 
     // One main-loop iteration for key tile n (stage: its shared-memory buffer).
     auto step = [&](int n, int stage, auto mask_tile) {
@@ -248,7 +257,7 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
 
       // S = Q K^T
       float acc_s[Traits::kMmaM][Traits::kMmaNS][4];
-      warp::gemm_qk<Traits>(acc_s, smem_q_warp, k_tile, lanes);
+      warp::gemm_qk<Traits>(acc_s, q_frags, smem_q_warp, k_tile, lanes);
       if constexpr (Is_general) {
         apply_score_mods<Traits>(acc_s, params.softmax_scale, params.softcap, alibi_slope,
                                  m0 + warp_row0, n * kBlockN, seq.seqlen_k - seq.seqlen_q, lane);
@@ -333,7 +342,7 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
 }
 
 template <typename Traits, bool Is_masked, bool Is_general, bool Is_dropout>
-__global__ void __launch_bounds__(Traits::kNThreads)
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     fwd_kernel_sm80(const __grid_constant__ FwdParams params) {
   using Element = typename Traits::Element;
   extern __shared__ __align__(128) unsigned char smem_raw[];

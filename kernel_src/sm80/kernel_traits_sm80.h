@@ -16,9 +16,17 @@
 FLASH_NAMESPACE_BEGIN
 namespace sm80 {
 
-template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kStages_, typename Element_>
+// kQInRegs: the warp's Q fragments are read from shared memory once and kept in registers
+// (kMmaM * kHeadDim / 4 registers), instead of one ldmatrix per k-step and tile.
+// kSkipRescale: skip the O rescale of a tile when no row max of the warp moved.
+// kMinBlocksPerSm: __launch_bounds__ occupancy hint (caps registers at 64K / (threads x blocks)).
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kStages_, typename Element_,
+          bool kQInRegs_ = false, bool kSkipRescale_ = true, int kMinBlocksPerSm_ = 1>
 struct FwdKernelTraits {
   using Element = Element_;
+  static constexpr bool kQInRegs = kQInRegs_;
+  static constexpr bool kSkipRescale = kSkipRescale_;
+  static constexpr int kMinBlocksPerSm = kMinBlocksPerSm_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
@@ -83,7 +91,8 @@ struct FwdKernelTraits {
 template <int kHeadDim, TileKind kKind, typename Element>
 struct TraitsFor {
   static constexpr TileConfig kC = tile_config(kHeadDim, kKind);
-  using type = FwdKernelTraits<kHeadDim, kC.kBlockM, kC.kBlockN, kC.kNWarps, kC.kStages, Element>;
+  using type = FwdKernelTraits<kHeadDim, kC.kBlockM, kC.kBlockN, kC.kNWarps, kC.kStages, Element,
+                               kC.kQInRegs, kC.kSkipRescale, kC.kMinBlocksPerSm>;
 };
 
 }  // namespace sm80

@@ -122,7 +122,7 @@ __device__ __forceinline__ void online_softmax(float (&acc_s)[Traits::kMmaM][Tra
     }
     rows.softmax[r].add(sum);
   }
-  if (__any_sync(0xffffffffu, moved)) {
+  if (!Traits::kSkipRescale || __any_sync(0xffffffffu, moved)) {
 #pragma unroll
     for (int mi = 0; mi < Traits::kMmaM; ++mi)
 #pragma unroll

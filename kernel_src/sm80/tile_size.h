@@ -17,6 +17,9 @@ struct TileConfig {
   int kBlockN;   // keys per main-loop iteration
   int kNWarps;   // warps per CTA; each owns kBlockM / kNWarps query rows
   int kStages;   // K/V shared-memory stages (1: FA2's single buffer, 2: double buffer)
+  bool kQInRegs = false;     // keep the warp's Q fragments in registers
+  bool kSkipRescale = true;  // skip the O rescale when no row max of the warp moved
+  int kMinBlocksPerSm = 1;   // __launch_bounds__ occupancy hint
 };
 
 enum class TileKind : int {

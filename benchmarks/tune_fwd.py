@@ -1,0 +1,169 @@
+"""Tile-config tuning for the sm80 fast forward kernel (run on the GPU machine).
+
+Builds one small library with the fast kernel (masked and unmasked) for each candidate config
+(head dim, kBlockM, kBlockN, warps, K/V stages, Q in registers, O-rescale skip, min blocks/SM),
+bf16, sm_90, then times each config on a few sweep points next to PyTorch SDPA-flash measured in
+the same run. Results feed docs/tuning.md; the winners go into kernel_src/sm80/tile_size.h.
+
+Usage: python benchmarks/tune_fwd.py [--configs "128,128,64,4,2,0,1,1;..."] [--out PATH]
+"""
+import argparse
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+import flash_harness as fh  # noqa: E402
+from bench_fwd import bench, tflops, visible_pairs  # noqa: E402
+
+# hdim, kBlockM, kBlockN, warps, stages, q_in_regs, skip_rescale, min_blocks
+DEFAULT_CONFIGS = [
+    (128, 128, 64, 4, 2, 0, 1, 1), (128, 128, 64, 4, 2, 0, 0, 1), (128, 128, 64, 4, 1, 0, 1, 1),
+    (128, 128, 32, 4, 2, 0, 1, 1), (128, 128, 64, 8, 2, 1, 1, 1), (128, 128, 128, 8, 2, 1, 1, 1),
+    (128, 64, 64, 4, 2, 1, 1, 1), (128, 128, 64, 8, 2, 0, 1, 2),
+    (64, 128, 128, 4, 2, 0, 1, 1), (64, 128, 64, 4, 2, 0, 1, 1), (64, 128, 128, 8, 2, 1, 1, 1),
+    (64, 128, 64, 8, 2, 1, 1, 2),
+    (256, 128, 64, 8, 2, 0, 1, 1), (256, 128, 32, 8, 2, 0, 1, 1), (256, 64, 64, 4, 2, 0, 1, 1),
+    (256, 128, 64, 8, 1, 0, 1, 1),
+]
+
+TU = """\
+#include <cstdio>
+#include <cstring>
+#include "{root}/kernel_src/launch/fwd_launch_sm80.h"
+using namespace FLASH_NAMESPACE;
+using T = sm80::FwdKernelTraits<{hd}, {bm}, {bn}, {nw}, {st}, __nv_bfloat16, {qr}, {sr}, {mb}>;
+extern "C" int flash_tune_{name}(const void* raw, long long size, void* stream, char* err,
+                                 int errlen) {{
+  if (size != (long long)sizeof(FwdParams)) {{ snprintf(err, errlen, "size"); return 1; }}
+  FwdParams p;
+  std::memcpy((void*)&p, raw, sizeof(FwdParams));
+  try {{
+    const bool masked = p.window_left >= 0 || p.window_right >= 0;
+    BOOL_SWITCH(masked, Is_masked, [&] {{
+      launch_fwd_sm80<T, Is_masked, false, false>(p, (cudaStream_t)stream);
+    }});
+  }} catch (const std::exception& e) {{ snprintf(err, errlen, "%s", e.what()); return 1; }}
+  return 0;
+}}
+"""
+
+
+def cfg_name(c):
+    return "h{}_m{}_n{}_w{}_s{}_q{}_r{}_b{}".format(*c)
+
+
+def build(configs, outdir, jobs):
+    os.makedirs(outdir, exist_ok=True)
+    srcs = []
+    for c in configs:
+        hd, bm, bn, nw, st, qr, sr, mb = c
+        path = os.path.join(outdir, cfg_name(c) + ".cu")
+        with open(path, "w") as f:
+            f.write(TU.format(root=ROOT, hd=hd, bm=bm, bn=bn, nw=nw, st=st,
+                              qr="true" if qr else "false", sr="true" if sr else "false", mb=mb,
+                              name=cfg_name(c)))
+        srcs.append(path)
+    srcs.append(os.path.join(HERE, "fwd_harness.cu"))
+    flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler", "-fPIC",
+             "-gencode=arch=compute_90,code=sm_90", "-DFLASH_HARNESS_LAYOUT_ONLY", "-Xptxas", "-v"]
+
+    def one(src):
+        obj = src + ".o"
+        r = subprocess.run(["nvcc", *flags, "-c", src, "-o", obj], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr[-3000:])
+        return obj, r.stderr
+    with ThreadPoolExecutor(jobs) as ex:
+        results = list(ex.map(one, srcs))
+    lib = os.path.join(outdir, "libflash_tune.so")
+    subprocess.run(["nvcc", "-shared", "-gencode=arch=compute_90,code=sm_90", "-o", lib,
+                    *[o for o, _ in results]], check=True)
+    ptxas = {cfg_name(c): results[i][1] for i, c in enumerate(configs)}
+    return lib, ptxas
+
+
+def ptxas_summary(log):
+    out = []
+    for line in log.splitlines():
+        if "spill" in line or "Used" in line:
+            out.append(line.strip().replace("ptxas info    : ", ""))
+    return " | ".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default=None)
+    ap.add_argument("--seqlens", default="1024,4096,16384")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    configs = DEFAULT_CONFIGS if not args.configs else [
+        tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")]
+    t0 = time.time()
+    lib_path, ptxas = build(configs, os.path.join(ROOT, "build", "tune"), args.jobs)
+    print(f"built {len(configs)} configs in {time.time() - t0:.0f}s", flush=True)
+    os.environ["FLASH_HARNESS_LIB"] = lib_path
+    lib = ctypes.CDLL(lib_path)
+    seqlens = [int(s) for s in args.seqlens.split(",")]
+    rows = []
+    peers = {}
+    for c in configs:
+        hd = c[0]
+        fn = getattr(lib, "flash_tune_" + cfg_name(c))
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_char_p,
+                       ctypes.c_int]
+        for s in seqlens:
+            for causal in (False, True):
+                torch.manual_seed(0)
+                b, h = max(1, 16384 // s), 2048 // hd
+                q = torch.randn(b, s, h, hd, device="cuda", dtype=torch.bfloat16)
+                k, v = torch.randn_like(q), torch.randn_like(q)
+                flops = 4 * b * h * hd * visible_pairs(s, s, causal)
+                call = fh.flash_fwd(q, k, v, causal=causal, poison=True, prepare_only=True,
+                                    entry=fn)
+                call()
+                out = call.out
+                ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                     v.transpose(1, 2), is_causal=causal
+                                                     ).transpose(1, 2)
+                err = (out.float() - ref.float()).abs().max().item()
+                ms = bench(call)
+                key = (hd, s, causal)
+                if key not in peers:
+                    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+                    def sdpa():
+                        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+                    peers[key] = tflops(flops, bench(sdpa))
+                r = dict(config=cfg_name(c), hdim=hd, seqlen=s, causal=causal,
+                         ours=tflops(flops, ms), sdpa_flash=peers[key], max_err_vs_sdpa=err)
+                r["ratio"] = r["ours"] / r["sdpa_flash"]
+                rows.append(r)
+                print(f"{r['config']:28} s{s:>6} causal={causal!s:5} ours {r['ours']:6.1f} "
+                      f"flash {r['sdpa_flash']:6.1f} ratio {r['ratio']:.3f} err {err:.2e}",
+                      flush=True)
+    res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+               git_sha=os.environ.get("GIT_SHA", "unknown"), rows=rows,
+               ptxas={k: ptxas_summary(v) for k, v in ptxas.items()})
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    print("\nregisters/spills:")
+    for k, v in res["ptxas"].items():
+        print(f"  {k}: {v}")
+
+
+if __name__ == "__main__":
+    main()
