@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     print(f"{'step':<34}{'sdpa':>12}{OURS:>12}{'parity':>30}")
     ref_note = "fp32 SDPA" if dtype != torch.float32 else "SDPA"
     print(f"{'MiniLM embeddings (ms)':<34}{t1['sdpa'] * 1e3:>12.2f}{t1[OURS] * 1e3:>12.2f}"
-          f"{f'min cos vs {ref_note} {cos:.6f}':>30}")
+          f"{f'min cos vs {ref_note} {cos:.7f}':>30}")
     if dtype != torch.float32:
         print(f"{'':<58}{f'(SDPA {cos_sdpa:.6f}, bound {COS_BOUND[dtype]})':>30}")
     print(f"{'generate, tokens/s':<34}{tokens / t2['sdpa']:>12.1f}{tokens / t2[OURS]:>12.1f}"
