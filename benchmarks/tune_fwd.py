@@ -60,15 +60,20 @@ extern "C" int flash_tune_{name}(const void* raw, long long size, void* stream, 
 
 
 def cfg_name(c):
-    return "h{}_m{}_n{}_w{}_s{}_q{}_r{}_b{}".format(*c)
+    name = "h{}_m{}_n{}_w{}_s{}_q{}_r{}_b{}".format(*c[:8])
+    if len(c) > 8 and c[8]:  # extra -D flags: a readable suffix
+        name += "_" + "".join(ch if ch.isalnum() else "_" for ch in c[8].replace("-D", ""))
+    return name
 
 
 def build(configs, outdir, jobs):
     os.makedirs(outdir, exist_ok=True)
     srcs = []
+    extra = {}
     for c in configs:
-        hd, bm, bn, nw, st, qr, sr, mb = c
+        hd, bm, bn, nw, st, qr, sr, mb = c[:8]
         path = os.path.join(outdir, cfg_name(c) + ".cu")
+        extra[path] = c[8].split() if len(c) > 8 and c[8] else []
         with open(path, "w") as f:
             f.write(TU.format(root=ROOT, hd=hd, bm=bm, bn=bn, nw=nw, st=st,
                               qr="true" if qr else "false", sr="true" if sr else "false", mb=mb,
@@ -80,7 +85,8 @@ def build(configs, outdir, jobs):
 
     def one(src):
         obj = src + ".o"
-        r = subprocess.run(["nvcc", *flags, "-c", src, "-o", obj], capture_output=True, text=True)
+        r = subprocess.run(["nvcc", *flags, *extra.get(src, []), "-c", src, "-o", obj],
+                           capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(r.stderr[-3000:])
         return obj, r.stderr
@@ -101,6 +107,12 @@ def ptxas_summary(log):
     return " | ".join(out)
 
 
+def parse_config(text):
+    """'hd,bm,bn,nw,st,qr,sr,mb' optionally followed by ':-DFLAG=1 -DOTHER' (extra defines)."""
+    nums, _, flags = text.partition(":")
+    return tuple(int(x) for x in nums.split(",")) + ((flags.strip(),) if flags.strip() else ())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default=None)
@@ -108,8 +120,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--jobs", type=int, default=os.cpu_count())
     args = ap.parse_args()
-    configs = DEFAULT_CONFIGS if not args.configs else [
-        tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")]
+    configs = DEFAULT_CONFIGS if not args.configs else [parse_config(c)
+                                                        for c in args.configs.split(";")]
     t0 = time.time()
     lib_path, ptxas = build(configs, os.path.join(ROOT, "build", "tune"), args.jobs)
     print(f"built {len(configs)} configs in {time.time() - t0:.0f}s", flush=True)

@@ -160,14 +160,13 @@ __device__ __forceinline__ void store_o(typename Traits::Element* smem_q,
     const int idx = i * 32 + lane;
     const int r = idx / kChunks, c = idx % kChunks;
     const int row = warp_row0 + r;
-    if (row >= valid_rows) continue;
     const int off = (c / kCpr) * Traits::kBlockM * kW + row * kW +
                     (((c % kCpr) ^ Traits::swizzle(row)) << 3);
     const uint4 v = *reinterpret_cast<const uint4*>(smem_q + off);
     Element* dst = gmem_o + row * o_row_stride + c * 8;
     if constexpr (kAligned) {
-      if (c * 8 < head_dim) *reinterpret_cast<uint4*>(dst) = v;
-    } else {
+      if (row < valid_rows && c * 8 < head_dim) *reinterpret_cast<uint4*>(dst) = v;
+    } else if (row < valid_rows) {
       const Element* e = reinterpret_cast<const Element*>(&v);
 #pragma unroll
       for (int k = 0; k < 8; ++k) {

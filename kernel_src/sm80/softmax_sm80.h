@@ -87,40 +87,71 @@ __device__ __forceinline__ void apply_score_mods(float (&acc_s)[Traits::kMmaM][T
       }
 }
 
+// Max / sum of a thread's kN values of one row with kAcc independent partial results (chains
+// of kN / kAcc dependent steps instead of kN), so the scheduler has independent work inside a row
+// (the serial chains were the top stall, "fixed-latency dependency", in Nsight Compute). kAcc
+// stays small: a full tree keeps too many temporaries live and spills at head dim 128.
+template <int kAcc, int kN, typename Op>
+__device__ __forceinline__ float chunked_reduce(const float (&v)[kN], Op op) {
+  static_assert(kN % kAcc == 0, "");
+  float acc[kAcc];
+#pragma unroll
+  for (int a = 0; a < kAcc; ++a) acc[a] = v[a];
+#pragma unroll
+  for (int i = kAcc; i < kN; ++i) acc[i % kAcc] = op(acc[i % kAcc], v[i]);
+#pragma unroll
+  for (int w = kAcc / 2; w >= 1; w /= 2)
+#pragma unroll
+    for (int a = 0; a < w; ++a) acc[a] = op(acc[a], acc[a + w]);
+  return acc[0];
+}
+
 // Online softmax for one tile: moves each row's max, rescales its O accumulator row, replaces
 // the scores by exp2(s * scale_log2 - max) and adds them to the (per-thread partial) row sums.
 // scale_log2 > 0 (the launch routes other scales to the general path, which pre-scales S and
-// passes log2(e)). kCheckRescale: skip the O rescale when no row max of the warp moved (common
-// once a row has seen its largest logits); a warp-uniform branch, so no divergence.
+// passes log2(e)). Traits::kSkipRescale: skip the O rescale when no row max of the warp moved
+// (common once a row has seen its largest logits); a warp-uniform branch, so no divergence.
 template <typename Traits>
 __device__ __forceinline__ void online_softmax(float (&acc_s)[Traits::kMmaM][Traits::kMmaNS][4],
                                                float (&acc_o)[Traits::kMmaM][Traits::kMmaNO][4],
                                                RowState<Traits>& rows, float scale_log2) {
-  float factor[RowState<Traits>::kRows];
+  constexpr int kRows = RowState<Traits>::kRows, kCols = 2 * Traits::kMmaNS;
+#ifdef FLASH_SM80_REDUCE_ACC
+  constexpr int kReduceAcc = FLASH_SM80_REDUCE_ACC;
+#else
+  constexpr int kReduceAcc = 2;
+#endif
+  auto fmax_op = [](float a, float b) { return fmaxf(a, b); };
+  auto add_op = [](float a, float b) { return a + b; };
+  float factor[kRows];
   bool moved = false;
 #pragma unroll
-  for (int r = 0; r < RowState<Traits>::kRows; ++r) {
+  for (int r = 0; r < kRows; ++r) {
     const int mi = r / 2, h = r % 2;
-    float block_max = -INFINITY;
+    float v[kCols];
 #pragma unroll
     for (int nj = 0; nj < Traits::kMmaNS; ++nj) {
-      block_max = fmaxf(block_max, fmaxf(acc_s[mi][nj][2 * h], acc_s[mi][nj][2 * h + 1]));
+      v[2 * nj] = acc_s[mi][nj][2 * h];
+      v[2 * nj + 1] = acc_s[mi][nj][2 * h + 1];
     }
-    block_max = warp::quad_max(block_max) * scale_log2;
+    const float block_max = warp::quad_max(chunked_reduce<kReduceAcc>(v, fmax_op)) * scale_log2;
     factor[r] = rows.softmax[r].rescale(block_max);
     moved |= factor[r] != 1.f;
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int mi = r / 2, h = r % 2;
     const float offset = rows.softmax[r].offset();
-    float sum = 0.f;
+    float p[kCols];
 #pragma unroll
     for (int nj = 0; nj < Traits::kMmaNS; ++nj) {
 #pragma unroll
-      for (int e = 2 * h; e < 2 * h + 2; ++e) {
-        const float p = exp2_approx(fmaf(acc_s[mi][nj][e], scale_log2, -offset));
-        acc_s[mi][nj][e] = p;
-        sum += p;
+      for (int e = 0; e < 2; ++e) {
+        p[2 * nj + e] = exp2_approx(fmaf(acc_s[mi][nj][2 * h + e], scale_log2, -offset));
+        acc_s[mi][nj][2 * h + e] = p[2 * nj + e];
       }
     }
-    rows.softmax[r].add(sum);
+    rows.softmax[r].add(chunked_reduce<kReduceAcc>(p, add_op));
   }
   if (!Traits::kSkipRescale || __any_sync(0xffffffffu, moved)) {
 #pragma unroll
