@@ -39,11 +39,6 @@ inline Tensor alloc_zeros(const Tensor& t, std::initializer_list<int64_t> sizes,
   return torch::stable::new_zeros(t, std::vector<int64_t>(sizes), dtype);
 }
 
-inline Tensor alloc_like(const Tensor& t) {
-  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
-  return torch::stable::new_empty(t, sizes, t.scalar_type());
-}
-
 inline Tensor zeros_like(const Tensor& t) {
   std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
   return torch::stable::new_zeros(t, sizes, t.scalar_type());
