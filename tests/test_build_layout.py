@@ -48,7 +48,9 @@ def variant_dirs():
     for backend in ("cpu", "cuda"):
         major, minor = bc.stable_abi_version(CONFIG, backend)
         compute = "cpu" if backend == "cpu" else "cu*"
-        found = sorted(BUILD.glob(f"torch-stable-abi{major}{minor}-{compute}-*-linux"))
+        # A directory without metadata.json is a build that never completed.
+        found = sorted(p for p in BUILD.glob(f"torch-stable-abi{major}{minor}-{compute}-*-linux")
+                       if (p / "metadata.json").is_file())
         out[backend] = found
     return out
 
