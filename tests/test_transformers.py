@@ -200,6 +200,27 @@ def test_generate_greedy_tokens_identical_to_sdpa(llama_pair):
     assert len(spy.calls) == 2 * 12
 
 
+@torch.no_grad()
+def test_continuous_batching_generate_batch_matches_sdpa(llama_pair):
+    """generate_batch (paged KV cache, requests of different lengths batched together)."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    ref, ours, impl = llama_pair
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 9, 3)]
+    gc = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cb = ContinuousBatchingConfig(num_blocks=8, max_batch_tokens=64, page_size=16)
+    with KernelSpy().watch(impl) as spy:
+        out = ours.generate_batch(inputs=prompts, generation_config=gc,
+                                  continuous_batching_config=cb, warmup=False)
+    assert spy.calls and set(spy.names()) <= {"flash_attn_varlen_func", "flash_attn_with_kvcache"}
+    for i, p in enumerate(prompts):
+        expect = ref.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False,
+                              pad_token_id=0)[0, len(p):].tolist()
+        assert out[f"req_{i}"].generated_tokens == expect
+
+
 # --- sliding window (Mistral, Qwen2) and softcap (Gemma2) reach the kernel and are honoured ------
 
 WINDOW = 4

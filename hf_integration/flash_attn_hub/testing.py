@@ -103,7 +103,7 @@ class KernelSpy:
     """Records every call Transformers makes to the loaded flash functions.
 
     Wraps the module-level functions Transformers resolved for the current flash implementation
-    (`_flash_fn`, `_flash_varlen_fn`). `functools.wraps` keeps the kernel's signature visible, so
+    (`_flash_fn`, `_flash_varlen_fn`, `_flash_with_kvcache_fn`). `functools.wraps` keeps the kernel's signature visible, so
     Transformers' keyword filtering is unchanged. Each record: (function name, kwargs).
     """
 
@@ -129,9 +129,10 @@ class KernelSpy:
         from transformers import modeling_flash_attention_utils as mfau
 
         mfau.lazy_import_flash_attention(implementation)
-        saved = mfau._flash_fn, mfau._flash_varlen_fn
-        mfau._flash_fn, mfau._flash_varlen_fn = (self._wrap(f) if f else f for f in saved)
+        saved = mfau._flash_fn, mfau._flash_varlen_fn, mfau._flash_with_kvcache_fn
+        mfau._flash_fn, mfau._flash_varlen_fn, mfau._flash_with_kvcache_fn = (
+            self._wrap(f) if f else f for f in saved)
         try:
             yield self
         finally:
-            mfau._flash_fn, mfau._flash_varlen_fn = saved
+            mfau._flash_fn, mfau._flash_varlen_fn, mfau._flash_with_kvcache_fn = saved
