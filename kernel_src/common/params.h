@@ -64,17 +64,19 @@ struct FwdParams {
   int page_block_size = 0;                // keys per page, any positive value
 
   // Score modifiers.
-  float softmax_scale = 0.f;
+  // Scalars are double so that fp64 problems (gradcheck, the CPU oracle) keep fp64 accuracy; GPU
+  // kernels narrow them to float where they use them.
+  double softmax_scale = 0.0;
   float scale_log2 = 0.f;  // softmax_scale * log2(e), computed once on the host
-  float softcap = 0.f;     // 0: off
+  double softcap = 0.0;    // 0: off
   const float* alibi_slopes = nullptr;  // (nheads) or (batch, nheads), fp32
   int64_t alibi_batch_stride = 0;       // 0 for (nheads)
   int window_left = -1, window_right = -1;
   bool is_causal = false;  // informational: window_right == 0 already encodes it
 
   // Dropout (p_dropout == 0: off).
-  float p_dropout = 0.f;
-  float keep_scale = 1.f;       // 1 / (1 - p_dropout)
+  double p_dropout = 0.0;
+  double keep_scale = 1.0;      // 1 / (1 - p_dropout)
   uint32_t dropout_threshold = 0;
   uint64_t seed = 0, offset = 0;
 
