@@ -42,7 +42,11 @@ TU = """\
 #include <cstring>
 #include "{root}/kernel_src/launch/fwd_launch_sm80.h"
 using namespace FLASH_NAMESPACE;
-using T = sm80::FwdKernelTraits<{hd}, {bm}, {bn}, {nw}, {st}, __nv_bfloat16, {qr}, {sr}, {mb}>;
+#ifndef TUNE_THRESHOLD
+#define TUNE_THRESHOLD 8
+#endif
+using T = sm80::FwdKernelTraits<{hd}, {bm}, {bn}, {nw}, {st}, __nv_bfloat16, {qr}, {sr}, {mb},
+                                TUNE_THRESHOLD>;
 extern "C" int flash_tune_{name}(const void* raw, long long size, void* stream, char* err,
                                  int errlen) {{
   if (size != (long long)sizeof(FwdParams)) {{ snprintf(err, errlen, "size"); return 1; }}

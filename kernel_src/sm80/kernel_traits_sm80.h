@@ -20,10 +20,14 @@ namespace sm80 {
 // (kMmaM * kHeadDim / 4 registers), instead of one ldmatrix per k-step and tile.
 // kSkipRescale: skip the O rescale of a tile when no row max of the warp moved.
 // kMinBlocksPerSm: __launch_bounds__ occupancy hint (caps registers at 64K / (threads x blocks)).
+// kRescaleThreshold: a row's softmax reference max moves only when a tile's max exceeds it by more
+// than this (log2 units; 0: whenever it grows, as FA2).
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kStages_, typename Element_,
-          bool kQInRegs_ = false, bool kSkipRescale_ = true, int kMinBlocksPerSm_ = 1>
+          bool kQInRegs_ = false, bool kSkipRescale_ = true, int kMinBlocksPerSm_ = 1,
+          int kRescaleThreshold_ = 8>
 struct FwdKernelTraits {
   using Element = Element_;
+  static constexpr int kRescaleThreshold = kRescaleThreshold_;
   static constexpr bool kQInRegs = kQInRegs_;
   static constexpr bool kSkipRescale = kSkipRescale_;
   static constexpr int kMinBlocksPerSm = kMinBlocksPerSm_;
@@ -92,7 +96,8 @@ template <int kHeadDim, TileKind kKind, typename Element>
 struct TraitsFor {
   static constexpr TileConfig kC = tile_config(kHeadDim, kKind);
   using type = FwdKernelTraits<kHeadDim, kC.kBlockM, kC.kBlockN, kC.kNWarps, kC.kStages, Element,
-                               kC.kQInRegs, kC.kSkipRescale, kC.kMinBlocksPerSm>;
+                               kC.kQInRegs, kC.kSkipRescale, kC.kMinBlocksPerSm,
+                               kC.kRescaleThreshold>;
 };
 
 }  // namespace sm80
