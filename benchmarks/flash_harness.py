@@ -22,6 +22,7 @@ _FORMATS = {
     "seqlen_q": "i", "seqlen_k": "i", "total_q": "i", "page_block_size": "i",
     "window_left": "i", "window_right": "i", "num_splits": "i",
     "softmax_scale": "f", "scale_log2": "f", "softcap": "f", "p_dropout": "f", "keep_scale": "f",
+    # (floating fields switch to "d" when params.h declares them double: see _pack)
     "is_causal": "?", "dropout_threshold": "I", "seed": "Q", "offset": "Q",
 }
 _DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
@@ -66,6 +67,8 @@ def _pack(fields):
                                               "alibi_slopes"):
             fmt = "Q"
             value = 0 if value is None else (value if isinstance(value, int) else value.data_ptr())
+        if fmt == "f" and size == 8:
+            fmt = "d"
         assert struct.calcsize(fmt) == size, (name, fmt, size)
         struct.pack_into("<" + fmt, raw, off, value)
     return bytes(raw)

@@ -83,7 +83,8 @@ __device__ void write_softmax_probs(const FwdParams& params, const SeqInfo& seq,
       warp::QFrags<Traits> q_frags;
       warp::load_q_frags<Traits>(q_frags, smem_q, lanes);
       warp::gemm_qk<Traits>(acc_s, q_frags, smem_q, smem_u32(smem_k_tile), lanes);
-      apply_score_mods<Traits>(acc_s, params.softmax_scale, params.softcap, alibi_slope,
+      apply_score_mods<Traits>(acc_s, static_cast<float>(params.softmax_scale),
+                               static_cast<float>(params.softcap), alibi_slope,
                                m0 + warp_row0, n0, seq.seqlen_k - seq.seqlen_q, lane);
       apply_mask<Traits>(acc_s, mask, m0 + warp_row0, n0, lane);
 #pragma unroll
@@ -259,8 +260,9 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
       float acc_s[Traits::kMmaM][Traits::kMmaNS][4];
       warp::gemm_qk<Traits>(acc_s, q_frags, smem_q_warp, k_tile, lanes);
       if constexpr (Is_general) {
-        apply_score_mods<Traits>(acc_s, params.softmax_scale, params.softcap, alibi_slope,
-                                 m0 + warp_row0, n * kBlockN, seq.seqlen_k - seq.seqlen_q, lane);
+        apply_score_mods<Traits>(acc_s, static_cast<float>(params.softmax_scale),
+                               static_cast<float>(params.softcap), alibi_slope,
+                               m0 + warp_row0, n * kBlockN, seq.seqlen_k - seq.seqlen_q, lane);
       }
       if constexpr (kMaskTile) apply_mask<Traits>(acc_s, mask, m0 + warp_row0, n * kBlockN, lane);
 
@@ -303,7 +305,8 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
 
   // ---- epilogue: normalise, store O (16-byte stores through shared memory) and the LSE ----
   float o_scale[2 * Traits::kMmaM], lse[2 * Traits::kMmaM];
-  finalize_rows<Traits>(rows, Is_dropout ? params.keep_scale : 1.f, o_scale, lse);
+  finalize_rows<Traits>(rows, Is_dropout ? static_cast<float>(params.keep_scale) : 1.f, o_scale,
+                        lse);
 #pragma unroll
   for (int mi = 0; mi < Traits::kMmaM; ++mi)
 #pragma unroll
