@@ -187,14 +187,14 @@ inline int64_t check_alibi(const Tensor& a, const Tensor& q, int64_t batch, int6
 // rng_state: int64 CPU tensor [seed, offset], drawn by the Python layer. Only read when
 // dropout_p > 0; the op returns a fresh copy (or an empty tensor when dropout is off).
 struct Dropout {
-  float p = 0.f;
+  double p = 0.0;
   uint64_t seed = 0, offset = 0;
   Tensor rng_out;
 };
 
 inline Dropout check_dropout(double dropout_p, const std::optional<Tensor>& rng_state) {
   Dropout d;
-  d.p = static_cast<float>(dropout_p);
+  d.p = dropout_p;
   if (dropout_p > 0.0) {
     FLASH_CHECK(rng_state.has_value(),
                 "rng_state is required when dropout_p > 0 (an int64 CPU tensor [seed, offset])");

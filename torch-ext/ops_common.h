@@ -49,15 +49,15 @@ constexpr double kLog2e = 1.4426950408889634;  // M_LOG2E is not in strict ISO C
 // Scores and dropout, shared by every forward and backward.
 inline void set_score_params(FwdParams& p, double softmax_scale, double softcap, Window w,
                              const Dropout& d) {
-  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.softmax_scale = softmax_scale;
   p.scale_log2 = static_cast<float>(softmax_scale * kLog2e);
-  p.softcap = static_cast<float>(softcap);
+  p.softcap = softcap;
   p.window_left = w.left;
   p.window_right = w.right;
   p.is_causal = w.left < 0 && w.right == 0;
   p.p_dropout = d.p;
-  p.keep_scale = d.p > 0.f ? 1.f / (1.f - d.p) : 1.f;
-  p.dropout_threshold = d.p > 0.f ? dropout_threshold(d.p) : 0u;
+  p.keep_scale = d.p > 0.0 ? 1.0 / (1.0 - d.p) : 1.0;
+  p.dropout_threshold = d.p > 0.0 ? dropout_threshold(static_cast<float>(d.p)) : 0u;
   p.seed = d.seed;
   p.offset = d.offset;
 }
