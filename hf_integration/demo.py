@@ -97,9 +97,9 @@ def causal_lm(device, dtype, repeats, big):
 
     from flash_attn_hub.testing import twin_models
 
-    if big:   # GPU: ~150M parameters, prompts of 512 tokens
+    if big:   # GPU: ~150M parameters, prompts of 512 tokens, head dim 32 (as MiniLM's)
         cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
-                          num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4)
+                          num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=8)
         batch, width, new = 8, 512, 64
     else:     # CPU: ~5M parameters
         cfg = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512,
