@@ -20,7 +20,6 @@
 // * Shared memory: Q tile, then kStages K tiles, then kStages V tiles (kernel_traits_sm80.h).
 #pragma once
 #include <cstdint>
-#include <type_traits>
 
 #include "../common/mask.h"
 #include "../common/params.h"
@@ -151,11 +150,6 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
   mask.kv_range(m0, m0 + kBlockM, &col_begin, &col_end);
   const int n_block_min = col_begin / kBlockN;
   const int n_block_max = col_end > col_begin ? (col_end + kBlockN - 1) / kBlockN : n_block_min;
-  const int rows_end = min(m0 + kBlockM, seq.seqlen_q);
-  auto tile_is_full = [&](int n) {
-    const int n0 = n * kBlockN;
-    return n0 + kBlockN <= seq.seqlen_k && mask.tile_is_full(m0, rows_end, n0, n0 + kBlockN);
-  };
 
   // ---- tile loaders ------------------------------------------------------------------------
   const CopyThread<Traits> ct(tid);
@@ -237,68 +231,83 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
       warp::load_q_frags<Traits>(q_frags, smem_q_warp, lanes);
     }
 
-    // One main-loop iteration for key tile n (stage: its shared-memory buffer).
-    auto step = [&](int n, int stage, auto mask_tile) {
-      constexpr bool kMaskTile = decltype(mask_tile)::value;
+    // This warp's rows of the block (padding rows past seqlen_q are never stored: a warp with
+    // only such rows skips the math).
+    const int warp_rows_begin = m0 + warp_row0;
+    const int warp_rows_end = min(warp_rows_begin + Traits::kRowsPerWarp, seq.seqlen_q);
+
+    // One main-loop iteration for key tile n (stage: its shared-memory buffer). Copies and
+    // barriers are the CTA's; the math is the warp's, for its own rows only (split-Q), so each
+    // warp classifies the tile for its rows: nothing visible (skip: the causal diagonal's far
+    // half), fully visible (no mask), or partly (element-wise mask).
+    auto step = [&](int n, int stage) {
+      const int n0 = n * kBlockN;
       const uint32_t k_tile = smem_k_u32 + stage * Traits::kTileKVElems * 2;
       const uint32_t v_tile = smem_v_u32 + stage * Traits::kTileKVElems * 2;
+      const WarpTile cls =
+          classify_warp_tile<Is_masked>(mask, warp_rows_begin, warp_rows_end, n0, kBlockN);
       // Tile n landed (this thread's copies, then everyone's), and every warp is done with the
       // buffers of tile n + 1, which the next copies overwrite.
-      cp_async_wait<0>();
-      __syncthreads();
-      if constexpr (Traits::kStages == 2) {
-        if (n > n_block_min) {
-          load_k(n - 1, smem_k + (stage ^ 1) * Traits::kTileKVElems);
-          load_v(n - 1, smem_v + (stage ^ 1) * Traits::kTileKVElems);
+      auto tile_landed = [&] {
+        cp_async_wait<0>();
+        __syncthreads();
+        if constexpr (Traits::kStages == 2) {
+          if (n > n_block_min) {
+            load_k(n - 1, smem_k + (stage ^ 1) * Traits::kTileKVElems);
+            load_v(n - 1, smem_v + (stage ^ 1) * Traits::kTileKVElems);
+          }
+        } else {
+          load_v(n, smem_v);
         }
-      } else {
-        load_v(n, smem_v);
+        cp_async_commit();
+      };
+      // kStages == 1: V(n) landed; every warp is done reading K(n), so K(n - 1) may replace it.
+      auto v_landed = [&] {
+        if constexpr (Traits::kStages == 1) {
+          cp_async_wait<0>();
+          __syncthreads();
+          if (n > n_block_min) load_k(n - 1, smem_k);
+          cp_async_commit();
+        }
+      };
+      if (cls == WarpTile::kEmpty) {  // the warp only takes part in the copies and barriers
+        tile_landed();
+        v_landed();
+        return;
       }
-      cp_async_commit();
+      tile_landed();
 
       // S = Q K^T
       float acc_s[Traits::kMmaM][Traits::kMmaNS][4];
       warp::gemm_qk<Traits>(acc_s, q_frags, smem_q_warp, k_tile, lanes);
       if constexpr (Is_general) {
         apply_score_mods<Traits>(acc_s, static_cast<float>(params.softmax_scale),
-                               static_cast<float>(params.softcap), alibi_slope,
-                               m0 + warp_row0, n * kBlockN, seq.seqlen_k - seq.seqlen_q, lane);
+                                 static_cast<float>(params.softcap), alibi_slope,
+                                 warp_rows_begin, n0, seq.seqlen_k - seq.seqlen_q, lane);
       }
-      if constexpr (kMaskTile) apply_mask<Traits>(acc_s, mask, m0 + warp_row0, n * kBlockN, lane);
-
-      if constexpr (Traits::kStages == 1) {
-        // V(n) landed; every warp is done reading K(n), so K(n - 1) may overwrite it.
-        cp_async_wait<0>();
-        __syncthreads();
-        if (n > n_block_min) load_k(n - 1, smem_k);
-        cp_async_commit();
-      }
+      // masked blocks: the causal diagonal, the ragged end of the keys, a local window's edge
+      if (cls == WarpTile::kPartial) apply_mask<Traits>(acc_s, mask, warp_rows_begin, n0, lane);
+      v_landed();
 
       // online softmax
       online_softmax<Traits>(acc_s, acc_o, rows, scale_log2);
       if constexpr (Is_dropout) {
-        apply_dropout<Traits, /*kNegate=*/false>(acc_s, params.seed, subsequence, m0 + warp_row0,
-                                                 n * kBlockN, params.dropout_threshold, lane);
+        apply_dropout<Traits, /*kNegate=*/false>(acc_s, params.seed, subsequence,
+                                                 warp_rows_begin, n0, params.dropout_threshold,
+                                                 lane);
       }
-
       // O += P V
       uint32_t p[Traits::kMmaM][Traits::kKStepsPV][4];
       warp::convert_p<Traits>(acc_s, p);
       warp::gemm_pv<Traits>(acc_o, p, v_tile, lanes);
     };
 
-    // ---- main loop over key tiles, descending: [masked blocks][unmasked blocks][masked blocks]
-    // The first masked run is the causal diagonal and/or the ragged end of the keys, the last
-    // one the left edge of a local window; tile_is_full is monotone within each run.
+    // ---- main loop over the key tiles of the block's KV range, descending -------------------
+    // (fully masked tiles are outside the range and never visited; unmasked blocks skip the
+    // element-wise mask, per warp, inside step)
     int stage = 0;
     for (int n = n_block_max - 1; n >= n_block_min; --n) {
-      if (tile_is_full(n)) {
-        // unmasked blocks
-        step(n, stage, std::integral_constant<bool, false>{});
-      } else {
-        // masked blocks
-        step(n, stage, std::integral_constant<bool, true>{});
-      }
+      step(n, stage);
       if constexpr (Traits::kStages == 2) stage ^= 1;
     }
   }

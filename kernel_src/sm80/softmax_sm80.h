@@ -38,6 +38,29 @@ struct RowState {
   }
 };
 
+// How a key tile [n0, n0 + kBlockN) relates to one warp's query rows [rows_begin, rows_end).
+enum class WarpTile : int { kEmpty = 0, kFull = 1, kPartial = 2 };
+
+// Per warp and tile (warp-uniform): kEmpty when none of the rows sees any key of the tile (or the
+// warp has no valid row), kFull when every row sees every key (no element-wise mask needed),
+// kPartial otherwise. Without a window (!Is_masked) only the ragged end of the keys is partial.
+template <bool Is_masked>
+__device__ __forceinline__ WarpTile classify_warp_tile(const Mask& mask, int rows_begin,
+                                                       int rows_end, int n0, int block_n) {
+  if (rows_end <= rows_begin) return WarpTile::kEmpty;
+  const bool ragged = n0 + block_n > mask.seqlen_k;
+  if constexpr (!Is_masked) {
+    return ragged ? WarpTile::kPartial : WarpTile::kFull;
+  } else {
+    int col_begin, col_end;
+    mask.kv_range(rows_begin, rows_end, &col_begin, &col_end);
+    if (n0 >= col_end || n0 + block_n <= col_begin) return WarpTile::kEmpty;
+    return !ragged && mask.tile_is_full(rows_begin, rows_end, n0, n0 + block_n)
+               ? WarpTile::kFull
+               : WarpTile::kPartial;
+  }
+}
+
 // Element-wise mask of a boundary tile starting at key n0: invisible scores become -inf. The
 // visible range of each row comes from the shared Mask (recomputed here rather than kept in
 // registers through the main loop: only boundary tiles pay for it).
