@@ -85,7 +85,7 @@ __device__ void write_softmax_probs(const FwdParams& params, const SeqInfo& seq,
       apply_score_mods<Traits>(acc_s, static_cast<float>(params.softmax_scale),
                                static_cast<float>(params.softcap), alibi_slope,
                                m0 + warp_row0, n0, seq.seqlen_k - seq.seqlen_q, lane);
-      apply_mask<Traits>(acc_s, mask, m0 + warp_row0, n0, lane);
+      apply_mask<Traits>(acc_s, mask, m0 + warp_row0, n0);
 #pragma unroll
       for (int mi = 0; mi < Traits::kMmaM; ++mi)
 #pragma unroll
@@ -286,7 +286,7 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
                                  warp_rows_begin, n0, seq.seqlen_k - seq.seqlen_q, lane);
       }
       // masked blocks: the causal diagonal, the ragged end of the keys, a local window's edge
-      if (cls == WarpTile::kPartial) apply_mask<Traits>(acc_s, mask, warp_rows_begin, n0, lane);
+      if (cls == WarpTile::kPartial) apply_mask<Traits>(acc_s, mask, warp_rows_begin, n0);
       v_landed();
 
       // online softmax

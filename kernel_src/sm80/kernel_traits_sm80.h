@@ -22,11 +22,13 @@ namespace sm80 {
 // kMinBlocksPerSm: __launch_bounds__ occupancy hint (caps registers at 64K / (threads x blocks)).
 // kRescaleThreshold: a row's softmax reference max moves only when a tile's max exceeds it by more
 // than this (log2 units; 0: whenever it grows, as FA2).
+// kQKSplitM: S = Q K^T row tile by row tile (see gemm_qk).
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kStages_, typename Element_,
           bool kQInRegs_ = false, bool kSkipRescale_ = true, int kMinBlocksPerSm_ = 1,
-          int kRescaleThreshold_ = 8>
+          int kRescaleThreshold_ = 8, bool kQKSplitM_ = false>
 struct FwdKernelTraits {
   using Element = Element_;
+  static constexpr bool kQKSplitM = kQKSplitM_;
   static constexpr int kRescaleThreshold = kRescaleThreshold_;
   static constexpr bool kQInRegs = kQInRegs_;
   static constexpr bool kSkipRescale = kSkipRescale_;
@@ -97,7 +99,7 @@ struct TraitsFor {
   static constexpr TileConfig kC = tile_config(kHeadDim, kKind);
   using type = FwdKernelTraits<kHeadDim, kC.kBlockM, kC.kBlockN, kC.kNWarps, kC.kStages, Element,
                                kC.kQInRegs, kC.kSkipRescale, kC.kMinBlocksPerSm,
-                               kC.kRescaleThreshold>;
+                               kC.kRescaleThreshold, kC.kQKSplitM>;
 };
 
 }  // namespace sm80

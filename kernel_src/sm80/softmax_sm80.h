@@ -62,11 +62,13 @@ __device__ __forceinline__ WarpTile classify_warp_tile(const Mask& mask, int row
 }
 
 // Element-wise mask of a boundary tile starting at key n0: invisible scores become -inf. The
-// visible range of each row comes from the shared Mask (recomputed here rather than kept in
-// registers through the main loop: only boundary tiles pay for it).
+// visible range of each row comes from the shared Mask. The lane index is re-read here
+// (thread_index_in_block) so that the per-row ranges, which do not depend on the tile, are not
+// hoisted out of the main loop into registers held through every tile (measured: spills).
 template <typename Traits>
 __device__ __forceinline__ void apply_mask(float (&acc_s)[Traits::kMmaM][Traits::kMmaNS][4],
-                                           const Mask& mask, int m0_warp, int n0, int lane) {
+                                           const Mask& mask, int m0_warp, int n0) {
+  const int lane = thread_index_in_block() & 31;
   const int col0 = n0 + 2 * (lane & 3);
 #pragma unroll
   for (int r = 0; r < RowState<Traits>::kRows; ++r) {

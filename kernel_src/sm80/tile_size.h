@@ -22,6 +22,7 @@ struct TileConfig {
   bool kSkipRescale = true;  // skip the O rescale when no row max of the warp moved
   int kMinBlocksPerSm = 1;   // __launch_bounds__ occupancy hint
   int kRescaleThreshold = 8;  // lazy O rescale: move the softmax reference when max grows > 2^8
+  bool kQKSplitM = false;     // S = Q K^T row tile by row tile (softmax of tile 0 under tile 1)
 };
 
 enum class TileKind : int {
