@@ -23,11 +23,13 @@ namespace sm80 {
 // kRescaleThreshold: a row's softmax reference max moves only when a tile's max exceeds it by more
 // than this (log2 units; 0: whenever it grows, as FA2).
 // kQKSplitM: S = Q K^T row tile by row tile (see gemm_qk).
+// kPipelineQK: the main loop computes S of tile n - 1 under the softmax of tile n (kStages == 2).
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kStages_, typename Element_,
           bool kQInRegs_ = false, bool kSkipRescale_ = true, int kMinBlocksPerSm_ = 1,
-          int kRescaleThreshold_ = 8, bool kQKSplitM_ = false>
+          int kRescaleThreshold_ = 8, bool kQKSplitM_ = false, bool kPipelineQK_ = false>
 struct FwdKernelTraits {
   using Element = Element_;
+  static constexpr bool kPipelineQK = kPipelineQK_;
   static constexpr bool kQKSplitM = kQKSplitM_;
   static constexpr int kRescaleThreshold = kRescaleThreshold_;
   static constexpr bool kQInRegs = kQInRegs_;
@@ -99,7 +101,7 @@ struct TraitsFor {
   static constexpr TileConfig kC = tile_config(kHeadDim, kKind);
   using type = FwdKernelTraits<kHeadDim, kC.kBlockM, kC.kBlockN, kC.kNWarps, kC.kStages, Element,
                                kC.kQInRegs, kC.kSkipRescale, kC.kMinBlocksPerSm,
-                               kC.kRescaleThreshold, kC.kQKSplitM>;
+                               kC.kRescaleThreshold, kC.kQKSplitM, kC.kPipelineQK>;
 };
 
 }  // namespace sm80
