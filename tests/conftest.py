@@ -160,8 +160,8 @@ class Tolerance:
         self.records = request.config.stash[RECORD_KEY]
         self.nodeid = request.node.nodeid
 
-    def check(self, name, ours, ref, pt, dtype, factor=2.0, context=""):
-        ratio, msg = error_ratio(ours, ref, pt, dtype, factor)
+    def check(self, name, ours, ref, pt, dtype, factor=2.0, context="", scale=None):
+        ratio, msg = error_ratio(ours, ref, pt, dtype, factor, scale)
         self.records.append({"test": self.nodeid, "quantity": name,
                              "dtype": grid.dtype_name(dtype), "ratio": ratio})
         assert ratio <= 1.0, f"{name}: {msg} {context}"
