@@ -90,12 +90,15 @@ def test_named_backend_generate_and_set_attn_implementation(named):
     named("flash_hub")
     ref, ours = twin_models(tiny_config("llama"), ("sdpa", "flash_hub"))
     ids, mask = _padded([5, 9], seed=11)
-    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    expect = ref.generate(ids, **kw)
-    assert torch.equal(ours.generate(ids, **kw), expect)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expect_logits = ref(ids, attention_mask=mask).logits[mask.bool()]
+    assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
     ref.set_attn_implementation("flash_hub")
     assert ref.config._attn_implementation == "flash_hub"
-    assert torch.equal(ref.generate(ids, **kw), expect)
+    with KernelSpy().watch("flash_hub") as spy:
+        got = ref(ids, attention_mask=mask).logits[mask.bool()]
+    assert spy.names() == ["flash_attn_varlen_func"] * 2
+    torch.testing.assert_close(got, expect_logits, **TOL)
 
 
 @torch.no_grad()

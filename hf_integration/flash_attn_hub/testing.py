@@ -8,6 +8,7 @@ location of the project's local build.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import subprocess
@@ -89,11 +90,16 @@ def twin_models(config, impls: tuple[str, ...] = ("sdpa", "flash_hub"), seed: in
     models = []
     for impl in impls:
         torch.manual_seed(seed)
-        m = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=dtype)
+        # A config per model: from_config stores attn_implementation on the config object it is
+        # given, so a shared config would silently switch every twin to the last implementation.
+        m = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=impl,
+                                             dtype=dtype)
         models.append(m.to(device).eval())
     state = models[0].state_dict()
-    for m in models[1:]:
+    for m, impl in zip(models, impls):
         m.load_state_dict(state)
+        if m.config._attn_implementation != impl:
+            raise RuntimeError(f"model meant for {impl!r} runs {m.config._attn_implementation!r}")
     return models
 
 
