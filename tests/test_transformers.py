@@ -136,7 +136,10 @@ def test_no_padding_uses_flash_attn_func(llama_pair):
         got = ours(ids).logits
     assert spy.names() == ["flash_attn_func"] * 2
     assert all(kw["causal"] is True for kw in spy.kwargs_of("flash_attn_func"))
-    torch.testing.assert_close(got, ref(ids).logits, **TOL)
+    with KernelSpy().watch(impl) as ref_spy:
+        expect = ref(ids).logits
+    assert ref_spy.calls == [], "the SDPA reference must not run our kernel"
+    torch.testing.assert_close(got, expect, **TOL)
 
 
 @torch.no_grad()
