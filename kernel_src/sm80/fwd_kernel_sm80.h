@@ -205,6 +205,8 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
   if (Is_general && params.alibi_slopes != nullptr) {
     alibi_slope = params.alibi_slopes[bidb * params.alibi_batch_stride + bidh];
   }
+  // Row sums on the tensor cores (RowState) unless dropout needs the undropped sums.
+  constexpr bool kSumByMma = Traits::kSumByMma && !Is_dropout;
   // The general kernel feeds the softmax natural-unit logits (apply_score_mods scales them).
   const float scale_log2 = Is_general ? 1.4426950408889634f : params.scale_log2;
   const uint64_t subsequence = params.offset + static_cast<uint64_t>(bidb) * params.nheads + bidh;
@@ -239,7 +241,7 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
       // masked blocks
       if (cls == WarpTile::kPartial) apply_mask<Traits>(acc_s, mask, warp_rows_begin, n0);
       // online softmax
-      online_softmax<Traits>(acc_s, acc_o, rows, scale_log2);
+      online_softmax<Traits, kSumByMma>(acc_s, acc_o, rows, scale_log2);
       if constexpr (Is_dropout) {
         apply_dropout<Traits, /*kNegate=*/false>(acc_s, params.seed, subsequence,
                                                  warp_rows_begin, n0, params.dropout_threshold,
@@ -248,7 +250,7 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
       // O += P V
       uint32_t p[Traits::kMmaM][Traits::kKStepsPV][4];
       warp::convert_p<Traits>(acc_s, p);
-      warp::gemm_pv<Traits>(acc_o, p, v_tile, lanes);
+      warp::gemm_pv<Traits, kSumByMma>(acc_o, p, v_tile, lanes, rows.sum_frag);
     };
 
     if constexpr (Traits::kPipelineQK) {
@@ -392,8 +394,8 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
 
   // ---- epilogue: normalise, store O (16-byte stores through shared memory) and the LSE ----
   float o_scale[2 * Traits::kMmaM], lse[2 * Traits::kMmaM];
-  finalize_rows<Traits>(rows, Is_dropout ? static_cast<float>(params.keep_scale) : 1.f, o_scale,
-                        lse);
+  finalize_rows<Traits, kSumByMma>(
+      rows, Is_dropout ? static_cast<float>(params.keep_scale) : 1.f, o_scale, lse);
 #pragma unroll
   for (int mi = 0; mi < Traits::kMmaM; ++mi)
 #pragma unroll

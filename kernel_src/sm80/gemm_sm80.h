@@ -142,14 +142,22 @@ __device__ __forceinline__ void convert_p(
     }
 }
 
-// O += P V for the warp's rows.
-template <typename Traits>
+// O += P V for the warp's rows; with kSumByMma also row_sum += P 1 (sum_frag, see RowState).
+template <typename Traits, bool kSumByMma>
 __device__ __forceinline__ void gemm_pv(float (&acc_o)[Traits::kMmaM][Traits::kMmaNO][4],
                                         const uint32_t (&p)[Traits::kMmaM][Traits::kKStepsPV][4],
-                                        uint32_t smem_v, const LdsmLanes<Traits>& lanes) {
+                                        uint32_t smem_v, const LdsmLanes<Traits>& lanes,
+                                        float (&sum_frag)[Traits::kMmaM][4]) {
   using Element = typename Traits::Element;
 #pragma unroll
   for (int ks = 0; ks < Traits::kKStepsPV; ++ks) {
+    if constexpr (kSumByMma) {
+      const uint32_t ones = pack2<Element>(1.f, 1.f);
+#pragma unroll
+      for (int mi = 0; mi < Traits::kMmaM; ++mi) {
+        mma_m16n8k16<Element>(sum_frag[mi], p[mi][ks], ones, ones);
+      }
+    }
 #pragma unroll
     for (int dp = 0; dp < Traits::kMmaNO / 2; ++dp) {
       uint32_t b[4];

@@ -24,11 +24,14 @@ namespace sm80 {
 // than this (log2 units; 0: whenever it grows, as FA2).
 // kQKSplitM: S = Q K^T row tile by row tile (see gemm_qk).
 // kPipelineQK: the main loop computes S of tile n - 1 under the softmax of tile n (kStages == 2).
+// kSumByMma: softmax row sums accumulated by the tensor cores (P times ones; see RowState).
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kStages_, typename Element_,
           bool kQInRegs_ = false, bool kSkipRescale_ = true, int kMinBlocksPerSm_ = 1,
-          int kRescaleThreshold_ = 8, bool kQKSplitM_ = false, bool kPipelineQK_ = false>
+          int kRescaleThreshold_ = 8, bool kQKSplitM_ = false, bool kPipelineQK_ = false,
+          bool kSumByMma_ = true>
 struct FwdKernelTraits {
   using Element = Element_;
+  static constexpr bool kSumByMma = kSumByMma_;
   static constexpr bool kPipelineQK = kPipelineQK_;
   static constexpr bool kQKSplitM = kQKSplitM_;
   static constexpr int kRescaleThreshold = kRescaleThreshold_;
@@ -101,7 +104,8 @@ struct TraitsFor {
   static constexpr TileConfig kC = tile_config(kHeadDim, kKind);
   using type = FwdKernelTraits<kHeadDim, kC.kBlockM, kC.kBlockN, kC.kNWarps, kC.kStages, Element,
                                kC.kQInRegs, kC.kSkipRescale, kC.kMinBlocksPerSm,
-                               kC.kRescaleThreshold, kC.kQKSplitM, kC.kPipelineQK>;
+                               kC.kRescaleThreshold, kC.kQKSplitM, kC.kPipelineQK,
+                               kC.kSumByMma>;
 };
 
 }  // namespace sm80

@@ -23,10 +23,17 @@ namespace sm80 {
 
 // Per-thread view of the rows it owns: row r = 2 * mi + h is query row
 // m0_warp + 16 mi + g + 8 h, with its online-softmax state.
+// Row sums by MMA (kSumByMma, every kernel without dropout): instead of adding the probabilities
+// with FADDs and quad shuffles, P times a column of ones is accumulated by the tensor cores next
+// to O += P V (sum_frag, a C fragment whose 8 columns all hold the row sum); it is rescaled with O.
+// That trades 2 * kMmaNS FADDs per row and tile for kKStepsPV MMAs per row tile, and the sums are
+// those of the rounded P that O uses. With dropout the sums must be of the undropped P while
+// P V uses the dropped one, so the FADD path stays.
 template <typename Traits>
 struct RowState {
   static constexpr int kRows = 2 * Traits::kMmaM;
   SoftmaxState<float, /*kBase2=*/true> softmax[kRows];
+  float sum_frag[Traits::kMmaM][4];
 
   __device__ __forceinline__ static int row_of(int m0_warp, int r, int lane) {
     return m0_warp + 16 * (r / 2) + (lane >> 2) + 8 * (r % 2);
@@ -35,6 +42,10 @@ struct RowState {
   __device__ __forceinline__ void init() {
 #pragma unroll
     for (int r = 0; r < kRows; ++r) softmax[r] = SoftmaxState<float, true>::empty();
+#pragma unroll
+    for (int mi = 0; mi < Traits::kMmaM; ++mi)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sum_frag[mi][e] = 0.f;
   }
 };
 
@@ -137,7 +148,7 @@ __device__ __forceinline__ float chunked_reduce(const float (&v)[kN], Op op) {
 // scale_log2 > 0 (the launch routes other scales to the general path, which pre-scales S and
 // passes log2(e)). Traits::kSkipRescale: skip the O rescale when no row max of the warp moved
 // (common once a row has seen its largest logits); a warp-uniform branch, so no divergence.
-template <typename Traits>
+template <typename Traits, bool kSumByMma>
 __device__ __forceinline__ void online_softmax(float (&acc_s)[Traits::kMmaM][Traits::kMmaNS][4],
                                                float (&acc_o)[Traits::kMmaM][Traits::kMmaNO][4],
                                                RowState<Traits>& rows, float scale_log2) {
@@ -181,7 +192,7 @@ __device__ __forceinline__ void online_softmax(float (&acc_s)[Traits::kMmaM][Tra
         acc_s[mi][nj][2 * h + e] = p[2 * nj + e];
       }
     }
-    rows.softmax[r].add(chunked_reduce<kReduceAcc>(p, add_op));
+    if constexpr (!kSumByMma) rows.softmax[r].add(chunked_reduce<kReduceAcc>(p, add_op));
   }
   if (!Traits::kSkipRescale || __any_sync(0xffffffffu, moved)) {
 #pragma unroll
@@ -190,6 +201,12 @@ __device__ __forceinline__ void online_softmax(float (&acc_s)[Traits::kMmaM][Tra
       for (int dj = 0; dj < Traits::kMmaNO; ++dj)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_o[mi][dj][e] *= factor[2 * mi + e / 2];
+    if constexpr (kSumByMma) {
+#pragma unroll
+      for (int mi = 0; mi < Traits::kMmaM; ++mi)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) rows.sum_frag[mi][e] *= factor[2 * mi + e / 2];
+    }
   }
 }
 
@@ -227,16 +244,18 @@ __device__ __forceinline__ void apply_dropout(float (&acc_s)[Traits::kMmaM][Trai
   }
 }
 
-// End of the row block: completes the row sums across the quad and returns, per owned row, the
+// End of the row block: completes the row sums (across the quad, or from the MMA row-sum
+// fragment) and returns, per owned row, the
 // factor that normalises O (times keep_scale for dropout; 0 for a row that saw no key) and the
 // natural-log LSE (+inf for such a row).
-template <typename Traits>
+template <typename Traits, bool kSumByMma>
 __device__ __forceinline__ void finalize_rows(RowState<Traits>& rows, float keep_scale,
                                               float (&o_scale)[RowState<Traits>::kRows],
                                               float (&lse)[RowState<Traits>::kRows]) {
 #pragma unroll
   for (int r = 0; r < RowState<Traits>::kRows; ++r) {
-    rows.softmax[r].row_sum = warp::quad_sum(rows.softmax[r].row_sum);
+    rows.softmax[r].row_sum = kSumByMma ? rows.sum_frag[r / 2][2 * (r % 2)]
+                                        : warp::quad_sum(rows.softmax[r].row_sum);
     o_scale[r] = rows.softmax[r].inv_sum() * keep_scale;
     lse[r] = rows.softmax[r].lse();
   }

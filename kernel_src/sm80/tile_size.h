@@ -24,6 +24,7 @@ struct TileConfig {
   int kRescaleThreshold = 8;  // lazy O rescale: move the softmax reference when max grows > 2^8
   bool kQKSplitM = false;     // S = Q K^T row tile by row tile (softmax of tile 0 under tile 1)
   bool kPipelineQK = false;   // S of the next tile under the softmax of this one (2 stages)
+  bool kSumByMma = true;      // softmax row sums on the tensor cores (P times ones)
 };
 
 enum class TileKind : int {
