@@ -64,6 +64,7 @@ class NinjaPlan:
     tool: Toolchain
     nvcc_threads: int = 1
     ptxas_verbose: bool = False
+    lineinfo: bool = False
 
     def obj_path(self, src: Source) -> Path:
         return self.ninja_dir / "obj" / (src.path + ".o")
@@ -86,6 +87,8 @@ class NinjaPlan:
                 args += ["-gencode", code]
             if self.ptxas_verbose:
                 args += ["-Xptxas", "-v"]
+            if self.lineinfo:
+                args.append("-lineinfo")
             return args + pre
         return [t.cxx, "-std=c++17", "-O3", "-fPIC", "-fvisibility=hidden", "-fno-gnu-unique",
                 *src.flags, *pre]

@@ -139,7 +139,8 @@ def build_variant(backend: str, args, config: dict, trim: Trim) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = NinjaPlan(repo=REPO, ninja_dir=ninja_dir, output=out_dir / f"{ops_name}.abi3.so",
                      backend=backend, ops_name=ops_name, sources=sources, defines=defines,
-                     tool=tool, nvcc_threads=args.nvcc_threads, ptxas_verbose=args.ptxas_verbose)
+                     tool=tool, nvcc_threads=args.nvcc_threads, ptxas_verbose=args.ptxas_verbose,
+                     lineinfo=args.lineinfo)
     ninja_file = plan.write()
 
     n_cu = sum(s.lang == "cuda" for s in sources)
@@ -194,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="nvcc --threads (parallel gencodes within one file)")
     parser.add_argument("--ptxas-verbose", action="store_true",
                         help="print registers, shared memory and spills per kernel (-Xptxas -v)")
+    parser.add_argument("--lineinfo", action="store_true",
+                        help="-lineinfo for ncu/compute-sanitizer source lines (about 4x the size)")
     parser.add_argument("--out", type=Path, default=REPO / "build")
     parser.add_argument("--verbose", "-v", action="store_true", help="show full commands")
     args = parser.parse_args(argv)
