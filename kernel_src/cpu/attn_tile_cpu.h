@@ -17,7 +17,7 @@
 #include "../common/score_mod.h"
 #include "dtype_cpu.h"
 #include "layout_cpu.h"
-#include "tile_gemm_cpu.h"
+#include "simd_cpu.h"
 
 FLASH_NAMESPACE_BEGIN
 namespace cpu {
@@ -133,9 +133,8 @@ void compute_scores(const AttnCtx<T>& c, const Mask& mask, const TileRows<acc_t<
                     acc_t<T>* tanh_out) {
   using Acc = acc_t<T>;
   const int nrows = rows.n;
-  for (int e = 0; e < nrows * kBlockN; ++e) S[e] = Acc(0);
-  // S = Q K^T
-  gemm_acc<Acc>(qs, c.pr.dpad, kt, kBlockN, S, kBlockN, nrows, c.pr.d, kBlockN);
+  // S = Q K^T (columns past n up to the padding are computed and ignored)
+  gemm(qs, c.pr.dpad, kt, kBlockN, S, kBlockN, nrows, c.pr.d, pad_up(n), /*accumulate=*/false);
   const bool full = mask.tile_is_full(rows.i_first, rows.i_last + 1, n0, n0 + n);
   const int shift = mask.seqlen_k - mask.seqlen_q;
   for (int r = 0; r < nrows; ++r) {

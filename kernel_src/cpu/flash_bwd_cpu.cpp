@@ -1,6 +1,6 @@
 // Owns: run_bwd_cpu, the CPU backward. Exact gradients by recomputation (FA2 algorithm 2):
-// P is rebuilt from the saved lse (fp64 recomputes lse in fp64 so that gradcheck sees the exact
-// gradient of the fp64 forward), the dropout mask is regenerated from the same Philox stream,
+// P is rebuilt from the saved lse (fp32/fp64 inputs recompute lse in fp64, so that e.g. gradcheck
+// sees the exact gradient of the fp64 forward), the dropout mask is regenerated from the same Philox stream,
 // D = rowsum(dO * O), dS = P * (dP - D), softcap's chain rule dS *= 1 - tanh^2.
 //
 // Parallel over (sequence, K/V head): one task owns dK/dV of its K/V head and dQ of the query
@@ -100,14 +100,12 @@ void recompute_lse(const AttnCtx<T>& c, const SeqInfo& s, const Mask& mask, int 
       compute_scores(c, mask, sc.rows, sc.qs.data(), sc.kt.data(), n0, n, sc.s.data(),
                      static_cast<Acc*>(nullptr));
       for (int r = 0; r < nrows; ++r) {
-        const Acc* srow = sc.s.data() + r * kBlockN;
+        Acc* srow = sc.s.data() + r * kBlockN;
         Acc mx = -static_cast<Acc>(INFINITY);
         for (int j = 0; j < n; ++j) mx = srow[j] > mx ? srow[j] : mx;
         state[r].rescale(mx);
-        const Acc off = state[r].offset();
-        Acc sum = Acc(0);
-        for (int j = 0; j < n; ++j) sum += std::exp(srow[j] - off);
-        state[r].add(sum);
+        for (int j = n; j < pad_up(n); ++j) srow[j] = -static_cast<Acc>(INFINITY);
+        state[r].add(exp_row(srow, pad_up(n), state[r].offset()));
       }
     }
     for (int r = 0; r < nrows; ++r) sc.lse[pr0 + r] = state[r].lse();
@@ -139,6 +137,8 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
     sc.dsum[pi] = acc;
     sc.lse[pi] = static_cast<Acc>(p.softmax_lse_ptr[s.lse_off + h * c.pr.lse_head_stride + i]);
   }
+  // fp32 and fp64 inputs (fp64 accumulation) recompute lse at that precision: the saved lse is
+  // fp32, and its rounding (~1e-7 relative in P) would be the largest error of their gradients.
   if (sizeof(Acc) > sizeof(float)) recompute_lse(c, s, mask, b, hk, sc);
 
   T* dk_out = static_cast<T*>(p.dk_ptr) + off.dk + hk * p.dk_head_stride;
@@ -177,8 +177,8 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
                      c.has_softcap ? sc.tanh_s.data() : static_cast<Acc*>(nullptr));
       for (int r = 0; r < nrows; ++r) {
         Acc* srow = sc.s.data() + r * kBlockN;
-        const Acc lse = sc.lse[pr0 + r];
-        for (int j = 0; j < n; ++j) srow[j] = srow[j] == ninf ? Acc(0) : std::exp(srow[j] - lse);
+        for (int j = n; j < pad_up(n); ++j) srow[j] = ninf;
+        exp_row(srow, pad_up(n), sc.lse[pr0 + r]);  // masked -inf, and rows with lse = +inf, give 0
       }
       if (c.has_dropout) dropout_keep_tile(c, rows, n0, n, sc.keep.data());
       // dV += (P o Z)^T dO, with Z = keep * keep_scale
@@ -188,12 +188,11 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
           if (c.has_dropout) pz = sc.keep[r * kBlockN + j] ? pz * c.keep_scale : Acc(0);
           sc.pt[j * kBlockM + r] = pz;
         }
-      gemm_acc<Acc>(sc.pt.data(), kBlockM, sc.dout.data(), dpad, sc.dv.data(), dpad, n, nrows,
-                    dpad);
+      gemm(sc.pt.data(), kBlockM, sc.dout.data(), dpad, sc.dv.data(), dpad, n, nrows, dpad,
+           /*accumulate=*/true);
       // dP = (dO V^T) o Z
-      for (int e = 0; e < nrows * kBlockN; ++e) sc.dp[e] = Acc(0);
-      gemm_acc<Acc>(sc.dout.data(), dpad, sc.vt.data(), kBlockN, sc.dp.data(), kBlockN, nrows, d,
-                    kBlockN);
+      gemm(sc.dout.data(), dpad, sc.vt.data(), kBlockN, sc.dp.data(), kBlockN, nrows, d,
+           pad_up(n), /*accumulate=*/false);
       // dS = P o (dP - D), o (1 - tanh^2) under softcap; kept in dp
       for (int r = 0; r < nrows; ++r) {
         const Acc dsum = sc.dsum[pr0 + r];
@@ -211,12 +210,12 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
         }
       }
       // dQ += dS K (softmax_scale applied once when dQ is written)
-      gemm_acc<Acc>(sc.dp.data(), kBlockN, sc.ks.data(), dpad, sc.dq.data() + pr0 * dpad, dpad,
-                    nrows, n, dpad);
+      gemm(sc.dp.data(), kBlockN, sc.ks.data(), dpad, sc.dq.data() + pr0 * dpad, dpad, nrows, n,
+           dpad, /*accumulate=*/true);
       // dK += dS^T (scale Q)
       transpose(sc.dp.data(), kBlockN, sc.dst.data(), kBlockM, nrows, n);
-      gemm_acc<Acc>(sc.dst.data(), kBlockM, sc.qs.data(), dpad, sc.dk.data(), dpad, n, nrows,
-                    dpad);
+      gemm(sc.dst.data(), kBlockM, sc.qs.data(), dpad, sc.dk.data(), dpad, n, nrows, dpad,
+           /*accumulate=*/true);
     }
     for (int j = 0; j < n; ++j) {
       T* dkrow = dk_out + static_cast<int64_t>(n0 + j) * p.dk_row_stride;

@@ -53,13 +53,14 @@ void write_dmask_tile(const AttnCtx<T>& c, const SeqInfo& s, const Mask& mask, i
                    static_cast<Acc*>(nullptr));
     if (c.has_dropout) dropout_keep_tile(c, rows, n0, n, sc.keep.data());
     for (int r = 0; r < rows.n; ++r) {
-      const Acc* srow = sc.s.data() + r * kBlockN;
+      Acc* srow = sc.s.data() + r * kBlockN;
+      for (int j = n; j < pad_up(n); ++j) srow[j] = -static_cast<Acc>(INFINITY);
+      exp_row(srow, pad_up(n), lse[r]);  // P = exp(S - lse); masked entries become 0
       T* prow = p_out + ((static_cast<int64_t>(b) * c.pr.nheads + rows.h[r]) * c.p.seqlen_q +
                          rows.i[r]) * static_cast<int64_t>(c.p.seqlen_k) + n0;
       for (int j = 0; j < n; ++j) {
-        if (srow[j] == -static_cast<Acc>(INFINITY)) continue;
-        Acc prob = std::exp(srow[j] - lse[r]);
-        if (c.has_dropout && !sc.keep[r * kBlockN + j]) prob = -prob;
+        if (srow[j] == Acc(0)) continue;  // masked (or underflowed): keep the zero already there
+        const Acc prob = c.has_dropout && !sc.keep[r * kBlockN + j] ? -srow[j] : srow[j];
         prow[j] = Traits<T>::store(prob);
       }
     }
@@ -108,14 +109,8 @@ void fwd_tile(const AttnCtx<T>& c, int b, int hk, int m_block, FwdScratch<T>& sc
         Acc* orow = o + r * dpad;
         for (int col = 0; col < dpad; ++col) orow[col] *= factor;
       }
-      const Acc off = st.offset();
-      Acc sum = Acc(0);
-      for (int j = 0; j < n; ++j) {
-        const Acc e = std::exp(srow[j] - off);
-        srow[j] = e;
-        sum += e;
-      }
-      st.add(sum);  // the normaliser counts dropped elements too
+      for (int j = n; j < pad_up(n); ++j) srow[j] = -static_cast<Acc>(INFINITY);
+      st.add(exp_row(srow, pad_up(n), st.offset()));  // the normaliser counts dropped ones too
     }
     // dropout: zero the dropped probabilities (keep_scale is folded into the final division)
     if (c.has_dropout) {
@@ -124,7 +119,7 @@ void fwd_tile(const AttnCtx<T>& c, int b, int hk, int m_block, FwdScratch<T>& sc
         if (!sc.keep[e]) sc.s[e] = Acc(0);
     }
     // O += P V
-    gemm_acc<Acc>(sc.s.data(), kBlockN, sc.v.data(), dpad, o, dpad, nrows, n, dpad);
+    gemm(sc.s.data(), kBlockN, sc.v.data(), dpad, o, dpad, nrows, n, dpad, /*accumulate=*/true);
   }
 
   // epilogue: O /= row_sum (x keep_scale), lse; rows that saw no key get O = 0, lse = +inf

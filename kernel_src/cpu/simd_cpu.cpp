@@ -1,0 +1,135 @@
+// Owns: the instruction-set variants of the primitives of simd_cpu.h (tile GEMM, row exp) and the
+// run-time choice between them.
+//
+// Why two variants: the Hub's CPU build targets baseline x86-64 (SSE2), but most machines have
+// AVX2+FMA, worth ~2-4x on these tiles. The AVX2 variant is compiled under a target pragma in its
+// own namespace (no inline function is shared between the two, so the linker cannot mix them up)
+// and picked once per process with __builtin_cpu_supports (FLASH_ATTN_CPU_BASELINE=1 forces the
+// baseline). The choice changes rounding slightly (FMA) and nothing else; on one machine results
+// are deterministic.
+//
+// Why this shape: with B row-major the innermost update is a broadcast of one A element times a
+// contiguous vector of B, so no reassociation is needed (we do not build with -ffast-math: masked
+// logits are -inf and must stay so).
+#include "simd_cpu.h"
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FLASH_CPU_HAVE_AVX2_VARIANT 1
+#include <immintrin.h>  // GCC/Clang declare every intrinsic; the target pragma below enables them
+#endif
+
+FLASH_NAMESPACE_BEGIN
+namespace cpu {
+namespace {
+
+// Baseline: GCC/Clang vector extensions, lowered to SSE2 on x86-64 (and to NEON elsewhere).
+namespace base {
+typedef float VF __attribute__((vector_size(16)));
+typedef double VD __attribute__((vector_size(16)));
+typedef int32_t VI __attribute__((vector_size(16)));
+typedef int64_t VL __attribute__((vector_size(16)));
+inline VF vzero(const float*) { return VF{}; }
+inline VD vzero(const double*) { return VD{}; }
+inline VF vload(const float* p) {
+  VF v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline VD vload(const double* p) {
+  VD v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void vstore(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
+inline void vstore(double* p, VD v) { std::memcpy(p, &v, sizeof v); }
+inline VF vset1(float x) { return VF{} + x; }
+inline VD vset1(double x) { return VD{} + x; }
+inline VF vfma(VF a, VF b, VF c) { return a * b + c; }
+inline VD vfma(VD a, VD b, VD c) { return a * b + c; }
+#include "simd_kernels_cpu.inc"
+}  // namespace base
+
+#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+typedef __m256 VF;
+typedef __m256d VD;
+typedef int32_t VI __attribute__((vector_size(32)));
+typedef int64_t VL __attribute__((vector_size(32)));
+inline __m256 vzero(const float*) { return _mm256_setzero_ps(); }
+inline __m256d vzero(const double*) { return _mm256_setzero_pd(); }
+inline __m256 vload(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256d vload(const double* p) { return _mm256_loadu_pd(p); }
+inline void vstore(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void vstore(double* p, __m256d v) { _mm256_storeu_pd(p, v); }
+inline __m256 vset1(float x) { return _mm256_set1_ps(x); }
+inline __m256d vset1(double x) { return _mm256_set1_pd(x); }
+inline __m256 vfma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+inline __m256d vfma(__m256d a, __m256d b, __m256d c) { return _mm256_fmadd_pd(a, b, c); }
+#include "simd_kernels_cpu.inc"
+
+void gemm_f32(const float* A, int lda, const float* B, int ldb, float* C, int ldc, int rows,
+              int depth, int cols, bool accumulate) {
+  gemm_impl<float>(A, lda, B, ldb, C, ldc, rows, depth, cols, accumulate);
+}
+void gemm_f64(const double* A, int lda, const double* B, int ldb, double* C, int ldc, int rows,
+              int depth, int cols, bool accumulate) {
+  gemm_impl<double>(A, lda, B, ldb, C, ldc, rows, depth, cols, accumulate);
+}
+float exp_row_f32(float* x, int n_pad, float offset) { return exp_row_impl(x, n_pad, offset); }
+double exp_row_f64(double* x, int n_pad, double offset) { return exp_row_impl(x, n_pad, offset); }
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+bool use_avx2() {
+#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
+  // Decided once per process (thread-safe static init). FLASH_ATTN_CPU_BASELINE=1 forces the
+  // baseline variant, so that it stays testable on AVX2 machines.
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("FLASH_ATTN_CPU_BASELINE") == nullptr;
+  return yes;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+void gemm(const float* A, int lda, const float* B, int ldb, float* C, int ldc, int rows,
+          int depth, int cols, bool accumulate) {
+#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
+  if (use_avx2()) return avx2::gemm_f32(A, lda, B, ldb, C, ldc, rows, depth, cols, accumulate);
+#endif
+  base::gemm_impl<float>(A, lda, B, ldb, C, ldc, rows, depth, cols, accumulate);
+}
+
+void gemm(const double* A, int lda, const double* B, int ldb, double* C, int ldc, int rows,
+          int depth, int cols, bool accumulate) {
+#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
+  if (use_avx2()) return avx2::gemm_f64(A, lda, B, ldb, C, ldc, rows, depth, cols, accumulate);
+#endif
+  base::gemm_impl<double>(A, lda, B, ldb, C, ldc, rows, depth, cols, accumulate);
+}
+
+float exp_row(float* x, int n_pad, float offset) {
+#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
+  if (use_avx2()) return avx2::exp_row_f32(x, n_pad, offset);
+#endif
+  return base::exp_row_impl(x, n_pad, offset);
+}
+
+double exp_row(double* x, int n_pad, double offset) {
+#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
+  if (use_avx2()) return avx2::exp_row_f64(x, n_pad, offset);
+#endif
+  return base::exp_row_impl(x, n_pad, offset);
+}
+
+}  // namespace cpu
+FLASH_NAMESPACE_END

@@ -1,0 +1,44 @@
+// Owns: the CPU backend's vectorised primitives on small row-major scratch tiles, fp32 or fp64:
+// the one matrix multiply used for every product of the forward and backward passes
+// (S = Q K^T with K stored transposed, O += P V, dV += P^T dO, dQ += dS K, dK += dS^T Q) and the
+// exponential of a row of logits.
+//
+// Implemented in simd_cpu.cpp: register-blocked micro-kernels for SSE2 (the x86-64 baseline the
+// Hub build targets) and AVX2+FMA, chosen at run time when the CPU has it.
+//
+// Preconditions: `cols` and `n_pad` are multiples of kPad (callers pad their tiles); rows and depth
+// are arbitrary; C does not alias A or B.
+#pragma once
+
+#include "../common/namespace.h"
+
+FLASH_NAMESPACE_BEGIN
+namespace cpu {
+
+// Every scratch row length (head dim, key tile) is padded to this.
+constexpr int kPad = 8;
+constexpr int pad_up(int n) { return (n + kPad - 1) / kPad * kPad; }
+
+// C[rows x cols] = A[rows x depth] * B[depth x cols] (+ C when accumulate); leading dims in
+// elements.
+void gemm(const float* A, int lda, const float* B, int ldb, float* C, int ldc, int rows,
+          int depth, int cols, bool accumulate);
+void gemm(const double* A, int lda, const double* B, int ldb, double* C, int ldc, int rows,
+          int depth, int cols, bool accumulate);
+
+// x[j] = exp(x[j] - offset) for j < n_pad; returns the sum of the results. -inf (masked) gives
+// exactly 0, and so does anything below the smallest normal result (~1e-38 fp32, ~1e-308 fp64):
+// softmax rows hold a 1 (their maximum), so flushing those terms changes no result. Accuracy:
+// within ~1 ulp of the correctly rounded exp.
+float exp_row(float* x, int n_pad, float offset);
+double exp_row(double* x, int n_pad, double offset);
+
+// dst[cols x rows] = src[rows x cols]^T (for the products that need a transposed operand).
+template <typename Acc>
+inline void transpose(const Acc* src, int lds, Acc* dst, int ldd, int rows, int cols) {
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+}  // namespace cpu
+FLASH_NAMESPACE_END
