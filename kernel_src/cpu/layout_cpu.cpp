@@ -6,7 +6,7 @@
 #include <string>
 
 #include "../common/philox.h"
-#include "tile_gemm_cpu.h"
+#include "simd_cpu.h"
 
 FLASH_NAMESPACE_BEGIN
 namespace cpu {
