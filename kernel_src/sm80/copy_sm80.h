@@ -90,10 +90,10 @@ __device__ __forceinline__ void load_tile(typename Traits::Element* smem_tile,
     for (int b = 0; b < Traits::kColBlocks; ++b) {
       const int col = ct.col0 + b * kW;
       const bool ok = row_ok && col < head_dim;
-      // A predicated-off copy still gets an in-bounds address: the tile's first row.
+      // A predicated-off cp.async reads nothing (src-size 0), so its address needs no clamp.
       copy_chunk<typename Traits::Element, kAligned>(
-          smem_tile + b * kRows * kW + i * Traits::kRowStep * kW + ct.smem_offset,
-          ok ? src + b * kW : src - i * step, ok, head_dim - col);
+          smem_tile + b * kRows * kW + i * Traits::kRowStep * kW + ct.smem_offset, src + b * kW,
+          ok, head_dim - col);
     }
     src += step;
   }

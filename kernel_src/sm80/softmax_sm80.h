@@ -174,10 +174,16 @@ __device__ __forceinline__ void online_softmax(float (&acc_s)[Traits::kMmaM][Tra
     // fp32 accumulators and exactly representable in range for fp16/bf16. The result is the
     // same softmax (numerator and row_sum share the reference); only the O rescale, 2 kMmaNO
     // multiplies per row, becomes rare instead of happening on most tiles of short rows.
-    factor[r] = block_max > rows.softmax[r].row_max + kThreshold
-                    ? rows.softmax[r].rescale(block_max)
-                    : 1.f;
-    moved |= factor[r] != 1.f;
+    // Written branch-free (SoftmaxState::rescale's semantics for the rows that move; an empty
+    // row moves to the first finite max with factor exp2(-inf) = 0): per-row branches split the
+    // softmax into basic blocks the scheduler cannot interleave.
+    SoftmaxState<float, true>& st = rows.softmax[r];
+    const bool move = block_max > st.row_max + kThreshold;  // false while block_max = -inf
+    const float new_max = move ? block_max : st.row_max;
+    factor[r] = move ? exp2_approx(st.row_max - new_max) : 1.f;
+    st.row_max = new_max;
+    st.row_sum *= factor[r];
+    moved |= move;
   }
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
