@@ -28,6 +28,8 @@ Trimming switches apply to the CUDA variant only, for fast development builds:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import platform
 import re
@@ -117,6 +119,20 @@ def ensure_build_toml(check_only: bool) -> None:
         sys.exit(1)
 
 
+@contextlib.contextmanager
+def exclusive(lock_path: Path):
+    """One build per variant at a time: two ninja runs in one build directory corrupt its logs
+    and race on the outputs (several people and agents share a checkout here)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"build_local: waiting for another build of {lock_path.parent.name}", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def build_variant(backend: str, args, config: dict, trim: Trim) -> Path:
     tool, cuda_tag = toolchain(backend == "cuda")
     name = variant_name(config, backend, cuda_tag)
@@ -125,7 +141,13 @@ def build_variant(backend: str, args, config: dict, trim: Trim) -> Path:
     out_dir = args.out / name
     ninja_dir = args.out / ".ninja" / name
     sources, archs, trim_defines = select_sources(config, backend, trim)
+    with exclusive(ninja_dir / ".lock"):
+        return _build_locked(backend, args, config, tool, name, ops_name, out_dir, ninja_dir,
+                             sources, archs, trim_defines)
 
+
+def _build_locked(backend, args, config, tool, name, ops_name, out_dir, ninja_dir, sources, archs,
+                  trim_defines) -> Path:
     major, minor = stable_abi_version(config, backend)
     defines = [f"TORCH_TARGET_VERSION={torch_target_version(major, minor)}", "TORCH_STABLE_ONLY",
                f"_GLIBCXX_USE_CXX11_ABI={int(tool.cxx11_abi)}"]
