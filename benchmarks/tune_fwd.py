@@ -45,17 +45,11 @@ using namespace FLASH_NAMESPACE;
 #ifndef TUNE_THRESHOLD
 #define TUNE_THRESHOLD 8
 #endif
-#ifndef TUNE_SPLITM
-#define TUNE_SPLITM false
-#endif
-#ifndef TUNE_PIPE
-#define TUNE_PIPE false
-#endif
 #ifndef TUNE_SUMMMA
 #define TUNE_SUMMMA true
 #endif
 using T = sm80::FwdKernelTraits<{hd}, {bm}, {bn}, {nw}, {st}, __nv_bfloat16, {qr}, {sr}, {mb},
-                                TUNE_THRESHOLD, TUNE_SPLITM, TUNE_PIPE, TUNE_SUMMMA>;
+                                TUNE_THRESHOLD, TUNE_SUMMMA>;
 extern "C" int flash_tune_{name}(const void* raw, long long size, void* stream, char* err,
                                  int errlen) {{
   if (size != (long long)sizeof(FwdParams)) {{ snprintf(err, errlen, "size"); return 1; }}

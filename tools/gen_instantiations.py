@@ -4,7 +4,7 @@ dtype (style.md), so the build parallelises and a trimmed build skips whole file
 
 Each file explicitly instantiates run_fwd_sm80<Element, kHeadDim> (kernel_src/launch/
 fwd_launch_sm80.h), which compiles every variant that head dim and dtype need (fast/general x
-masked/unmasked x dropout, plus the small-shared-memory config where the fast one exceeds 99 KB).
+masked/unmasked x dropout).
 Each is guarded by the build-trimming macros FLASH_DISABLE_HDIM<H>, FLASH_DISABLE_FP16 and
 FLASH_DISABLE_BF16, which kernel_src/launch/static_switch.h honours too.
 
@@ -30,7 +30,7 @@ TEMPLATE = """\
 
 #if !defined(FLASH_DISABLE_HDIM{hdim}) && !defined({dtype_guard})
 FLASH_NAMESPACE_BEGIN
-template void run_fwd_sm80<{elem}, {hdim}>(const FwdParams&, cudaStream_t, const DeviceCaps&);
+template void run_fwd_sm80<{elem}, {hdim}>(const FwdParams&, cudaStream_t);
 FLASH_NAMESPACE_END
 #endif
 """

@@ -15,6 +15,12 @@ FLASH_NAMESPACE_BEGIN
 
 namespace {
 
+// What the entry point needs to know about the current device.
+struct DeviceCaps {
+  int device = 0;
+  int major = 0, minor = 0;
+};
+
 void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("flash_attn CUDA: ") + what + " failed: " +
@@ -31,11 +37,6 @@ DeviceCaps current_device_caps() {
         "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
   check(cudaDeviceGetAttribute(&caps.minor, cudaDevAttrComputeCapabilityMinor, caps.device),
         "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
-  check(cudaDeviceGetAttribute(&caps.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                               caps.device),
-        "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
-  check(cudaDeviceGetAttribute(&caps.sm_count, cudaDevAttrMultiProcessorCount, caps.device),
-        "cudaDeviceGetAttribute(MultiProcessorCount)");
   return caps;
 }
 
@@ -75,7 +76,7 @@ void run_fwd_cuda(const FwdParams& params, cudaStream_t stream) {
 
   if (try_run_fwd_sm90(params, stream)) return;
   DTYPE_SWITCH(params.dtype, [&] {
-    HDIM_SWITCH(params.head_dim, [&] { run_fwd_sm80<elem_type, kHeadDim>(params, stream, caps); });
+    HDIM_SWITCH(params.head_dim, [&] { run_fwd_sm80<elem_type, kHeadDim>(params, stream); });
   });
 }
 

@@ -1,7 +1,8 @@
 // Owns: turning one forward call into a launch of the sm80 kernel: which variant (fast or general,
 // masked or not, dropout or not), which tile config (tile_size.h, by the device's shared-memory
 // limit), the grid, the shared-memory attribute. Included by the generated instantiation files
-// (one per head dim x dtype), which compile run_fwd_sm80<Element, kHeadDim>.
+// (one per head dim x dtype), which compile run_fwd_sm80<Element, kHeadDim>. Every tile config
+// fits the smallest sm80+ shared memory (99 KB), so the choice does not depend on the device.
 //
 // Invariants: no device synchronisation and no allocation here (nothing beyond O and the LSE);
 // every CUDA error becomes a std::runtime_error naming what failed.
@@ -86,33 +87,19 @@ void launch_fwd_sm80_config(const FwdParams& params, cudaStream_t stream) {
   });
 }
 
-// The smallest dynamic shared-memory limit among sm80+ GPUs (sm86/sm89: 99 KB): configs within
-// it run everywhere, larger ones need the kSmallSmem fallback compiled too.
-constexpr int kMinSmemOptin = 99 * 1024;
-
 template <typename Element, int kHeadDim>
-void run_fwd_sm80(const FwdParams& params, cudaStream_t stream, const DeviceCaps& caps) {
+void run_fwd_sm80(const FwdParams& params, cudaStream_t stream) {
   using sm80::TileKind;
+  static_assert(sm80::tile_smem_bytes(kHeadDim, sm80::tile_config(kHeadDim, TileKind::kFast)) <=
+                        sm80::kMinSmemOptin &&
+                    sm80::tile_smem_bytes(kHeadDim,
+                                          sm80::tile_config(kHeadDim, TileKind::kGeneral)) <=
+                        sm80::kMinSmemOptin,
+                "every config must fit the shared memory of every sm80+ GPU");
   if (needs_general_kernel(params)) {
-    static_assert(sm80::tile_smem_bytes(kHeadDim, sm80::tile_config(kHeadDim, TileKind::kGeneral)) <=
-                      kMinSmemOptin,
-                  "the general config must fit every sm80+ GPU");
     launch_fwd_sm80_config<Element, kHeadDim, TileKind::kGeneral, true>(params, stream);
-    return;
-  }
-  constexpr int kFastSmem =
-      sm80::tile_smem_bytes(kHeadDim, sm80::tile_config(kHeadDim, TileKind::kFast));
-  if constexpr (kFastSmem <= kMinSmemOptin) {
-    launch_fwd_sm80_config<Element, kHeadDim, TileKind::kFast, false>(params, stream);
   } else {
-    constexpr int kSmallSmem =
-        sm80::tile_smem_bytes(kHeadDim, sm80::tile_config(kHeadDim, TileKind::kSmallSmem));
-    static_assert(kSmallSmem <= kMinSmemOptin, "the small config must fit every sm80+ GPU");
-    if (kFastSmem <= caps.max_smem_optin) {
-      launch_fwd_sm80_config<Element, kHeadDim, TileKind::kFast, false>(params, stream);
-    } else {
-      launch_fwd_sm80_config<Element, kHeadDim, TileKind::kSmallSmem, false>(params, stream);
-    }
+    launch_fwd_sm80_config<Element, kHeadDim, TileKind::kFast, false>(params, stream);
   }
 }
 

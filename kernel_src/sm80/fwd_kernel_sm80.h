@@ -253,142 +253,72 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
       warp::gemm_pv<Traits, kSumByMma>(acc_o, p, v_tile, lanes, rows.sum_frag);
     };
 
-    if constexpr (Traits::kPipelineQK) {
-      // ---- software-pipelined main loop (kStages == 2): S(n - 1) = Q K(n - 1)^T is issued in
-      // the same straight-line block as the softmax of tile n, so the tensor cores work under
-      // the exponentials (FA3's intra-warpgroup overlap, with mma.sync). K/V of tile n use
-      // buffer (n_hi - n) & 1; K runs one tile ahead of V.
-      static_assert(Traits::kStages == 2, "the pipelined loop needs two K/V buffers");
-      const int n_hi = n_block_max - 1;
-      constexpr int kTile = Traits::kTileKVElems;
-      load_q();
-      load_k(n_hi, smem_k);
-      load_v(n_hi, smem_v);
-      cp_async_commit();
-      cp_async_wait<0>();
+    // ---- prologue: Q and the first K/V tile in flight --------------------------------------
+    load_q();
+    if constexpr (Traits::kQInRegs) cp_async_commit();  // Q alone first: its fragments are read
+    load_k(n_block_max - 1, smem_k);
+    if constexpr (Traits::kStages == 2) load_v(n_block_max - 1, smem_v);
+    cp_async_commit();
+    if constexpr (Traits::kQInRegs) {
+      cp_async_wait<1>();
       __syncthreads();
       warp::load_q_frags<Traits>(q_frags, smem_q_warp, lanes);
-      if (n_hi > n_block_min) load_k(n_hi - 1, smem_k + kTile);
-      cp_async_commit();
-      float s_cur[Traits::kMmaM][Traits::kMmaNS][4];
-      warp::gemm_qk<Traits>(s_cur, q_frags, smem_q_warp, smem_k_u32, lanes);
+    }
 
-      // One tile: S(n) is in s_cur on entry; with kNext, S(n - 1) is in s_cur on exit.
-      auto step = [&](int n, auto fast, auto next) {
-        constexpr bool kFast = decltype(fast)::value, kNext = decltype(next)::value;
-        const int buf = (n_hi - n) & 1;
-        // K(n - 1) and V(n) landed; every warp is done with tile n + 1's buffers.
+    // One main-loop iteration for key tile n (stage: its shared-memory buffer). Copies and
+    // barriers are the CTA's; the math is the warp's, for its own rows only (split-Q), so each
+    // warp classifies the tile for its rows (classify_warp_tile).
+    auto step = [&](int n, int stage) {
+      const int n0 = n * kBlockN;
+      const uint32_t k_tile = smem_k_u32 + stage * Traits::kTileKVElems * 2;
+      const uint32_t v_tile = smem_v_u32 + stage * Traits::kTileKVElems * 2;
+      const WarpTile cls =
+          classify_warp_tile<Is_masked>(mask, warp_rows_begin, warp_rows_end, n0, kBlockN);
+      // Tile n landed (this thread's copies, then everyone's), and every warp is done with the
+      // buffers of tile n + 1, which the next copies overwrite.
+      auto tile_landed = [&] {
         cp_async_wait<0>();
         __syncthreads();
-        if (n - 2 >= n_block_min) load_k(n - 2, smem_k + buf * kTile);
-        if (n - 1 >= n_block_min) load_v(n - 1, smem_v + (buf ^ 1) * kTile);
+        if constexpr (Traits::kStages == 2) {
+          if (n > n_block_min) {
+            load_k(n - 1, smem_k + (stage ^ 1) * Traits::kTileKVElems);
+            load_v(n - 1, smem_v + (stage ^ 1) * Traits::kTileKVElems);
+          }
+        } else {
+          load_v(n, smem_v);
+        }
         cp_async_commit();
-        float s_next[Traits::kMmaM][Traits::kMmaNS][4];
-        // S = Q K^T (of the next tile)
-        if constexpr (kNext) {
-          warp::gemm_qk<Traits>(s_next, q_frags, smem_q_warp, smem_k_u32 + (buf ^ 1) * kTile * 2,
-                                lanes);
-        }
-        const uint32_t v_tile = smem_v_u32 + buf * kTile * 2;
-        if constexpr (kFast) {
-          // unmasked blocks: every warp sees the whole tile; no branch before P V
-          softmax_pv(s_cur, n, v_tile, WarpTile::kFull);
-        } else {
-          const WarpTile cls = classify_warp_tile<Is_masked>(mask, warp_rows_begin,
-                                                             warp_rows_end, n * kBlockN, kBlockN);
-          if (cls != WarpTile::kEmpty) softmax_pv(s_cur, n, v_tile, cls);
-        }
-        if constexpr (kNext) {
-#pragma unroll
-          for (int mi = 0; mi < Traits::kMmaM; ++mi)
-#pragma unroll
-            for (int nj = 0; nj < Traits::kMmaNS; ++nj)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) s_cur[mi][nj][e] = s_next[mi][nj][e];
-        }
       };
-      using True = std::integral_constant<bool, true>;
-      using False = std::integral_constant<bool, false>;
-      for (int n = n_hi; n > n_block_min; --n) {
-        const int n0 = n * kBlockN;
-        const bool full = n0 + kBlockN <= seq.seqlen_k &&
-                          (!Is_masked || mask.tile_is_full(m0, min(m0 + kBlockM, seq.seqlen_q),
-                                                           n0, n0 + kBlockN));
-        if (full) {
-          step(n, True{}, True{});
-        } else {
-          step(n, False{}, True{});
-        }
-      }
-      step(n_block_min, False{}, False{});
-    } else {
-      // ---- prologue: Q and the first K/V tile in flight --------------------------------------
-      load_q();
-      if constexpr (Traits::kQInRegs) cp_async_commit();  // Q alone first: its fragments are read
-      load_k(n_block_max - 1, smem_k);
-      if constexpr (Traits::kStages == 2) load_v(n_block_max - 1, smem_v);
-      cp_async_commit();
-      if constexpr (Traits::kQInRegs) {
-        cp_async_wait<1>();
-        __syncthreads();
-        warp::load_q_frags<Traits>(q_frags, smem_q_warp, lanes);
-      }
-
-      // One main-loop iteration for key tile n (stage: its shared-memory buffer). Copies and
-      // barriers are the CTA's; the math is the warp's, for its own rows only (split-Q), so each
-      // warp classifies the tile for its rows (classify_warp_tile).
-      auto step = [&](int n, int stage) {
-        const int n0 = n * kBlockN;
-        const uint32_t k_tile = smem_k_u32 + stage * Traits::kTileKVElems * 2;
-        const uint32_t v_tile = smem_v_u32 + stage * Traits::kTileKVElems * 2;
-        const WarpTile cls =
-            classify_warp_tile<Is_masked>(mask, warp_rows_begin, warp_rows_end, n0, kBlockN);
-        // Tile n landed (this thread's copies, then everyone's), and every warp is done with the
-        // buffers of tile n + 1, which the next copies overwrite.
-        auto tile_landed = [&] {
+      // kStages == 1: V(n) landed; every warp is done reading K(n), so K(n - 1) may replace it.
+      auto v_landed = [&] {
+        if constexpr (Traits::kStages == 1) {
           cp_async_wait<0>();
           __syncthreads();
-          if constexpr (Traits::kStages == 2) {
-            if (n > n_block_min) {
-              load_k(n - 1, smem_k + (stage ^ 1) * Traits::kTileKVElems);
-              load_v(n - 1, smem_v + (stage ^ 1) * Traits::kTileKVElems);
-            }
-          } else {
-            load_v(n, smem_v);
-          }
+          if (n > n_block_min) load_k(n - 1, smem_k);
           cp_async_commit();
-        };
-        // kStages == 1: V(n) landed; every warp is done reading K(n), so K(n - 1) may replace it.
-        auto v_landed = [&] {
-          if constexpr (Traits::kStages == 1) {
-            cp_async_wait<0>();
-            __syncthreads();
-            if (n > n_block_min) load_k(n - 1, smem_k);
-            cp_async_commit();
-          }
-        };
-        if (cls == WarpTile::kEmpty) {  // the warp only takes part in the copies and barriers
-          tile_landed();
-          v_landed();
-          return;
         }
-        tile_landed();
-
-        // S = Q K^T
-        float acc_s[Traits::kMmaM][Traits::kMmaNS][4];
-        warp::gemm_qk<Traits>(acc_s, q_frags, smem_q_warp, k_tile, lanes);
-        v_landed();
-        softmax_pv(acc_s, n, v_tile, cls);
       };
-
-      // ---- main loop over the key tiles of the block's KV range, descending -----------------
-      // (fully masked tiles are outside the range and never visited; unmasked blocks skip the
-      // element-wise mask, per warp, inside step)
-      int stage = 0;
-      for (int n = n_block_max - 1; n >= n_block_min; --n) {
-        step(n, stage);
-        if constexpr (Traits::kStages == 2) stage ^= 1;
+      if (cls == WarpTile::kEmpty) {  // the warp only takes part in the copies and barriers
+        tile_landed();
+        v_landed();
+        return;
       }
+      tile_landed();
+
+      // S = Q K^T
+      float acc_s[Traits::kMmaM][Traits::kMmaNS][4];
+      warp::gemm_qk<Traits>(acc_s, q_frags, smem_q_warp, k_tile, lanes);
+      v_landed();
+      softmax_pv(acc_s, n, v_tile, cls);
+    };
+
+    // ---- main loop over the key tiles of the block's KV range, descending -----------------
+    // (fully masked tiles are outside the range and never visited; unmasked blocks skip the
+    // element-wise mask, per warp, inside step)
+    int stage = 0;
+    for (int n = n_block_max - 1; n >= n_block_min; --n) {
+      step(n, stage);
+      if constexpr (Traits::kStages == 2) stage ^= 1;
     }
   }
 

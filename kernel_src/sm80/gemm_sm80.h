@@ -74,17 +74,13 @@ __device__ __forceinline__ void load_q_frags(QFrags<Traits>& q, uint32_t smem_q,
 
 // S = Q K^T over the full head dim for the warp's kMmaM row tiles (acc_s is overwritten).
 // smem_q: the Q tile's address plus the warp's first row (warp_row0 * kSwizzleCols * 2 bytes);
-// unused when Q is held in registers (q).
-// Traits::kQKSplitM: row tile by row tile (K fragments read once per row tile), so that row tile
-// 0's S is final while row tile 1's MMAs are still in flight and its softmax can start under
-// them; otherwise k-step by k-step (each K fragment read once, feeding every row tile).
+// unused when Q is held in registers (q). K-step by k-step: each K fragment is read once and
+// feeds every row tile of the warp.
 template <typename Traits>
 __device__ __forceinline__ void gemm_qk(float (&acc_s)[Traits::kMmaM][Traits::kMmaNS][4],
                                         const QFrags<Traits>& q, uint32_t smem_q, uint32_t smem_k,
                                         const LdsmLanes<Traits>& lanes) {
   using Element = typename Traits::Element;
-  constexpr int kMGroups = Traits::kQKSplitM ? Traits::kMmaM : 1;
-  constexpr int kMPerGroup = Traits::kMmaM / kMGroups;
 #pragma unroll
   for (int mi = 0; mi < Traits::kMmaM; ++mi)
 #pragma unroll
@@ -92,32 +88,26 @@ __device__ __forceinline__ void gemm_qk(float (&acc_s)[Traits::kMmaM][Traits::kM
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc_s[mi][nj][e] = 0.f;
 #pragma unroll
-  for (int mg = 0; mg < kMGroups; ++mg) {
+  for (int kk = 0; kk < Traits::kKStepsQK; ++kk) {
+    uint32_t a_smem[Traits::kMmaM][4];
+    if constexpr (!Traits::kQInRegs) {
 #pragma unroll
-    for (int kk = 0; kk < Traits::kKStepsQK; ++kk) {
-      uint32_t a_smem[kMPerGroup][4];
-      if constexpr (!Traits::kQInRegs) {
-#pragma unroll
-        for (int i = 0; i < kMPerGroup; ++i) {
-          const int mi = mg * kMPerGroup + i;
-          ldmatrix_x4(a_smem[i],
-                      smem_q + ldsm_offset<Traits, Traits::kBlockM>(lanes.a, mi * 16, kk));
-        }
+      for (int mi = 0; mi < Traits::kMmaM; ++mi) {
+        ldmatrix_x4(a_smem[mi], smem_q + ldsm_offset<Traits, Traits::kBlockM>(lanes.a, mi * 16, kk));
       }
+    }
 #pragma unroll
-      for (int np = 0; np < Traits::kMmaNS / 2; ++np) {
-        uint32_t b[4];
-        ldmatrix_x4(b, smem_k + ldsm_offset<Traits, Traits::kBlockN>(lanes.b, np * 16, kk));
+    for (int np = 0; np < Traits::kMmaNS / 2; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4(b, smem_k + ldsm_offset<Traits, Traits::kBlockN>(lanes.b, np * 16, kk));
 #pragma unroll
-        for (int i = 0; i < kMPerGroup; ++i) {
-          const int mi = mg * kMPerGroup + i;
-          if constexpr (Traits::kQInRegs) {
-            mma_m16n8k16<Element>(acc_s[mi][2 * np], q.a[mi][kk], b[0], b[1]);
-            mma_m16n8k16<Element>(acc_s[mi][2 * np + 1], q.a[mi][kk], b[2], b[3]);
-          } else {
-            mma_m16n8k16<Element>(acc_s[mi][2 * np], a_smem[i], b[0], b[1]);
-            mma_m16n8k16<Element>(acc_s[mi][2 * np + 1], a_smem[i], b[2], b[3]);
-          }
+      for (int mi = 0; mi < Traits::kMmaM; ++mi) {
+        if constexpr (Traits::kQInRegs) {
+          mma_m16n8k16<Element>(acc_s[mi][2 * np], q.a[mi][kk], b[0], b[1]);
+          mma_m16n8k16<Element>(acc_s[mi][2 * np + 1], q.a[mi][kk], b[2], b[3]);
+        } else {
+          mma_m16n8k16<Element>(acc_s[mi][2 * np], a_smem[mi], b[0], b[1]);
+          mma_m16n8k16<Element>(acc_s[mi][2 * np + 1], a_smem[mi], b[2], b[3]);
         }
       }
     }

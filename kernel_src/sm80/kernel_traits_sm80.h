@@ -22,18 +22,13 @@ namespace sm80 {
 // kMinBlocksPerSm: __launch_bounds__ occupancy hint (caps registers at 64K / (threads x blocks)).
 // kRescaleThreshold: a row's softmax reference max moves only when a tile's max exceeds it by more
 // than this (log2 units; 0: whenever it grows, as FA2).
-// kQKSplitM: S = Q K^T row tile by row tile (see gemm_qk).
-// kPipelineQK: the main loop computes S of tile n - 1 under the softmax of tile n (kStages == 2).
 // kSumByMma: softmax row sums accumulated by the tensor cores (P times ones; see RowState).
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kStages_, typename Element_,
           bool kQInRegs_ = false, bool kSkipRescale_ = true, int kMinBlocksPerSm_ = 1,
-          int kRescaleThreshold_ = 8, bool kQKSplitM_ = false, bool kPipelineQK_ = false,
-          bool kSumByMma_ = true>
+          int kRescaleThreshold_ = 8, bool kSumByMma_ = true>
 struct FwdKernelTraits {
   using Element = Element_;
   static constexpr bool kSumByMma = kSumByMma_;
-  static constexpr bool kPipelineQK = kPipelineQK_;
-  static constexpr bool kQKSplitM = kQKSplitM_;
   static constexpr int kRescaleThreshold = kRescaleThreshold_;
   static constexpr bool kQInRegs = kQInRegs_;
   static constexpr bool kSkipRescale = kSkipRescale_;
@@ -104,8 +99,7 @@ struct TraitsFor {
   static constexpr TileConfig kC = tile_config(kHeadDim, kKind);
   using type = FwdKernelTraits<kHeadDim, kC.kBlockM, kC.kBlockN, kC.kNWarps, kC.kStages, Element,
                                kC.kQInRegs, kC.kSkipRescale, kC.kMinBlocksPerSm,
-                               kC.kRescaleThreshold, kC.kQKSplitM, kC.kPipelineQK,
-                               kC.kSumByMma>;
+                               kC.kRescaleThreshold, kC.kSumByMma>;
 };
 
 }  // namespace sm80

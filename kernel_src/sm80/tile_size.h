@@ -22,16 +22,17 @@ struct TileConfig {
   bool kSkipRescale = true;  // skip the O rescale when no row max of the warp moved
   int kMinBlocksPerSm = 1;   // __launch_bounds__ occupancy hint
   int kRescaleThreshold = 8;  // lazy O rescale: move the softmax reference when max grows > 2^8
-  bool kQKSplitM = false;     // S = Q K^T row tile by row tile (softmax of tile 0 under tile 1)
-  bool kPipelineQK = false;   // S of the next tile under the softmax of this one (2 stages)
   bool kSumByMma = true;      // softmax row sums on the tensor cores (P times ones)
 };
 
 enum class TileKind : int {
   kFast = 0,     // the hot path (no dropout, softcap, ALiBi, paging): tuned on H100/H200
-  kGeneral = 1,  // every feature; fits the 99 KB of sm86/sm89 so it runs on every sm80+ GPU
-  kSmallSmem = 2,  // the hot path for GPUs whose kFast config exceeds their shared memory
+  kGeneral = 1,  // every feature, 4 warps x 16 rows
 };
+
+// The smallest dynamic shared-memory limit among sm80+ GPUs (sm86/sm89: 99 KB): every config
+// below fits it (static_assert in fwd_launch_sm80.h), so one set of kernels runs on all of them.
+constexpr int kMinSmemOptin = 99 * 1024;
 
 // Shared-memory bytes of a config for 2-byte elements.
 constexpr int tile_smem_bytes(int head_dim, TileConfig c) {
@@ -40,30 +41,27 @@ constexpr int tile_smem_bytes(int head_dim, TileConfig c) {
 
 constexpr TileConfig tile_config(int head_dim, TileKind kind) {
   if (kind == TileKind::kFast) {
-    // Measured on H200 (docs/tuning.md, tune2): 4 warps x 32 query rows beat 8 warps x 16 rows
-    // everywhere (each K/V fragment read from shared memory feeds two MMA row tiles, and 255
-    // registers x 128 threads still fits 2 CTAs/SM). Field order: kBlockM, kBlockN, kNWarps,
-    // kStages, kQInRegs.
-    // 32/64: O is only 32/64 registers, so Q fits in registers next to a 128x64 S tile; the
-    // double-buffered K/V (2 stages) then hides the copies (64: 1.00-1.03x SDPA-flash).
-    if (head_dim <= 64) return {128, 64, 4, 2, true};
-    // 96/128: O takes 96/128 registers; FA2's single K/V buffer with two barriers per tile
-    // spilled least and measured best (128: 0.96-1.03x; 2 stages 0.93-0.99x; kBlockN 32 worse).
+    // Measured on H200 (docs/tuning.md, tune2..tune8). Field order: kBlockM, kBlockN, kNWarps,
+    // kStages, kQInRegs. All with the lazy O rescale and the row sums on the tensor cores.
+    // 32/64: 4 warps x 32 rows, 128 keys per tile (O is only 32/64 registers, so the 128x128 S
+    // tile fits; longer rows amortise the softmax bookkeeping), K/V double-buffered
+    // (64: 1.09-1.14x SDPA-flash; 128x64 with Q in registers 1.05-1.11x).
+    if (head_dim <= 64) return {128, 128, 4, 2};
+    // 96/128: 4 warps x 32 rows (each K/V fragment read from shared memory feeds two row tiles),
+    // FA2's single K/V buffer with two barriers per tile: 255 registers x 128 threads = 2 CTAs/SM
+    // (128: 1.06-1.15x; 2 stages spilled more and measured 0.93-1.05x; 8 warps x 16 rows 0.84-0.97x).
     if (head_dim <= 128) return {128, 64, 4, 1};
-    // 192/256: 16 rows per warp (O alone is 96/128 registers); one K/V stage measured best
-    // (256: 0.89-1.14x) and fits 99 KB at 192 (sm86/sm89), 128 KB at 256 (sm80: 163 KB).
-    return {128, 64, 8, 1};
+    // 192/256: the O accumulator alone is 96/128 registers, so 16 rows per warp; FA2's H100
+    // choice, 64 x 64 with 4 warps and one stage (96 KB at 256), gives 2 CTAs/SM, whose
+    // prologues and epilogues overlap each other's main loops (256: 1.03-1.12x; 128 x 64 with
+    // 8 warps, 1 CTA/SM: 0.94-1.14x).
+    return {64, 64, 4, 1};
   }
-  if (kind == TileKind::kGeneral) {
-    // Portable: <= 99 KB dynamic shared memory at every head dim (sm86/sm89 limit), 4 warps x
-    // 16 rows, so the registers left beside S and O absorb the feature code (softcap, ALiBi,
-    // Philox, paged addressing) without spilling.
-    if (head_dim <= 64) return {64, 64, 4, 2};     // 40 KB
-    if (head_dim <= 128) return {64, 64, 4, 1};    // 48 KB
-    return {64, 32, 4, 1};                         // <= 64 KB at 256
-  }
-  // kSmallSmem: the fast path where kFast exceeds the device's shared memory (256 on sm86/sm89).
-  return {64, 64, 4, 1};                           // 96 KB at 256
+  // kGeneral: 4 warps x 16 rows, so the registers left beside S and O absorb the feature code
+  // (softcap, ALiBi, Philox, paged addressing) without spilling.
+  if (head_dim <= 64) return {64, 64, 4, 2};     // 40 KB
+  if (head_dim <= 128) return {64, 64, 4, 1};    // 48 KB
+  return {64, 32, 4, 1};                         // <= 64 KB at 256
 }
 
 }  // namespace sm80
