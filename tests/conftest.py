@@ -149,6 +149,15 @@ def poison_uninitialized_memory():
     torch.use_deterministic_algorithms(False)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("flash", f"inputs are random: reproduce with --seed "
+                                         f"{item.config.stash[SEED_KEY]} {item.nodeid}"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Tolerance rule and grid summary
 

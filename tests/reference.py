@@ -119,6 +119,8 @@ def _online_softmax_pv(s, v, keep_scaled, block_n=64):
     for n0 in range(0, sk, block_n):
         blk = s[..., n0:n0 + block_n]
         new_max = torch.maximum(row_max, blk.amax(-1, keepdim=True))
+        # rows that have seen only masked keys so far: exp(-inf - (-inf)) would be NaN
+        new_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
         rescale = torch.exp(row_max - new_max)
         e = torch.exp(blk - new_max)
         row_sum = row_sum * rescale + e.sum(-1, keepdim=True)

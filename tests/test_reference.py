@@ -94,3 +94,15 @@ def test_kvcache_reference_appends_and_attends_like_plain_attention():
     assert torch.equal(kc2[0, :5], kc[0, :5]) and torch.equal(kc2[0, 7:], kc[0, 7:])
     ref = attention_ref(q, kc2[:, 1:7], vc2[:, 1:7], causal=True)[0]
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.fast
+def test_fp64_oracle_survives_fully_masked_key_blocks():
+    """Regression: the tiled fp64 oracle computed exp(-inf - (-inf)) = NaN for rows whose
+    first key blocks were all masked (local windows), making every bound NaN."""
+    q, k, v = qkv(1, 5, 300, 1, 1, 16, dtype=torch.float64, device="cpu")
+    kw = dict(window_size=(3, 0))  # rows see only the last ~8 keys: blocks 0..3 fully masked
+    out_pt, lse_pt, _ = attention_ref(q, k, v, **kw, **pt_options(torch.float64))
+    out, lse, _ = attention_ref(q, k, v, **kw)
+    assert torch.isfinite(out_pt).all() and torch.isfinite(lse_pt).all()
+    torch.testing.assert_close(out_pt, out, rtol=1e-12, atol=1e-12)
