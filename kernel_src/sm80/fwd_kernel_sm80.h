@@ -150,6 +150,17 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
   mask.kv_range(m0, m0 + kBlockM, &col_begin, &col_end);
   const int n_block_min = col_begin / kBlockN;
   const int n_block_max = col_end > col_begin ? (col_end + kBlockN - 1) / kBlockN : n_block_min;
+  // Tiles [n_full_lo, n_full_hi] are fully visible from every row of the block (Mask's
+  // tile_is_full, in closed form: at or after the last row's first key, before the first row's
+  // end, which includes seqlen_k), so the per-warp classification runs on boundary tiles only.
+  int n_full_lo = 0, n_full_hi = -1;
+  if (Is_masked && col_end > col_begin) {
+    int first_begin, first_end, last_begin, last_end;
+    mask.col_limits(m0, &first_begin, &first_end);
+    mask.col_limits(min(m0 + kBlockM, seq.seqlen_q) - 1, &last_begin, &last_end);
+    n_full_lo = (last_begin + kBlockN - 1) / kBlockN;
+    n_full_hi = first_end / kBlockN - 1;
+  }
 
   // ---- tile loaders ------------------------------------------------------------------------
   const CopyThread<Traits> ct(tid);
@@ -273,7 +284,9 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
       const uint32_t k_tile = smem_k_u32 + stage * Traits::kTileKVElems * 2;
       const uint32_t v_tile = smem_v_u32 + stage * Traits::kTileKVElems * 2;
       const WarpTile cls =
-          classify_warp_tile<Is_masked>(mask, warp_rows_begin, warp_rows_end, n0, kBlockN);
+          Is_masked && n >= n_full_lo && n <= n_full_hi && warp_rows_end > warp_rows_begin
+              ? WarpTile::kFull
+              : classify_warp_tile<Is_masked>(mask, warp_rows_begin, warp_rows_end, n0, kBlockN);
       // Tile n landed (this thread's copies, then everyone's), and every warp is done with the
       // buffers of tile n + 1, which the next copies overwrite.
       auto tile_landed = [&] {
