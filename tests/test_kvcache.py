@@ -87,7 +87,8 @@ class Cache:
         r = rotary_dim_for(c["rotary"], d)
         self.cos = self.sin = None
         if r:
-            angle = torch.rand(CACHE_LEN, r // 2, device=device) * 6.3
+            # queries of a full cache sit past its end (positions cache_seqlens + i)
+            angle = torch.rand(CACHE_LEN + self.sq, r // 2, device=device) * 6.3
             self.cos, self.sin = angle.cos().to(dtype), angle.sin().to(dtype)
         self.interleaved = c["rotary"] == "interleaved"
 
