@@ -210,8 +210,9 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
         }
       }
       // dQ += dS K (softmax_scale applied once when dQ is written)
-      gemm(sc.dp.data(), kBlockN, sc.ks.data(), dpad, sc.dq.data() + pr0 * dpad, dpad, nrows, n,
-           dpad, /*accumulate=*/true);
+      Acc* dq_tile = sc.dq.data() + static_cast<int64_t>(pr0) * dpad;
+      gemm(sc.dp.data(), kBlockN, sc.ks.data(), dpad, dq_tile, dpad, nrows, n, dpad,
+           /*accumulate=*/true);
       // dK += dS^T (scale Q)
       transpose(sc.dp.data(), kBlockN, sc.dst.data(), kBlockM, nrows, n);
       gemm(sc.dst.data(), kBlockM, sc.qs.data(), dpad, sc.dk.data(), dpad, n, nrows, dpad,

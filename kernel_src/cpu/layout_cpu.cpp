@@ -2,6 +2,7 @@
 // per-sequence SeqInfo (see layout_cpu.h). Everything here is O(batch + pages), run once per call.
 #include "layout_cpu.h"
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -138,6 +139,10 @@ Problem make_problem(const FwdParams& p, bool is_bwd) {
     if (s.seqlen_q > pr.max_seqlen_q) pr.max_seqlen_q = s.seqlen_q;
     if (s.seqlen_k > pr.max_seqlen_k) pr.max_seqlen_k = s.seqlen_k;
   }
+  // Query rows of the heads sharing a K/V head are packed into one int-indexed row space.
+  if (static_cast<int64_t>(pr.max_seqlen_q) * pr.group > INT32_MAX)
+    fail("seqlen_q", "times nheads / nheads_k must be below 2^31 on the CPU backend",
+         pr.max_seqlen_q);
   if (p.p_ptr != nullptr && (pr.max_seqlen_q > p.seqlen_q || pr.max_seqlen_k > p.seqlen_k))
     fail("S_dmask (p_ptr) is smaller than the longest sequence: seqlen_q/seqlen_k (max_seqlen) "
          "must bound every sequence");

@@ -37,7 +37,7 @@ inline bool needs_general_kernel(const FwdParams& p) {
          p.p_ptr != nullptr || !(p.scale_log2 > 0.f) || !sm80::tensors_aligned(p);
 }
 
-// Row blocks per (sequence, head) in the grid's x dimension. Batched: exact. Varlen: bounded by
+// Row blocks per (sequence, head) in the grid (see GridOrder). Batched: exact. Varlen: bounded by
 // max_seqlen_q when given; when it is not (seqlen_q <= 0) or is only the trivial bound total_q,
 // the grid is sized from the average length and the CTAs loop (fwd_kernel_sm80), so a packed
 // batch of many short sequences does not launch batch x total_q / kBlockM idle CTAs.
@@ -62,12 +62,17 @@ void launch_fwd_sm80(const FwdParams& params, cudaStream_t stream) {
     cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
                "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
   }
-  if (params.nheads > 65535) {
+  // Grid limits: x up to 2^31 - 1, y and z up to 65535 (CTAs loop over the batch and the row
+  // blocks beyond them, fwd_kernel_sm80).
+  const int row_blocks = grid_row_blocks(params, Traits::kBlockM);
+  const int batch = std::min(params.batch, 65535);
+  if (!Is_masked && params.nheads > 65535) {
     throw std::runtime_error("flash_attn CUDA: nheads = " + std::to_string(params.nheads) +
                              " exceeds the 65535 heads the grid can address");
   }
-  const dim3 grid(grid_row_blocks(params, Traits::kBlockM), params.nheads,
-                  std::min(params.batch, 65535));
+  const dim3 grid = sm80::GridOrder::grid_dims(/*row_blocks_slowest=*/Is_masked,
+                                               Is_masked ? std::min(row_blocks, 65535) : row_blocks,
+                                               params.nheads, batch);
   kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
   cuda_check(cudaGetLastError(), "launching the sm80 forward kernel");
 }

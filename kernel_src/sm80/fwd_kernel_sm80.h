@@ -376,6 +376,31 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
   }
 }
 
+// Which grid dimension holds what (see the kernel); the launch builds the grid with grid_dims.
+struct GridOrder {
+  bool row_blocks_slowest;
+  __device__ __forceinline__ explicit GridOrder(bool slowest) : row_blocks_slowest(slowest) {}
+  __device__ __forceinline__ int head() const {
+    return row_blocks_slowest ? blockIdx.x : blockIdx.y;
+  }
+  __device__ __forceinline__ int batch_index() const {
+    return row_blocks_slowest ? blockIdx.y : blockIdx.z;
+  }
+  __device__ __forceinline__ int batch_stride() const {
+    return row_blocks_slowest ? gridDim.y : gridDim.z;
+  }
+  __device__ __forceinline__ int block_index() const {
+    return row_blocks_slowest ? blockIdx.z : blockIdx.x;
+  }
+  __device__ __forceinline__ int block_stride() const {
+    return row_blocks_slowest ? gridDim.z : gridDim.x;
+  }
+  // (row blocks, heads, batch) as the launch's grid.
+  static dim3 grid_dims(bool row_blocks_slowest, int row_blocks, int heads, int batch) {
+    return row_blocks_slowest ? dim3(heads, batch, row_blocks) : dim3(row_blocks, heads, batch);
+  }
+};
+
 template <typename Traits, bool Is_masked, bool Is_general, bool Is_dropout>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     fwd_kernel_sm80(const __grid_constant__ FwdParams params) {
@@ -383,16 +408,20 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   const bool aligned = !Is_general || tensors_aligned(params);
-  const int bidh = blockIdx.y;
-  for (int bidb = blockIdx.z; bidb < params.batch; bidb += gridDim.z) {
+  // Grid order (GridOrder): with a causal/local mask the row blocks differ in length, so the
+  // row-block index is the slowest grid dimension and runs backwards: the hardware then starts
+  // the longest blocks of every (sequence, head) first and fills the tail with short ones
+  // (longest-processing-time first, as FA3). Without a mask all blocks are equal and the
+  // row-block index is the fastest dimension, so the CTAs in flight share their head's K/V in L2.
+  const GridOrder order(Is_masked);
+  for (int bidb = order.batch_index(); bidb < params.batch; bidb += order.batch_stride()) {
     const SeqInfo seq(params, bidb);
     int rows = seq.seqlen_q;
     // S_dmask has (max) seqlen_q rows per sequence; padding rows past the sequence get zeros.
     if (Is_general && params.p_ptr != nullptr) rows = max(rows, params.seqlen_q);
     const int n_m_blocks = (rows + Traits::kBlockM - 1) / Traits::kBlockM;
-    // Longest first: under a causal mask the last row blocks see the most keys.
-    for (int x = blockIdx.x; x < n_m_blocks; x += gridDim.x) {
-      fwd_row_block<Traits, Is_masked, Is_general, Is_dropout>(params, seq, bidb, bidh,
+    for (int x = order.block_index(); x < n_m_blocks; x += order.block_stride()) {
+      fwd_row_block<Traits, Is_masked, Is_general, Is_dropout>(params, seq, bidb, order.head(),
                                                                n_m_blocks - 1 - x, aligned, smem);
       __syncthreads();  // the next row block's copies overwrite this one's shared memory
     }
