@@ -168,10 +168,12 @@ class Tolerance:
     def __init__(self, request):
         self.records = request.config.stash[RECORD_KEY]
         self.nodeid = request.node.nodeid
+        callspec = getattr(request.node, "callspec", None)
+        self.device = callspec.params.get("device", "cpu") if callspec else "cpu"
 
     def check(self, name, ours, ref, pt, dtype, factor=2.0, context="", scale=None):
         ratio, msg = error_ratio(ours, ref, pt, dtype, factor, scale)
-        self.records.append({"test": self.nodeid, "quantity": name,
+        self.records.append({"test": self.nodeid, "quantity": name, "device": self.device,
                              "dtype": grid.dtype_name(dtype), "ratio": ratio})
         assert ratio <= 1.0, f"{name}: {msg} {context}"
         return ratio
@@ -197,9 +199,9 @@ def pytest_sessionfinish(session, exitstatus):
     records = session.config.stash[RECORD_KEY]
     worst = {}
     for r in records:
-        w = worst.get(r["dtype"])
-        if w is None or r["ratio"] > w["ratio"]:
-            worst[r["dtype"]] = dict(r)
+        key = f"{r['device']}/{r['dtype']}"
+        if key not in worst or r["ratio"] > worst[key]["ratio"]:
+            worst[key] = dict(r)
     configs = sorted({r["test"] for r in records})
     summary = {
         "device": torch.cuda.get_device_name() if cuda_available() else "cpu",
@@ -211,7 +213,7 @@ def pytest_sessionfinish(session, exitstatus):
         "exitstatus": int(exitstatus),
         "checks": len(records),
         "configs_run": len(configs),
-        "worst_ratio_per_dtype": worst,
+        "worst_ratio_per_device_dtype": worst,
         "rule": "ratio = max|ours-ref| / (factor*max|pt-ref| + eps*max|ref|); pass iff <= 1",
         "configs": configs,
     }
