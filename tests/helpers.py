@@ -78,7 +78,7 @@ def paged_pool(k_seqs, page_size, *, extra_blocks=3, poison=float("nan")):
         # writes -1): -1 here makes a kernel that reads them fail
         table[b, blocks_per[b]:] = -1
         for i in range(t.shape[0]):
-            pool[table[b, i // page_size], i % page_size] = t[i]
+            pool[int(table[b, i // page_size]), i % page_size] = t[i]
     return pool, table.to(device)
 
 

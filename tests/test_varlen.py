@@ -102,7 +102,7 @@ def test_varlen_paged_kv_any_page_size(flash, tol, device, paged_case):
     v_pool = torch.full_like(k_pool, float("nan"))
     for b, t in enumerate(v_seqs):
         for i in range(t.shape[0]):
-            v_pool[table[b, i // c["page_size"]], i % c["page_size"]] = t[i]
+            v_pool[int(table[b, i // c["page_size"]]), i % c["page_size"]] = t[i]
     if c["seqused_k"]:
         used = [int(torch.randint(0, n_k + 1, ())) for n_k in lens_used]
         bt.seqused_k = torch.tensor(used, dtype=torch.int32, device=device)
