@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -93,6 +94,9 @@ def decode_tps(model, batch, context, steps, reps, gen):
 
 
 def git_sha() -> str:
+    """HEAD of the checkout; FLASH_GIT_SHA names it where the tree travelled without .git."""
+    if os.environ.get("FLASH_GIT_SHA"):
+        return os.environ["FLASH_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()
@@ -119,7 +123,9 @@ def main(argv=None) -> int:
 
     import flash_attn_hub
 
-    flash_attn_hub.register(name=OURS, source=args.build)
+    module = flash_attn_hub.register(name=OURS, source=args.build)
+    kernel_id = Path(module.__file__).resolve().parent.joinpath("metadata.json")
+    kernel_id = json.loads(kernel_id.read_text())["id"]
     impls = ["sdpa", OURS]
     if importlib.util.find_spec("flash_attn") is not None:
         impls.append("flash_attention_2")
@@ -150,7 +156,7 @@ def main(argv=None) -> int:
     doc = {
         "gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
         "transformers": transformers.__version__, "kernels": kernels.__version__,
-        "git_sha": git_sha(),
+        "git_sha": git_sha(), "kernel_id": kernel_id,
         "model": {"family": "llama", "params": params, "dtype": "bfloat16",
                   **{k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size",
                                                   "num_hidden_layers", "num_attention_heads",
