@@ -113,13 +113,30 @@ def causal_lm(device, dtype, repeats, big):
         mask[i, : (i * width) // (2 * batch)] = 0
     kw = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
               pad_token_id=0)
+    # Prefill logits against an fp32 SDPA reference with the same weights: in bf16 the greedy
+    # tokens of a random-weight model part ways at the first near-tie, so the parity that means
+    # something there is the error rule of the tests (ours within 2x SDPA's own error).
+    ref32 = ref
+    if dtype != torch.float32:
+        (ref32,) = twin_models(cfg, ("sdpa",), dtype=torch.float32, device=device)
+        ref32.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    with torch.no_grad():
+        logits = {n: m(ids, attention_mask=mask).logits.float()[mask.bool()]
+                  for n, m in [("ref", ref32), ("sdpa", ref), (OURS, ours)]}
+    err = {n: (logits[n] - logits["ref"]).abs().max().item() for n in ("sdpa", OURS)}
+    scale = logits["ref"].abs().max().item()
+    if dtype == torch.float32:   # the reference is SDPA itself: the tests' fp32 tolerance
+        logits_ok = err[OURS] <= 2e-5 + 1e-4 * scale
+    else:                        # 2x SDPA's own error plus one rounding step
+        logits_ok = err[OURS] <= 2 * err["sdpa"] + torch.finfo(dtype).eps * scale
+
     out, times = {}, {}
     for name, model in [("sdpa", ref), (OURS, ours)]:
         out[name], times[name] = timed(torch.no_grad()(lambda m=model: m.generate(ids, **kw)),
                                        repeats, device, f"generate {name}")
     a, b = out["sdpa"][:, width:], out[OURS][:, width:]
     same = (a == b).float().mean().item()
-    return same, batch * new, times
+    return same, err, logits_ok, batch * new, times
 
 
 def main(argv=None) -> int:
@@ -141,8 +158,9 @@ def main(argv=None) -> int:
     cos, cos_sdpa, t1 = minilm(device, dtype, args.repeats)
     ok1 = cos >= COS_BOUND[dtype]
     print("[2/2] Llama-style causal LM (random weights), greedy generation, left-padded prompts")
-    same, tokens, t2 = causal_lm(device, dtype, args.repeats, big=device == "cuda")
-    ok2 = same == 1.0 if dtype == torch.float32 else same >= 0.9
+    same, err, logits_ok, tokens, t2 = causal_lm(device, dtype, args.repeats, big=device == "cuda")
+    # fp32: identical tokens; bf16: the prefill logits meet the 2x-SDPA error rule
+    ok2 = logits_ok and (same == 1.0 if dtype == torch.float32 else True)
 
     print()
     print(f"{'step':<34}{'sdpa':>12}{OURS:>12}{'parity':>30}")
@@ -153,6 +171,10 @@ def main(argv=None) -> int:
         print(f"{'':<58}{f'(SDPA {cos_sdpa:.6f}, bound {COS_BOUND[dtype]})':>30}")
     print(f"{'generate, tokens/s':<34}{tokens / t2['sdpa']:>12.1f}{tokens / t2[OURS]:>12.1f}"
           f"{f'identical tokens {same * 100:.1f}%':>30}")
+    ours_err, sdpa_err = err[OURS], err["sdpa"]
+    print(f"{'':<58}{f'prefill logits max err {ours_err:.2e}':>30}")
+    if dtype != torch.float32:
+        print(f"{'':<58}{f'(SDPA {sdpa_err:.2e}, vs fp32 SDPA)':>30}")
     print()
     print("PARITY OK" if ok1 and ok2 else "PARITY FAILED")
     return 0 if ok1 and ok2 else 1
