@@ -73,7 +73,9 @@ inline float bf16_to_float(uint16_t h) { return f32_from_bits(static_cast<uint32
 
 inline uint16_t float_to_bf16(float x) {
   const uint32_t f = f32_bits(x);
-  if ((f & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((f >> 16) | 0x40u);  // quiet NaN
+  if ((f & 0x7fffffffu) > 0x7f800000u) {
+    return static_cast<uint16_t>((f >> 16) | 0x40u);  // NaN stays NaN (quiet)
+  }
   const uint32_t lsb = (f >> 16) & 1u;
   return static_cast<uint16_t>((f + 0x7fffu + lsb) >> 16);  // overflow rounds to inf correctly
 }

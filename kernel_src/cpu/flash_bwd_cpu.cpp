@@ -1,7 +1,7 @@
 // Owns: run_bwd_cpu, the CPU backward. Exact gradients by recomputation (FA2 algorithm 2):
 // P is rebuilt from the saved lse (fp32/fp64 inputs recompute lse in fp64, so that e.g. gradcheck
-// sees the exact gradient of the fp64 forward), the dropout mask is regenerated from the same Philox stream,
-// D = rowsum(dO * O), dS = P * (dP - D), softcap's chain rule dS *= 1 - tanh^2.
+// sees the exact gradient of the fp64 forward), the dropout mask is regenerated from the same
+// Philox stream, D = rowsum(dO * O), dS = P * (dP - D), softcap's chain rule dS *= 1 - tanh^2.
 //
 // Parallel over (sequence, K/V head): one task owns dK/dV of its K/V head and dQ of the query
 // heads of its group, so nothing is shared between threads and the result is deterministic and
@@ -11,7 +11,6 @@
 // sequence length, like FA2's dq_accum.
 #include <algorithm>
 #include <cmath>
-#include <memory>
 #include <vector>
 
 #include "../common/softmax_state.h"
@@ -26,26 +25,32 @@ namespace {
 template <typename T>
 struct BwdScratch {
   using Acc = acc_t<T>;
+  // Tiles (thread-local, reused across calls).
   std::vector<Acc> qs, dout, kt, ks, vt, s, tanh_s, dp, pt, dst, dk, dv;
   std::vector<uint8_t> keep;
-  std::vector<Acc> dq, lse, dsum;  // per task: (seqlen_q * group) rows
   TileRows<Acc> rows;
   KvTileRows kv;
+  // Per task, (seqlen_q * group) rows: pointers into the task's own buffers (not kept across
+  // calls, since their size follows the sequence length).
+  Acc* dq = nullptr;
+  Acc* lse = nullptr;
+  Acc* dsum = nullptr;
 
-  explicit BwdScratch(int dpad)
-      : qs(kBlockM * dpad),
-        dout(kBlockM * dpad),
-        kt(dpad * kBlockN),
-        ks(kBlockN * dpad),
-        vt(dpad * kBlockN),
-        s(kBlockM * kBlockN),
-        tanh_s(kBlockM * kBlockN),
-        dp(kBlockM * kBlockN),
-        pt(kBlockN * kBlockM),
-        dst(kBlockN * kBlockM),
-        dk(kBlockN * dpad),
-        dv(kBlockN * dpad),
-        keep(kBlockM * kBlockN) {}
+  void ensure(int dpad) {
+    grow_to(qs, kBlockM * dpad);
+    grow_to(dout, kBlockM * dpad);
+    grow_to(kt, dpad * kBlockN);
+    grow_to(ks, kBlockN * dpad);
+    grow_to(vt, dpad * kBlockN);
+    grow_to(s, kBlockM * kBlockN);
+    grow_to(tanh_s, kBlockM * kBlockN);
+    grow_to(dp, kBlockM * kBlockN);
+    grow_to(pt, kBlockN * kBlockM);
+    grow_to(dst, kBlockN * kBlockM);
+    grow_to(dk, kBlockN * dpad);
+    grow_to(dv, kBlockN * dpad);
+    grow_to(keep, kBlockM * kBlockN);
+  }
 };
 
 // Per-sequence offsets of the gradient-side tensors (the backward has no paging or left padding).
@@ -123,9 +128,11 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
   const T* dout = static_cast<const T*>(p.do_ptr) + off.dout;
   const T* out = static_cast<const T*>(p.o_ptr) + s.o_off;
 
-  sc.dq.assign(static_cast<size_t>(packed) * dpad, Acc(0));
-  sc.lse.resize(packed);
-  sc.dsum.resize(packed);
+  std::vector<Acc> dq_acc(static_cast<size_t>(packed) * dpad, Acc(0));
+  std::vector<Acc> row_stats(2 * static_cast<size_t>(packed));
+  sc.dq = dq_acc.data();
+  sc.lse = row_stats.data();
+  sc.dsum = row_stats.data() + packed;
 
   // D = rowsum(dO * O) and the lse of every row of the group.
   for (int pi = 0; pi < packed; ++pi) {
@@ -133,7 +140,8 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
     const T* dorow = dout + i * p.do_row_stride + h * p.do_head_stride;
     const T* orow = out + i * p.o_row_stride + h * p.o_head_stride;
     Acc acc = Acc(0);
-    for (int col = 0; col < d; ++col) acc += Traits<T>::load(dorow[col]) * Traits<T>::load(orow[col]);
+    for (int col = 0; col < d; ++col)
+      acc += Traits<T>::load(dorow[col]) * Traits<T>::load(orow[col]);
     sc.dsum[pi] = acc;
     sc.lse[pi] = static_cast<Acc>(p.softmax_lse_ptr[s.lse_off + h * c.pr.lse_head_stride + i]);
   }
@@ -210,7 +218,7 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
         }
       }
       // dQ += dS K (softmax_scale applied once when dQ is written)
-      Acc* dq_tile = sc.dq.data() + static_cast<int64_t>(pr0) * dpad;
+      Acc* dq_tile = sc.dq + static_cast<int64_t>(pr0) * dpad;
       gemm(sc.dp.data(), kBlockN, sc.ks.data(), dpad, dq_tile, dpad, nrows, n, dpad,
            /*accumulate=*/true);
       // dK += dS^T (scale Q)
@@ -238,7 +246,7 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
   for (int pi = 0; pi < packed; ++pi) {
     const int i = pi / group, h = hk * group + pi % group;
     T* dst = dq_out + i * p.dq_row_stride + h * p.dq_head_stride;
-    const Acc* src = sc.dq.data() + static_cast<int64_t>(pi) * dpad;
+    const Acc* src = sc.dq + static_cast<int64_t>(pi) * dpad;
     for (int col = 0; col < d; ++col) dst[col] = Traits<T>::store(src[col] * c.scale);
   }
 }
@@ -247,12 +255,11 @@ template <typename T>
 void run_bwd_typed(const BwdParams& p, const Problem& pr) {
   const AttnCtx<T> c(p, pr);
   const int64_t ntasks = static_cast<int64_t>(pr.batch) * pr.nheads_k;
-  parallel_tasks(
-      ntasks, [&] { return std::make_unique<BwdScratch<T>>(pr.dpad); },
-      [&](int64_t t, BwdScratch<T>& sc) {
-        bwd_task<T>(c, p, static_cast<int>(t / pr.nheads_k), static_cast<int>(t % pr.nheads_k),
-                    sc);
-      });
+  parallel_tasks(ntasks, pr.work, [&](int64_t t) {
+    BwdScratch<T>& sc = thread_scratch<BwdScratch<T>>();
+    sc.ensure(pr.dpad);
+    bwd_task<T>(c, p, static_cast<int>(t / pr.nheads_k), static_cast<int>(t % pr.nheads_k), sc);
+  });
 }
 
 void check_bwd_pointers(const BwdParams& p) {

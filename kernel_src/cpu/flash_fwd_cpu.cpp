@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 #include "../common/softmax_state.h"
@@ -28,13 +27,14 @@ struct FwdScratch {
   KvTileRows kv;
   SoftmaxState<Acc> state[kBlockM];
 
-  explicit FwdScratch(int dpad)
-      : q(kBlockM * dpad),
-        kt(dpad * kBlockN),
-        v(kBlockN * dpad),
-        s(kBlockM * kBlockN),
-        o(kBlockM * dpad),
-        keep(kBlockM * kBlockN) {}
+  void ensure(int dpad) {
+    grow_to(q, kBlockM * dpad);
+    grow_to(kt, dpad * kBlockN);
+    grow_to(v, kBlockN * dpad);
+    grow_to(s, kBlockM * kBlockN);
+    grow_to(o, kBlockM * dpad);
+    grow_to(keep, kBlockM * kBlockN);
+  }
 };
 
 // S_dmask for one query tile, given each row's final lse: P = exp(s - lse), negated where
@@ -153,15 +153,15 @@ void run_fwd_typed(const FwdParams& p, const Problem& pr) {
     first_task[b + 1] = first_task[b] + (packed + kBlockM - 1) / kBlockM * pr.nheads_k;
   }
   const int64_t ntasks = first_task[pr.batch];
-  parallel_tasks(
-      ntasks, [&] { return std::make_unique<FwdScratch<T>>(pr.dpad); },
-      [&](int64_t t, FwdScratch<T>& sc) {
-        const int b = static_cast<int>(
-            std::upper_bound(first_task.begin(), first_task.end(), t) - first_task.begin() - 1);
-        const int64_t local = t - first_task[b];
-        fwd_tile<T>(c, b, static_cast<int>(local % pr.nheads_k),
-                    static_cast<int>(local / pr.nheads_k), sc);
-      });
+  parallel_tasks(ntasks, pr.work, [&](int64_t t) {
+    FwdScratch<T>& sc = thread_scratch<FwdScratch<T>>();
+    sc.ensure(pr.dpad);
+    const int b = static_cast<int>(
+        std::upper_bound(first_task.begin(), first_task.end(), t) - first_task.begin() - 1);
+    const int64_t local = t - first_task[b];
+    fwd_tile<T>(c, b, static_cast<int>(local % pr.nheads_k),
+                static_cast<int>(local / pr.nheads_k), sc);
+  });
 }
 
 }  // namespace

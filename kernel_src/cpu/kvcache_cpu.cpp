@@ -7,8 +7,6 @@
 // are (2m, 2m+1) when interleaved (GPT-J) and (m, m + rotary_dim/2) otherwise (GPT-NeoX); the
 // dims past rotary_dim are copied. Computed in fp32 (fp64 for fp64) and rounded once, like FA2.
 // Every task writes distinct rows, so the result does not depend on the thread count.
-#include <memory>
-
 #include "dtype_cpu.h"
 #include "flash_api_cpu.h"
 #include "layout_cpu.h"
@@ -17,8 +15,6 @@
 FLASH_NAMESPACE_BEGIN
 namespace cpu {
 namespace {
-
-struct NoScratch {};
 
 template <typename T>
 void rotate_row(const T* src, T* dst, int d, int rotary_dim, bool interleaved, const T* cos_row,
@@ -54,44 +50,43 @@ void kv_append_typed(const KvAppendParams& p) {
   const T* cos = static_cast<const T*>(p.rotary_cos_ptr);
   const T* sin = static_cast<const T*>(p.rotary_sin_ptr);
   const int64_t table_ld = p.rotary_dim / 2;
-  parallel_tasks(
-      ntasks, [] { return std::make_unique<NoScratch>(); },
-      [&](int64_t t, NoScratch&) {
-        const int b = static_cast<int>(t / p.seqlen_new);
-        const int i = static_cast<int>(t % p.seqlen_new);
-        const int64_t pos = static_cast<int64_t>(p.cache_seqlens[b]) + i;  // cache position
-        int64_t k_row, v_row;
-        if (p.block_table != nullptr) {
-          const int64_t page =
-              p.block_table[static_cast<int64_t>(b) * p.block_table_batch_stride +
-                            pos / p.page_block_size];
-          const int64_t r = pos % p.page_block_size;
-          k_row = page * p.k_batch_stride + r * p.k_row_stride;
-          v_row = page * p.v_batch_stride + r * p.v_row_stride;
-        } else {
-          const int64_t kb = p.cache_batch_idx != nullptr ? p.cache_batch_idx[b] : b;
-          k_row = kb * p.k_batch_stride + pos * p.k_row_stride;
-          v_row = kb * p.v_batch_stride + pos * p.v_row_stride;
-        }
-        const T* knew = static_cast<const T*>(p.k_new_ptr) +
-                        static_cast<int64_t>(b) * p.knew_batch_stride + i * p.knew_row_stride;
-        const T* vnew = static_cast<const T*>(p.v_new_ptr) +
-                        static_cast<int64_t>(b) * p.vnew_batch_stride + i * p.vnew_row_stride;
-        T* kc = static_cast<T*>(p.k_cache_ptr) + k_row;
-        T* vc = static_cast<T*>(p.v_cache_ptr) + v_row;
-        for (int h = 0; h < p.nheads_k; ++h) {
-          const T* ksrc = knew + h * p.knew_head_stride;
-          T* kdst = kc + h * p.k_head_stride;
-          if (p.rotary_dim > 0)
-            rotate_row(ksrc, kdst, p.head_dim, p.rotary_dim, p.rotary_interleaved,
-                       cos + pos * table_ld, sin + pos * table_ld);
-          else
-            for (int col = 0; col < p.head_dim; ++col) kdst[col] = ksrc[col];
-          const T* vsrc = vnew + h * p.vnew_head_stride;
-          T* vdst = vc + h * p.v_head_stride;
-          for (int col = 0; col < p.head_dim; ++col) vdst[col] = vsrc[col];
-        }
-      });
+  const int64_t work = ntasks * p.nheads_k * p.head_dim;
+  parallel_tasks(ntasks, work, [&](int64_t t) {
+    const int b = static_cast<int>(t / p.seqlen_new);
+    const int i = static_cast<int>(t % p.seqlen_new);
+    const int64_t pos = static_cast<int64_t>(p.cache_seqlens[b]) + i;  // cache position
+    int64_t k_row, v_row;
+    if (p.block_table != nullptr) {
+      const int64_t page =
+          p.block_table[static_cast<int64_t>(b) * p.block_table_batch_stride +
+                        pos / p.page_block_size];
+      const int64_t r = pos % p.page_block_size;
+      k_row = page * p.k_batch_stride + r * p.k_row_stride;
+      v_row = page * p.v_batch_stride + r * p.v_row_stride;
+    } else {
+      const int64_t kb = p.cache_batch_idx != nullptr ? p.cache_batch_idx[b] : b;
+      k_row = kb * p.k_batch_stride + pos * p.k_row_stride;
+      v_row = kb * p.v_batch_stride + pos * p.v_row_stride;
+    }
+    const T* knew = static_cast<const T*>(p.k_new_ptr) +
+                    static_cast<int64_t>(b) * p.knew_batch_stride + i * p.knew_row_stride;
+    const T* vnew = static_cast<const T*>(p.v_new_ptr) +
+                    static_cast<int64_t>(b) * p.vnew_batch_stride + i * p.vnew_row_stride;
+    T* kc = static_cast<T*>(p.k_cache_ptr) + k_row;
+    T* vc = static_cast<T*>(p.v_cache_ptr) + v_row;
+    for (int h = 0; h < p.nheads_k; ++h) {
+      const T* ksrc = knew + h * p.knew_head_stride;
+      T* kdst = kc + h * p.k_head_stride;
+      if (p.rotary_dim > 0)
+        rotate_row(ksrc, kdst, p.head_dim, p.rotary_dim, p.rotary_interleaved,
+                   cos + pos * table_ld, sin + pos * table_ld);
+      else
+        for (int col = 0; col < p.head_dim; ++col) kdst[col] = ksrc[col];
+      const T* vsrc = vnew + h * p.vnew_head_stride;
+      T* vdst = vc + h * p.v_head_stride;
+      for (int col = 0; col < p.head_dim; ++col) vdst[col] = vsrc[col];
+    }
+  });
 }
 
 template <typename T>
@@ -100,27 +95,26 @@ void rotary_q_typed(const RotaryQParams& p) {
   const T* cos = static_cast<const T*>(p.rotary_cos_ptr);
   const T* sin = static_cast<const T*>(p.rotary_sin_ptr);
   const int64_t table_ld = p.rotary_dim / 2;
-  parallel_tasks(
-      ntasks, [] { return std::make_unique<NoScratch>(); },
-      [&](int64_t t, NoScratch&) {
-        const int b = static_cast<int>(t / p.seqlen_q);
-        const int i = static_cast<int>(t % p.seqlen_q);
-        const int64_t base = p.cache_seqlens != nullptr ? p.cache_seqlens[b] : 0;
-        const int64_t pos = base + (p.positions_per_row ? i : 0);
-        const T* src = static_cast<const T*>(p.q_ptr) + static_cast<int64_t>(b) * p.q_batch_stride +
-                       i * p.q_row_stride;
-        T* dst = static_cast<T*>(p.q_out_ptr) + (static_cast<int64_t>(b) * p.seqlen_q + i) *
-                                                    p.nheads * p.head_dim;
-        for (int h = 0; h < p.nheads; ++h) {
-          const T* s = src + h * p.q_head_stride;
-          T* o = dst + static_cast<int64_t>(h) * p.head_dim;
-          if (p.rotary_dim > 0)
-            rotate_row(s, o, p.head_dim, p.rotary_dim, p.rotary_interleaved,
-                       cos + pos * table_ld, sin + pos * table_ld);
-          else
-            for (int col = 0; col < p.head_dim; ++col) o[col] = s[col];
-        }
-      });
+  const int64_t work = ntasks * p.nheads * p.head_dim;
+  parallel_tasks(ntasks, work, [&](int64_t t) {
+    const int b = static_cast<int>(t / p.seqlen_q);
+    const int i = static_cast<int>(t % p.seqlen_q);
+    const int64_t base = p.cache_seqlens != nullptr ? p.cache_seqlens[b] : 0;
+    const int64_t pos = base + (p.positions_per_row ? i : 0);
+    const T* src = static_cast<const T*>(p.q_ptr) + static_cast<int64_t>(b) * p.q_batch_stride +
+                   i * p.q_row_stride;
+    T* dst = static_cast<T*>(p.q_out_ptr) + (static_cast<int64_t>(b) * p.seqlen_q + i) *
+                                                p.nheads * p.head_dim;
+    for (int h = 0; h < p.nheads; ++h) {
+      const T* s = src + h * p.q_head_stride;
+      T* o = dst + static_cast<int64_t>(h) * p.head_dim;
+      if (p.rotary_dim > 0)
+        rotate_row(s, o, p.head_dim, p.rotary_dim, p.rotary_interleaved,
+                   cos + pos * table_ld, sin + pos * table_ld);
+      else
+        for (int col = 0; col < p.head_dim; ++col) o[col] = s[col];
+    }
+  });
 }
 
 }  // namespace
@@ -143,7 +137,8 @@ void run_kv_append_cpu(const KvAppendParams& p) {
   if (p.block_table != nullptr && p.cache_batch_idx != nullptr)
     fail("cache_batch_idx is not supported together with block_table");
   for (int b = 0; b < p.batch; ++b) {
-    if (p.cache_seqlens[b] < 0) fail("cache_seqlens", "holds a negative length", p.cache_seqlens[b]);
+    if (p.cache_seqlens[b] < 0)
+      fail("cache_seqlens", "holds a negative length", p.cache_seqlens[b]);
     if (p.cache_batch_idx != nullptr && p.cache_batch_idx[b] < 0)
       fail("cache_batch_idx", "holds a negative index", p.cache_batch_idx[b]);
     if (p.block_table != nullptr) {
@@ -151,7 +146,8 @@ void run_kv_append_cpu(const KvAppendParams& p) {
       const int64_t last = (static_cast<int64_t>(p.cache_seqlens[b]) + p.seqlen_new - 1) /
                            p.page_block_size;
       for (int64_t i = first; i <= last; ++i) {
-        const int32_t page = p.block_table[static_cast<int64_t>(b) * p.block_table_batch_stride + i];
+        const int32_t page =
+            p.block_table[static_cast<int64_t>(b) * p.block_table_batch_stride + i];
         if (page < 0) fail("block_table", "holds a negative page id", page);
       }
     }

@@ -136,6 +136,7 @@ Problem make_problem(const FwdParams& p, bool is_bwd) {
       s.v_off = static_cast<int64_t>(kb) * p.v_batch_stride +
                 static_cast<int64_t>(leftpad) * p.v_row_stride;
     }
+    pr.work += static_cast<int64_t>(s.seqlen_q) * s.seqlen_k * p.nheads * p.head_dim;
     if (s.seqlen_q > pr.max_seqlen_q) pr.max_seqlen_q = s.seqlen_q;
     if (s.seqlen_k > pr.max_seqlen_k) pr.max_seqlen_k = s.seqlen_k;
   }

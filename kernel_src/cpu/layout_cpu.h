@@ -38,6 +38,8 @@ struct Problem {
   int d = 0, dpad = 0;  // head dim and its padded scratch width
   int max_seqlen_q = 0, max_seqlen_k = 0;  // over the batch (actual, not the hint)
   int64_t lse_head_stride = 0;
+  int64_t work = 0;  // sum over sequences of nheads * seqlen_q * seqlen_k * d (multiply-adds of
+                     // S = Q K^T without masking), to decide whether a call is worth threads
   std::vector<SeqInfo> seqs;
 };
 

@@ -1,55 +1,67 @@
-// Owns: the one parallel loop of the CPU backend. OpenMP over independent tasks with per-thread
-// scratch, dynamic scheduling (causal tiles differ in cost), and exception safety: an exception
-// must not leave an OpenMP worksharing region (the other threads would wait forever at its
-// barrier), so each task catches, the first error is kept, remaining tasks are skipped, and the
-// error is rethrown on the calling thread. Without -fopenmp the pragmas vanish and the loop runs
-// serially with identical results (tasks never share outputs, so results never depend on the
-// thread count).
+// Owns: the one parallel loop of the CPU backend and its per-thread scratch.
+//
+// * OpenMP over independent tasks, dynamic scheduling (causal tiles differ in cost).
+// * Small problems run on the calling thread: the CI suite makes thousands of tiny calls, for
+//   which waking the OpenMP team costs more than the work (and much more on an oversubscribed
+//   machine, where idle workers spin).
+// * Exception safety: an exception must not leave an OpenMP worksharing region (the other threads
+//   would wait forever at its barrier), so each task catches, the first error is kept, remaining
+//   tasks are skipped, and the error is rethrown on the calling thread.
+// * Scratch tiles are thread-local and grow-only, so repeated calls pay no allocation, zeroing or
+//   page faults; they are bounded by the tile sizes (never by sequence lengths).
+// Without -fopenmp the pragmas vanish and the loop runs serially with identical results: tasks
+// never share outputs, so results never depend on the thread count.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <exception>
-#include <memory>
 
 #include "../common/namespace.h"
 
 FLASH_NAMESPACE_BEGIN
 namespace cpu {
 
-// make_scratch() -> std::unique_ptr<Scratch>; body(task, Scratch&).
-template <typename MakeScratch, typename Body>
-void parallel_tasks(int64_t ntasks, MakeScratch&& make_scratch, Body&& body) {
+// Multiply-adds below which a call stays on the calling thread (~0.1 ms of single-core work).
+constexpr int64_t kParallelMinWork = int64_t(1) << 20;
+
+// body(task) for task in [0, ntasks); parallel only when `work` (multiply-adds, roughly) is
+// worth it.
+template <typename Body>
+void parallel_tasks(int64_t ntasks, int64_t work, Body&& body) {
   std::exception_ptr error = nullptr;
   bool failed = false;
-#pragma omp parallel if (ntasks > 1)
-  {
-    decltype(make_scratch()) scratch;
+#pragma omp parallel for schedule(dynamic, 1) if (ntasks > 1 && work >= kParallelMinWork)
+  for (int64_t t = 0; t < ntasks; ++t) {
+    bool skip;
+#pragma omp atomic read
+    skip = failed;
+    if (skip) continue;
     try {
-      scratch = make_scratch();
+      body(t);
     } catch (...) {
 #pragma omp critical(flash_cpu_error)
       {
         if (!error) error = std::current_exception();
-        failed = true;
       }
-    }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < ntasks; ++t) {
-      bool skip;
-#pragma omp atomic read
-      skip = failed;
-      if (skip || !scratch) continue;
-      try {
-        body(t, *scratch);
-      } catch (...) {
-#pragma omp critical(flash_cpu_error)
-        {
-          if (!error) error = std::current_exception();
-          failed = true;
-        }
-      }
+#pragma omp atomic write
+      failed = true;
     }
   }
   if (error) std::rethrow_exception(error);
+}
+
+// Grow-only resize for scratch vectors (contents beyond what a call writes are never read).
+template <typename Vec>
+void grow_to(Vec& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+}
+
+// The calling thread's instance of Scratch (default-constructed once per thread; the caller
+// grows it to the sizes it needs).
+template <typename Scratch>
+Scratch& thread_scratch() {
+  static thread_local Scratch scratch;
+  return scratch;
 }
 
 }  // namespace cpu
