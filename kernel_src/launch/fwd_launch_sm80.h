@@ -1,6 +1,6 @@
 // Owns: turning one forward call into a launch of the sm80 kernel: which variant (fast or general,
-// masked or not, dropout or not), which tile config (tile_size.h, by the device's shared-memory
-// limit), the grid, the shared-memory attribute. Included by the generated instantiation files
+// masked or not, dropout or not) with its tile config (tile_size.h), the grid, the shared-memory
+// attribute. Included by the generated instantiation files
 // (one per head dim x dtype), which compile run_fwd_sm80<Element, kHeadDim>. Every tile config
 // fits the smallest sm80+ shared memory (99 KB), so the choice does not depend on the device.
 //

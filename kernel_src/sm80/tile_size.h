@@ -1,12 +1,11 @@
 // Owns: every tile-size decision of the sm80 forward, in one constexpr function (FA3's
-// tile_size.h). The launch code picks a TileKind at run time from the device's shared-memory
-// limit and the features in use; the instantiations compile exactly the configs returned here.
+// tile_size.h). The launch code picks a TileKind at run time from the features in use; the
+// instantiations compile exactly the configs returned here.
 //
 // Invariants checked by the traits (kernel_traits_sm80.h): kBlockM = kNWarps * kRowsPerWarp with
 // kRowsPerWarp a multiple of 16 (each warp owns whole 16-row MMA tiles of Q: "split-Q", no
-// inter-warp reduction), kBlockN a
-// multiple of 16, and the shared memory of Q + kStages x (K + V) within the TileKind's budget.
-// Evidence for each choice: docs/tuning.md.
+// inter-warp reduction), kBlockN a multiple of 16; and by the launch: Q + kStages x (K + V) in
+// shared memory fits kMinSmemOptin. Evidence for each choice: docs/tuning.md.
 #pragma once
 #include "../common/namespace.h"
 
