@@ -74,6 +74,8 @@ def test_bad_unsupported_dtype_int32(flash, device):
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("d", [0, 264])
 def test_bad_head_dim_zero_or_above_256(flash, device, d):
+    """Regression (d = 0): the default softmax_scale 1/sqrt(d) raised ZeroDivisionError before
+    the head-dim check ran (fixed in ef5425a)."""
     q, k, v = _qkv(device, d=d)
     raises_naming(lambda: flash.flash_attn_func(q, k, v), "q", "head_dim", "head dim",
                   "headdim")

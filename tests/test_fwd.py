@@ -99,6 +99,18 @@ def test_fwd_last_dim_not_contiguous_is_copied_like_fa2(flash, tol, device):
 
 
 @pytest.mark.fast
+def test_fwd_fp64_keeps_fp64_accuracy(flash, tol):
+    """Regression: FwdParams held softmax_scale, softcap and the dropout p as float, so fp64
+    problems with a scale that is not a power of two came out fp32-accurate (errors ~3e-8;
+    fixed in b1abd1c by making those fields double)."""
+    dtype = torch.float64
+    q, k, v = qkv(2, 113, 203, 2, 2, 32, dtype=dtype, device="cpu")  # scale 1/sqrt(32)
+    _check_fwd(flash, tol, q, k, v, dtype=dtype, softcap=1.7, causal=True)
+    out = flash.flash_attn_func(q, k, v, softmax_scale=0.3)
+    assert (out - attention_ref(q, k, v, softmax_scale=0.3)[0]).abs().max() < 1e-13
+
+
+@pytest.mark.fast
 @pytest.mark.parametrize("device", device_params())
 def test_fwd_returns_out_only_by_default_and_leaves_inputs_alone(flash, device):
     dtype = torch.float16 if device == "cuda" else torch.float32
