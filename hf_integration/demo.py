@@ -163,18 +163,18 @@ def main(argv=None) -> int:
     ok2 = logits_ok and (same == 1.0 if dtype == torch.float32 else True)
 
     print()
-    print(f"{'step':<34}{'sdpa':>12}{OURS:>12}{'parity':>30}")
+    print(f"{'step':<34}{'sdpa':>12}{OURS:>12}  {'parity':>30}")
     ref_note = "fp32 SDPA" if dtype != torch.float32 else "SDPA"
     print(f"{'MiniLM embeddings (ms)':<34}{t1['sdpa'] * 1e3:>12.2f}{t1[OURS] * 1e3:>12.2f}"
-          f"{f'min cos vs {ref_note} {cos:.7f}':>30}")
+          f"  {f'min cos vs {ref_note} {cos:.7f}':>30}")
     if dtype != torch.float32:
-        print(f"{'':<58}{f'(SDPA {cos_sdpa:.6f}, bound {COS_BOUND[dtype]})':>30}")
+        print(f"{'':<60}{f'(SDPA {cos_sdpa:.7f}, bound {COS_BOUND[dtype]})':>30}")
     print(f"{'generate, tokens/s':<34}{tokens / t2['sdpa']:>12.1f}{tokens / t2[OURS]:>12.1f}"
-          f"{f'identical tokens {same * 100:.1f}%':>30}")
+          f"  {f'identical tokens {same * 100:.1f}%':>30}")
     ours_err, sdpa_err = err[OURS], err["sdpa"]
-    print(f"{'':<58}{f'prefill logits max err {ours_err:.2e}':>30}")
+    print(f"{'':<60}{f'prefill logits max err {ours_err:.2e}':>30}")
     if dtype != torch.float32:
-        print(f"{'':<58}{f'(SDPA {sdpa_err:.2e}, vs fp32 SDPA)':>30}")
+        print(f"{'':<60}{f'(SDPA {sdpa_err:.2e}, vs fp32 SDPA)':>30}")
     print()
     print("PARITY OK" if ok1 and ok2 else "PARITY FAILED")
     return 0 if ok1 and ok2 else 1
