@@ -219,7 +219,9 @@ inline VarlenTensors check_varlen_tensors(const Tensor& q, const Tensor& cu_seql
 #ifdef CUDA_KERNEL
 inline cudaStream_t current_stream(const Tensor& t) {
   void* stream = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
+  // Checked by hand: STABLE_TORCH_ERROR_CODE_CHECK is newer than the torch 2.10/2.11 headers.
+  FLASH_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream) == AOTI_TORCH_SUCCESS,
+              "could not get the current CUDA stream of device ", t.get_device_index());
   return static_cast<cudaStream_t>(stream);
 }
 #endif
