@@ -108,15 +108,20 @@ def grid_params(config, axes, *, cpu_axes=None, cuda_axes=None, fast=None):
     CPU: pairwise unless --full-grid; CUDA: full product (one skipped param when no GPU).
     fast: predicate on a CPU case that adds the `fast` marker.
     """
+    def slow(case):  # the large shapes: deselect with -m "not slow"
+        return [pytest.mark.slow] if case.get("seqlens") in grid.SEQLENS_SLOW else []
+
     params = []
     cpu = dict(axes, **(cpu_axes or {}))
     for case in grid.combine(cpu, full_grid(config, "cpu")):
         marks = [pytest.mark.fast] if fast is not None and fast(case) else []
-        params.append(pytest.param("cpu", case, id="cpu-" + grid.case_id(case), marks=marks))
+        params.append(pytest.param("cpu", case, id="cpu-" + grid.case_id(case),
+                                   marks=marks + slow(case)))
     if cuda_available():
         cuda = dict(axes, **(cuda_axes or {}))
         for case in grid.combine(cuda, True):
-            params.append(pytest.param("cuda", case, id="cuda-" + grid.case_id(case)))
+            params.append(pytest.param("cuda", case, id="cuda-" + grid.case_id(case),
+                                       marks=slow(case)))
     else:
         params.append(pytest.param("cuda", None, id="cuda",
                                    marks=pytest.mark.skip(reason="needs a CUDA device")))
