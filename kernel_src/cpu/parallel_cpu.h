@@ -39,7 +39,7 @@ void parallel_tasks(int64_t ntasks, int64_t work, Body&& body) {
     try {
       body(t);
     } catch (...) {
-#pragma omp critical(flash_cpu_error)
+#pragma omp critical
       {
         if (!error) error = std::current_exception();
       }
