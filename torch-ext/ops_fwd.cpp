@@ -85,6 +85,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mha_fwd(
   p.head_dim = head_dim;
   p.seqlen_q = to_int(seqlen_q, "seqlen_q");
   p.seqlen_k = to_int(seqlen_k, "seqlen_k");
+  p.kv_num_blocks = batch;  // K/V batch rows (bounds the kernel's addressing)
   set_score_params(p, softmax_scale, softcap, window, drop);
   set_alibi(p, alibi_slopes, q, batch, nheads);
 
@@ -203,6 +204,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mha_varlen_fwd(
   p.seqlen_q = to_int(bounds.seqlen_q, "max_seqlen_q");
   p.seqlen_k = to_int(bounds.seqlen_k, "max_seqlen_k");
   p.total_q = to_int(total_q, "total_q");
+  // Bounds for the device index tensors, which are not validated here (no sync): page ids in
+  // [0, pool pages); cu_seqlens_k offsets in [0, rows of k] when not paged.
+  p.kv_num_blocks = paged ? num_blocks : 1;
+  p.total_k = paged ? 0 : k.size(0);  // 0: not used (paged)
   p.cu_seqlens_q = ix.cu_q.const_data_ptr<int32_t>();
   p.cu_seqlens_k = ix.cu_k.const_data_ptr<int32_t>();
   p.seqused_k = ix.used ? ix.used->const_data_ptr<int32_t>() : nullptr;

@@ -51,6 +51,12 @@ struct FwdParams {
   int seqlen_q = 0;   // batched: the common length; varlen: an upper bound (max_seqlen_q)
   int seqlen_k = 0;   // batched: the K/V length (cache length for kvcache); varlen: upper bound
   int total_q = 0;    // varlen: number of query tokens (rows of q)
+  // Bounds of the K/V tensors, so that kernels never read out of bounds on bad device index
+  // tensors (the binding does not sync to validate them). 0 or less: unknown, not clamped (a
+  // call with an empty K never reaches a backend, so 0 is never a real bound).
+  int64_t kv_num_blocks = 0;  // pages in the pool (paged), else K/V batch rows (k.size(0));
+                              //   page ids and cache_batch_idx must lie in [0, kv_num_blocks)
+  int64_t total_k = 0;        // varlen, not paged: rows of k; cu_seqlens_k must lie in [0, total_k]
 
   // Variable length, paging, KV-cache indirection (all optional).
   const int32_t* cu_seqlens_q = nullptr;  // (batch + 1)

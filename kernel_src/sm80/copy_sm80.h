@@ -28,9 +28,17 @@ struct PagedRows {
   int64_t row_stride;
   int pos0;                  // position of the tile's row 0 (left padding + n_block * kBlockN)
   int page_size;
+  uint64_t num_pages;        // pages in the pool (FwdParams::kv_num_blocks), or UINT64_MAX
+                             //   when unknown (kv_bound())
   __device__ __forceinline__ const Element* operator()(int row) const {
     const int pos = pos0 + row;
-    const int page = pages[pos / page_size];
+    int page = pages[pos / page_size];
+    // A page id outside [0, num_pages) (never validated on the host for device tensors) reads
+    // page 0 instead: wrong values for a wrong input, but never an out-of-bounds read. One
+    // unsigned compare covers both ends.
+    if (static_cast<uint64_t>(static_cast<int64_t>(page)) >= num_pages) {
+      page = 0;
+    }
     return pool + page * page_stride + (pos % page_size) * row_stride;
   }
 };

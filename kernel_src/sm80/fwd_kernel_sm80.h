@@ -177,7 +177,7 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
       const PagedRows<Element> rows{static_cast<const Element*>(pool) + bidh_kv * head_stride,
                                     params.block_table + bidb * params.block_table_batch_stride,
                                     page_stride, row_stride, seq.kv_pos0 + n * kBlockN,
-                                    params.page_block_size};
+                                    params.page_block_size, kv_bound(params)};
       if (aligned) {
         load_tile_paged<Traits, kBlockN, true>(dst, ct, rows, valid, head_dim);
       } else {

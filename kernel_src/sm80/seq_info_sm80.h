@@ -5,9 +5,10 @@
 // * Every offset is int64 (tensors may exceed 2^31 elements).
 // * Index tensors are read on the device without validation by the binding (no sync), so bad
 //   contents are clamped here into what the params describe: cu_seqlens_q into [0, total_q] and
-//   non-decreasing, key lengths into [0, seqlen_k]. Three things cannot be range-checked
-//   because FwdParams does not carry the bound: page ids (pool size), cache_batch_idx (rows of
-//   the cache) and cu_seqlens_k offsets (total_k); docs/cuda_fwd.md lists this.
+//   non-decreasing, cu_seqlens_k into [0, total_k] and non-decreasing (when total_k > 0), key
+//   lengths into [0, seqlen_k]; a cache_batch_idx outside [0, kv_num_blocks) gives the sequence
+//   no keys (O = 0, lse = +inf) instead of reading another allocation. Page ids are clamped
+//   per row in PagedRows (copy_sm80.h).
 #pragma once
 #include <cstdint>
 
@@ -18,6 +19,12 @@ namespace sm80 {
 
 __device__ __forceinline__ int clamp_int(int x, int lo, int hi) {
   return x < lo ? lo : (x > hi ? hi : x);
+}
+
+// Exclusive upper bound for page ids and cache_batch_idx as an unsigned value, so one compare
+// rejects negative ids too; UINT64_MAX (nothing rejected) when the binding gave no bound.
+__device__ __forceinline__ uint64_t kv_bound(const FwdParams& p) {
+  return p.kv_num_blocks > 0 ? static_cast<uint64_t>(p.kv_num_blocks) : UINT64_MAX;
 }
 
 struct SeqInfo {
@@ -56,21 +63,29 @@ struct SeqInfo {
     int k_start = 0;
     int len_k = p.seqlen_k;
     if (p.cu_seqlens_k != nullptr) {
-      k_start = p.cu_seqlens_k[bidb];
-      k_start = k_start < 0 ? 0 : k_start;
-      const int k_end = p.cu_seqlens_k[bidb + 1];
-      len_k = k_end > k_start ? k_end - k_start : 0;
+      // total_k <= 0: unknown (paged: the offsets are not used, only the lengths).
+      const int hi =
+          p.total_k > 0 && p.total_k < INT32_MAX ? static_cast<int>(p.total_k) : INT32_MAX;
+      k_start = clamp_int(p.cu_seqlens_k[bidb], 0, hi);
+      const int k_end = clamp_int(p.cu_seqlens_k[bidb + 1], k_start, hi);
+      len_k = k_end - k_start;
     }
     if (p.seqused_k != nullptr) {
       const int used = p.seqused_k[bidb];
       len_k = p.block_table != nullptr ? used : clamp_int(used, 0, len_k);
     }
     len_k = clamp_int(len_k, 0, p.seqlen_k < 0 ? 0 : p.seqlen_k);
+    int64_t kv_batch = bidb;
+    if (p.cache_batch_idx != nullptr) {
+      kv_batch = p.cache_batch_idx[bidb];
+      if (static_cast<uint64_t>(kv_batch) >= kv_bound(p)) {
+        kv_batch = 0;
+        len_k = 0;
+      }
+    }
+    if (p.cu_seqlens_k != nullptr) kv_batch = 0;
     kv_pos0 = p.leftpad_k != nullptr ? clamp_int(p.leftpad_k[bidb], 0, len_k) : 0;
     seqlen_k = len_k - kv_pos0;
-    int64_t kv_batch = bidb;
-    if (p.cache_batch_idx != nullptr) kv_batch = p.cache_batch_idx[bidb];
-    if (p.cu_seqlens_k != nullptr) kv_batch = 0;
     k_row0 = kv_batch * p.k_batch_stride + static_cast<int64_t>(k_start + kv_pos0) * p.k_row_stride;
     v_row0 = kv_batch * p.v_batch_stride + static_cast<int64_t>(k_start + kv_pos0) * p.v_row_stride;
   }
