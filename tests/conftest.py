@@ -159,8 +159,8 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if report.failed:
-        report.sections.append(("flash", f"inputs are random: reproduce with --seed "
-                                         f"{item.config.stash[SEED_KEY]} {item.nodeid}"))
+        report.sections.append(("flash", f"random inputs of this run: reproduce with "
+                                         f"--seed {item.config.stash[SEED_KEY]} {item.nodeid}"))
 
 
 # ----------------------------------------------------------------------------------------------
