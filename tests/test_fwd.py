@@ -4,7 +4,7 @@ import torch
 
 import grid
 from conftest import device_params, grid_params
-from helpers import alibi_for, case_context, qkv, randn, window_for
+from helpers import alibi_for, case_context, names, qkv, randn, window_for
 from reference import attention_ref, pt_options
 
 FWD_AXES = {"dtype": grid.DTYPES_CPU, "hdim": grid.HDIMS, "mask": grid.MASKS,
@@ -79,9 +79,9 @@ def test_fwd_explicit_softmax_scale_and_strided_inputs(flash, tol, device):
     """Non-default softmax_scale; q/k/v are strided views (only the last dim contiguous)."""
     dtype = torch.float16 if device == "cuda" else torch.float32
     b, sq, sk, h, hk, d = 2, 65, 97, 4, 2, 64
-    big_q = randn(b, sq, h + 3, d + 8, dtype=dtype, device=device)
+    big_q = randn(b, sq, h + 3, d + 16, dtype=dtype, device=device)
     big_kv = randn(b, sk, 2, hk, d, dtype=dtype, device=device)
-    q = big_q[:, :, 1:h + 1, 4:d + 4]
+    q = big_q[:, :, 1:h + 1, 8:d + 8]  # 16-byte aligned: see the misaligned test below
     k, v = big_kv[:, :, 0], big_kv[:, :, 1]
     assert not q.is_contiguous() and q.stride(-1) == 1
     _check_fwd(flash, tol, q, k, v, dtype=dtype, softmax_scale=0.37, causal=True)
@@ -164,6 +164,28 @@ def test_fwd_rows_that_see_no_key_give_zero_and_inf_lse(flash, device):
     assert torch.all(out[:, :5] == 0)
     assert torch.all(lse[:, :, :5] == float("inf"))
     assert torch.isfinite(lse[:, :, 5:]).all()
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("device", device_params())
+def test_fwd_misaligned_base_pointer_is_right_or_refused(flash, tol, device):
+    """q starting 4 elements (8 bytes) into a row: the CPU backend must be right; a GPU kernel
+    built on 16-byte loads must either be right or refuse with an error naming q, never crash
+    with a misaligned address."""
+    dtype = torch.float16
+    big_q = randn(2, 40, 2, 64 + 8, dtype=dtype, device=device)
+    q = big_q[..., 4:68]
+    _, k, v = qkv(2, 40, 50, 2, 2, 64, dtype=dtype, device=device)
+    try:
+        out = flash.flash_attn_func(q, k, v, causal=True)
+    except (RuntimeError, ValueError) as e:
+        assert device != "cpu", f"the CPU backend has no alignment constraint: {e}"
+        assert names("q").search(str(e)), str(e)
+        return
+    if device == "cuda":
+        torch.cuda.synchronize()
+    tol.check("out", out, attention_ref(q, k, v, causal=True)[0],
+              attention_ref(q, k, v, causal=True, **pt_options(dtype))[0], dtype)
 
 
 # ---------------------------------------------------------------------------------------------
