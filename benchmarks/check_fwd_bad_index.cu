@@ -75,6 +75,7 @@ Result run(FwdParams p, int rows, int lse_n) {
   CUDA_OK(cudaMalloc(&lse, size_t(lse_n) * 4));
   CUDA_OK(cudaMemset(o, 0xff, size_t(rows) * kH * kD * 2));  // NaN poison
   p.o_ptr = o;
+  p.softmax_lse_ptr = lse;
   run_fwd_cuda(p, nullptr);
   CUDA_OK(cudaDeviceSynchronize());
   Result r{std::vector<__nv_bfloat16>(size_t(rows) * kH * kD), std::vector<float>(lse_n)};
@@ -132,7 +133,6 @@ int main() {
     p.block_table_batch_stride = pages;
     p.kv_num_blocks = pages;
     p.window_right = 0;  // causal: masked and unmasked tiles
-    CUDA_OK(cudaMalloc(&p.softmax_lse_ptr, batch * kH * sq * 4));
     p.block_table = upload(std::vector<int32_t>{0, 1, 2, 3, 5000, -7, 1, 2});
     const Result bad = run(p, batch * sq, batch * kH * sq);
     p.block_table = upload(std::vector<int32_t>{0, 1, 2, 3, 0, 0, 1, 2});
@@ -149,7 +149,6 @@ int main() {
     p.v_ptr = random_bf16(size_t(kv_rows) * sk * kH * kD, 6);
     p.k_batch_stride = p.v_batch_stride = int64_t(sk) * kH * kD;
     p.kv_num_blocks = kv_rows;
-    CUDA_OK(cudaMalloc(&p.softmax_lse_ptr, batch * kH * sq * 4));
     p.cache_batch_idx = upload(std::vector<int32_t>{1, 99, -1});
     const Result bad = run(p, batch * sq, batch * kH * sq);
     p.cache_batch_idx = upload(std::vector<int32_t>{1, 0, 0});
@@ -168,7 +167,6 @@ int main() {
     p.v_ptr = random_bf16(size_t(total_k) * kH * kD, 9);
     p.total_k = total_k;
     p.cu_seqlens_q = upload(std::vector<int32_t>{0, sq, 2 * sq, 3 * sq});
-    CUDA_OK(cudaMalloc(&p.softmax_lse_ptr, kH * batch * sq * 4));
     p.cu_seqlens_k = upload(std::vector<int32_t>{0, 64, 100000, 1 << 30});
     const Result bad = run(p, batch * sq, kH * batch * sq);
     p.cu_seqlens_k = upload(std::vector<int32_t>{0, 64, 96, 96});

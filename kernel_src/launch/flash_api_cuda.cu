@@ -74,7 +74,9 @@ void run_fwd_cuda(const FwdParams& params, cudaStream_t stream) {
   if (params.batch == 0 || params.nheads == 0) return;
   if (varlen ? params.total_q <= 0 : params.seqlen_q <= 0) return;  // no query rows: nothing to write
 
+#ifndef FLASH_DISABLE_SM90  // a build without 9.0 (tools/build_local.py --archs) has no sm90 code
   if (try_run_fwd_sm90(params, stream)) return;
+#endif
   DTYPE_SWITCH(params.dtype, [&] {
     HDIM_SWITCH(params.head_dim, [&] { run_fwd_sm80<elem_type, kHeadDim>(params, stream); });
   });
