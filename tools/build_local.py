@@ -179,7 +179,9 @@ def _build_locked(backend, args, config, tool, name, ops_name, out_dir, ninja_di
         sys.exit(f"build_local: the {name} build failed")
     check_undefined(plan.output)
     assemble(REPO, out_dir, config, ops_name, backend, archs if backend == "cuda" else None)
-    print(f"== {name}: done in {time.monotonic() - t0:.1f}s -> {out_dir}", flush=True)
+    size_mb = plan.output.stat().st_size / 2**20
+    print(f"== {name}: done in {time.monotonic() - t0:.1f}s, {plan.output.name} {size_mb:.1f} MiB"
+          f" -> {out_dir}", flush=True)
     return out_dir
 
 
