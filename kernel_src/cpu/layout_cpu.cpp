@@ -80,7 +80,11 @@ Problem make_problem(const FwdParams& p, bool is_bwd) {
   } else {
     pr.lse_head_stride = p.seqlen_q;
   }
-  if (p.cu_seqlens_k != nullptr) check_cu_seqlens(p.cu_seqlens_k, p.batch, "cu_seqlens_k");
+  if (p.cu_seqlens_k != nullptr) {
+    check_cu_seqlens(p.cu_seqlens_k, p.batch, "cu_seqlens_k");
+    if (p.block_table == nullptr && p.total_k > 0 && p.cu_seqlens_k[p.batch] > p.total_k)
+      fail("cu_seqlens_k", "ends past the number of key rows (total_k)", p.cu_seqlens_k[p.batch]);
+  }
 
   pr.seqs.resize(p.batch);
   for (int b = 0; b < p.batch; ++b) {
@@ -118,8 +122,11 @@ Problem make_problem(const FwdParams& p, bool is_bwd) {
       if (s.seqlen_k > 0) {
         const int first = leftpad / p.page_block_size;
         const int last = (end - 1) / p.page_block_size;
-        for (int i = first; i <= last; ++i)
+        for (int i = first; i <= last; ++i) {
           if (s.pages[i] < 0) fail("block_table", "holds a negative page id", s.pages[i]);
+          if (p.kv_num_blocks > 0 && s.pages[i] >= p.kv_num_blocks)
+            fail("block_table", "holds a page id past the pool (kv_num_blocks)", s.pages[i]);
+        }
       }
     } else if (p.cu_seqlens_k != nullptr) {
       const int64_t start = static_cast<int64_t>(p.cu_seqlens_k[b]) + leftpad;
@@ -131,6 +138,9 @@ Problem make_problem(const FwdParams& p, bool is_bwd) {
         kb = p.cache_batch_idx[b];
         if (kb < 0) fail("cache_batch_idx", "holds a negative index", kb);
       }
+      if (p.kv_num_blocks > 0 && kb >= p.kv_num_blocks)
+        fail(p.cache_batch_idx != nullptr ? "cache_batch_idx" : "batch",
+             "exceeds the K/V batch rows (kv_num_blocks)", kb);
       s.k_off = static_cast<int64_t>(kb) * p.k_batch_stride +
                 static_cast<int64_t>(leftpad) * p.k_row_stride;
       s.v_off = static_cast<int64_t>(kb) * p.v_batch_stride +
