@@ -135,11 +135,14 @@ def block_table(t, q, batch):
 
 
 def max_seqlen(value, name):
-    # torch._check, not `if`: under torch.compile the value may be an unbacked SymInt (a traced
-    # .item()), which then gets a run-time assert instead of a data-dependent guard. Dynamo only
-    # accepts a message closing over constants, hence no value in it.
-    message = f"flash_attn: {name} must be >= 0 (or -1: not given)"
-    torch._check(value >= -1, lambda: message)
+    if isinstance(value, int):
+        if value < -1:
+            fail(f"{name} must be >= 0 (or -1: not given), got {value}")
+        return
+    # A SymInt (a traced .item() under torch.compile): torch._check gives a run-time assert
+    # instead of a data-dependent guard. No message: Dynamo in torch 2.11 cannot trace a message
+    # callable that closes over a local (graph break); the op repeats the check with a message.
+    torch._check(value >= -1)
 
 
 # ---- per op -------------------------------------------------------------------------------------
