@@ -1,6 +1,7 @@
-// Owns: what the op files share beyond argument checks: output allocation, the host-side checks of
-// index tensors' contents (cu_seqlens, seqused_k, block_table), the score/dropout part of the
-// params, and the hand-off to the backend of the tensors' device.
+// Owns: what the op files share on top of checks.h: output allocation, the q/k/v and block_table
+// checks common to several ops, the params filling they share (pointers/strides, sizes, block
+// table, score/dropout), the host-side checks of index tensors' contents (cu_seqlens, seqused_k,
+// block_table), and the hand-off to the backend of the tensors' device.
 // Invariant: contents of index tensors are read only when they live on the host; for CUDA tensors
 // the kernels must be robust to bad indices (no device sync here).
 #pragma once
@@ -74,6 +75,132 @@ inline void set_alibi(FwdParams& p, const OptTensor& alibi, const Tensor& q, int
 inline void fill_no_keys(Tensor& out, Tensor& lse) {
   torch::stable::zero_(out);
   torch::stable::fill_(lse, std::numeric_limits<double>::infinity());
+}
+
+// ---- checks and params shared by the op files -------------------------------------------------
+
+// k and v (k_cache and v_cache) must live on q's device with q's dtype. Call after the rank
+// checks; returns q's backend dtype (which refuses unsupported dtypes first).
+inline DType check_kv_like_q(const Tensor& q, const Tensor& k, const char* k_name, const Tensor& v,
+                             const char* v_name) {
+  const DType dtype = backend_dtype(q);
+  check_device(k, k_name, q);
+  check_device(v, v_name, q);
+  check_same_dtype(k, k_name, q);
+  check_same_dtype(v, v_name, q);
+  return dtype;
+}
+
+// k's last dimension must be q's head dimension (checked by check_head_dim).
+inline void check_k_head_dim(const Tensor& k, const char* k_name, int head_dim) {
+  FLASH_CHECK(k.size(-1) == head_dim, k_name, " has head dimension ", k.size(-1), " but q has ",
+              head_dim, "; they must match");
+}
+
+inline void check_qkv_last_dim_contiguous(const Tensor& q, const Tensor& k, const char* k_name,
+                                          const Tensor& v, const char* v_name) {
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k, k_name);
+  check_last_dim_contiguous(v, v_name);
+}
+
+// q/k/v of the batched ops (fwd, bwd): (batch, seqlen, heads, head_dim) each.
+struct BatchedQkv {
+  DType dtype;
+  int64_t batch, seqlen_q, nheads, seqlen_k, nheads_k;
+  int head_dim;
+};
+
+inline BatchedQkv check_batched_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
+  check_rank(q, "q", 4, "(batch, seqlen_q, nheads, head_dim)");
+  check_rank(k, "k", 4, "(batch, seqlen_k, nheads_k, head_dim)");
+  check_rank(v, "v", 4, "(batch, seqlen_k, nheads_k, head_dim)");
+  BatchedQkv d;
+  d.dtype = check_kv_like_q(q, k, "k", v, "v");
+  d.batch = q.size(0);
+  d.seqlen_q = q.size(1);
+  d.nheads = q.size(2);
+  d.seqlen_k = k.size(1);
+  d.nheads_k = k.size(2);
+  d.head_dim = check_head_dim(q);
+  check_k_head_dim(k, "k", d.head_dim);
+  check_shape(k, "k", {d.batch, d.seqlen_k, d.nheads_k, d.head_dim},
+              "(batch, seqlen_k, nheads_k, head_dim) matching q");
+  check_shape(v, "v", {d.batch, d.seqlen_k, d.nheads_k, d.head_dim},
+              "(batch, seqlen_k, nheads_k, head_dim) matching k");
+  check_nheads(d.nheads, d.nheads_k);
+  check_qkv_last_dim_contiguous(q, k, "k", v, "v");
+  return d;
+}
+
+// A paged K/V pool: block_table (batch, max_blocks_per_seq, int32) indexes the first dimension
+// of k (k_cache), whose second dimension is the page size.
+struct PagedKv {
+  OptTensor table;  // contiguous copy of block_table
+  int64_t page_size = 0, num_blocks = 0;
+};
+
+inline PagedKv check_paged_kv(const Tensor& block_table, const Tensor& k, const char* k_name,
+                              int64_t batch, const Tensor& q) {
+  check_device(block_table, "block_table", q);
+  FLASH_CHECK(block_table.scalar_type() == ScalarType::Int,
+              "block_table must have dtype torch.int32, got ",
+              dtype_name(block_table.scalar_type()));
+  FLASH_CHECK(block_table.dim() == 2 && block_table.size(0) == batch,
+              "block_table must have shape (batch, max_blocks_per_seq) with batch = ", batch,
+              ", got ", shape_str(block_table));
+  PagedKv pk;
+  pk.table = torch::stable::contiguous(block_table);
+  pk.num_blocks = k.size(0);
+  pk.page_size = k.size(1);
+  FLASH_CHECK(pk.page_size >= 1, k_name,
+              " has page_block_size 0 (dimension 1); pages must hold keys");
+  return pk;
+}
+
+// FwdParams and KvAppendParams both carry the block-table fields.
+template <class Params>
+inline void set_block_table(Params& p, const Tensor& table, int64_t page_size) {
+  p.block_table = table.const_data_ptr<int32_t>();
+  p.block_table_batch_stride = table.stride(0);
+  p.page_block_size = to_int(page_size, "page_block_size");
+}
+
+// Row and head strides are read from the end so that 3-D (varlen) and 4-D (batched, paged)
+// tensors share one path; a 3-D tensor has batch stride 0.
+inline void read_strides(const Tensor& t, int64_t& batch, int64_t& row, int64_t& head) {
+  batch = t.dim() == 4 ? t.stride(0) : 0;
+  row = t.stride(-3);
+  head = t.stride(-2);
+}
+
+// The input pointers and strides of q, k and v.
+inline void set_qkv(FwdParams& p, const Tensor& q, const Tensor& k, const Tensor& v) {
+  p.q_ptr = q.const_data_ptr();
+  p.k_ptr = k.const_data_ptr();
+  p.v_ptr = v.const_data_ptr();
+  read_strides(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  read_strides(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  read_strides(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+}
+
+// The forward outputs: out (written) and the float32 LSE.
+inline void set_fwd_outputs(FwdParams& p, Tensor& out, Tensor& lse) {
+  p.o_ptr = out.mutable_data_ptr();
+  read_strides(out, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
+  p.softmax_lse_ptr = static_cast<float*>(lse.mutable_data_ptr());
+}
+
+// Problem sizes; seqlen_q/k are named for the overflow error by what the caller read them from.
+inline void set_sizes(FwdParams& p, int64_t batch, int64_t nheads, int64_t nheads_k, int head_dim,
+                      int64_t seqlen_q, const char* seqlen_q_name, int64_t seqlen_k,
+                      const char* seqlen_k_name) {
+  p.batch = to_int(batch, "batch");
+  p.nheads = to_int(nheads, "nheads");
+  p.nheads_k = to_int(nheads_k, "nheads_k");
+  p.head_dim = head_dim;
+  p.seqlen_q = to_int(seqlen_q, seqlen_q_name);
+  p.seqlen_k = to_int(seqlen_k, seqlen_k_name);
 }
 
 // ---- host-side checks of index tensors' contents --------------------------------------------
@@ -212,6 +339,33 @@ inline VarlenTensors check_varlen_tensors(const Tensor& q, const Tensor& cu_seql
   FLASH_CHECK(max_seqlen_k >= -1, "max_seqlen_k must be >= 0 (or -1: not given), got ",
               max_seqlen_k);
   return t;
+}
+
+// varlen_bounds for the checked index tensors of a varlen op (table: paged K/V when set).
+inline VarlenBounds varlen_bounds_of(const Tensor& q, const VarlenTensors& ix,
+                                     const std::optional<Tensor>& table, int64_t total_q,
+                                     int64_t total_k, int64_t page_size, int64_t num_blocks,
+                                     int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  VarlenIndex index;
+  index.cu_seqlens_q = &ix.cu_q;
+  index.cu_seqlens_k = &ix.cu_k;
+  index.seqused_k = &ix.used;
+  index.block_table = &table;
+  index.total_q = total_q;
+  index.total_k = total_k;
+  index.page_size = page_size;
+  index.num_blocks = num_blocks;
+  index.max_seqlen_q = max_seqlen_q;
+  index.max_seqlen_k = max_seqlen_k;
+  return varlen_bounds(q, index);
+}
+
+// The index pointers of a varlen op.
+inline void set_varlen_index(FwdParams& p, const VarlenTensors& ix, int64_t total_q) {
+  p.total_q = to_int(total_q, "total_q");
+  p.cu_seqlens_q = ix.cu_q.const_data_ptr<int32_t>();
+  p.cu_seqlens_k = ix.cu_k.const_data_ptr<int32_t>();
+  p.seqused_k = ix.used ? ix.used->const_data_ptr<int32_t>() : nullptr;
 }
 
 // ---- backend hand-off ----------------------------------------------------------------------

@@ -27,27 +27,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mha_fwd(
     int64_t window_size_right, double softcap, bool return_softmax, const OptTensor& rng_state,
     bool /*deterministic: read by the autograd backward from the saved inputs*/) {
   // Tensor checks.
-  check_rank(q, "q", 4, "(batch, seqlen_q, nheads, head_dim)");
-  check_rank(k, "k", 4, "(batch, seqlen_k, nheads_k, head_dim)");
-  check_rank(v, "v", 4, "(batch, seqlen_k, nheads_k, head_dim)");
-  const DType dtype = backend_dtype(q);
-  check_device(k, "k", q);
-  check_device(v, "v", q);
-  check_same_dtype(k, "k", q);
-  check_same_dtype(v, "v", q);
-  const int64_t batch = q.size(0), seqlen_q = q.size(1), nheads = q.size(2);
-  const int64_t seqlen_k = k.size(1), nheads_k = k.size(2);
-  const int head_dim = check_head_dim(q);
-  FLASH_CHECK(k.size(3) == head_dim, "k has head dimension ", k.size(3), " but q has ", head_dim,
-              "; they must match");
-  check_shape(k, "k", {batch, seqlen_k, nheads_k, head_dim},
-              "(batch, seqlen_k, nheads_k, head_dim) matching q");
-  check_shape(v, "v", {batch, seqlen_k, nheads_k, head_dim},
-              "(batch, seqlen_k, nheads_k, head_dim) matching k");
-  check_nheads(nheads, nheads_k);
-  check_last_dim_contiguous(q, "q");
-  check_last_dim_contiguous(k, "k");
-  check_last_dim_contiguous(v, "v");
+  const BatchedQkv d = check_batched_qkv(q, k, v);
+  const int64_t batch = d.batch, seqlen_q = d.seqlen_q, nheads = d.nheads;
+  const int64_t seqlen_k = d.seqlen_k, nheads_k = d.nheads_k;
+  const int head_dim = d.head_dim;
   check_scalars(dropout_p, softmax_scale, softcap, window_size_left, window_size_right);
   const Dropout drop = check_dropout(dropout_p, rng_state);
   const Window window = normalize_window(window_size_left, window_size_right, is_causal, seqlen_k);
@@ -60,31 +43,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mha_fwd(
 
   // Params.
   FwdParams p;
-  p.dtype = dtype;
-  p.q_ptr = q.const_data_ptr();
-  p.k_ptr = k.const_data_ptr();
-  p.v_ptr = v.const_data_ptr();
-  p.q_batch_stride = q.stride(0);
-  p.q_row_stride = q.stride(1);
-  p.q_head_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0);
-  p.k_row_stride = k.stride(1);
-  p.k_head_stride = k.stride(2);
-  p.v_batch_stride = v.stride(0);
-  p.v_row_stride = v.stride(1);
-  p.v_head_stride = v.stride(2);
-  p.o_ptr = out.mutable_data_ptr();
-  p.o_batch_stride = out.stride(0);
-  p.o_row_stride = out.stride(1);
-  p.o_head_stride = out.stride(2);
-  p.softmax_lse_ptr = static_cast<float*>(lse.mutable_data_ptr());
+  p.dtype = d.dtype;
+  set_qkv(p, q, k, v);
+  set_fwd_outputs(p, out, lse);
   p.p_ptr = s_dmask.numel() > 0 ? s_dmask.mutable_data_ptr() : nullptr;
-  p.batch = to_int(batch, "batch");
-  p.nheads = to_int(nheads, "nheads");
-  p.nheads_k = to_int(nheads_k, "nheads_k");
-  p.head_dim = head_dim;
-  p.seqlen_q = to_int(seqlen_q, "seqlen_q");
-  p.seqlen_k = to_int(seqlen_k, "seqlen_k");
+  set_sizes(p, batch, nheads, nheads_k, head_dim, seqlen_q, "seqlen_q", seqlen_k, "seqlen_k");
   p.kv_num_blocks = batch;  // K/V batch rows (bounds the kernel's addressing)
   set_score_params(p, softmax_scale, softcap, window, drop);
   set_alibi(p, alibi_slopes, q, batch, nheads);
@@ -114,42 +77,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mha_varlen_fwd(
   check_rank(q, "q", 3, "(total_q, nheads, head_dim)");
   check_rank(k, "k", paged ? 4 : 3, kv_layout);
   check_rank(v, "v", paged ? 4 : 3, kv_layout);
-  const DType dtype = backend_dtype(q);
-  check_device(k, "k", q);
-  check_device(v, "v", q);
-  check_same_dtype(k, "k", q);
-  check_same_dtype(v, "v", q);
+  const DType dtype = check_kv_like_q(q, k, "k", v, "v");
   const int64_t total_q = q.size(0), nheads = q.size(1);
   const int64_t nheads_k = k.size(-2);
   const int head_dim = check_head_dim(q);
-  FLASH_CHECK(k.size(-1) == head_dim, "k has head dimension ", k.size(-1), " but q has ",
-              head_dim, "; they must match");
+  check_k_head_dim(k, "k", head_dim);
   FLASH_CHECK(v.dim() == k.dim() && std::vector<int64_t>(v.sizes().begin(), v.sizes().end()) ==
                                         std::vector<int64_t>(k.sizes().begin(), k.sizes().end()),
               "v must have the same shape as k, got v ", shape_str(v), " and k ", shape_str(k));
   check_nheads(nheads, nheads_k);
-  check_last_dim_contiguous(q, "q");
-  check_last_dim_contiguous(k, "k");
-  check_last_dim_contiguous(v, "v");
+  check_qkv_last_dim_contiguous(q, k, "k", v, "v");
 
   const VarlenTensors ix = check_varlen_tensors(q, cu_seqlens_q, cu_seqlens_k, seqused_k,
                                                 max_seqlen_q, max_seqlen_k);
   const int64_t batch = ix.batch;
-  std::optional<Tensor> table;
-  int64_t page_size = 0, num_blocks = 0;
-  if (paged) {
-    check_device(*block_table, "block_table", q);
-    FLASH_CHECK(block_table->scalar_type() == ScalarType::Int,
-                "block_table must have dtype torch.int32, got ",
-                dtype_name(block_table->scalar_type()));
-    FLASH_CHECK(block_table->dim() == 2 && block_table->size(0) == batch,
-                "block_table must have shape (batch, max_blocks_per_seq) with batch = ", batch,
-                ", got ", shape_str(*block_table));
-    table = torch::stable::contiguous(*block_table);
-    num_blocks = k.size(0);
-    page_size = k.size(1);
-    FLASH_CHECK(page_size >= 1, "k has page_block_size 0 (dimension 1); pages must hold keys");
-  }
+  const PagedKv pk = paged ? check_paged_kv(*block_table, k, "k", batch, q) : PagedKv{};
+  const std::optional<Tensor>& table = pk.table;
+  const int64_t page_size = pk.page_size, num_blocks = pk.num_blocks;
   check_scalars(dropout_p, softmax_scale, softcap, window_size_left, window_size_right);
   const bool want_p = return_softmax && dropout_p > 0;
   FLASH_CHECK(!want_p || (max_seqlen_q >= 0 && max_seqlen_k >= 0),
@@ -158,18 +102,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mha_varlen_fwd(
   const Dropout drop = check_dropout(dropout_p, rng_state);
 
   // Index tensors' contents (host only) and the length bounds handed to the backend.
-  VarlenIndex index;
-  index.cu_seqlens_q = &ix.cu_q;
-  index.cu_seqlens_k = &ix.cu_k;
-  index.seqused_k = &ix.used;
-  index.block_table = &table;
-  index.total_q = total_q;
-  index.total_k = paged ? -1 : k.size(0);
-  index.page_size = page_size;
-  index.num_blocks = num_blocks;
-  index.max_seqlen_q = max_seqlen_q;
-  index.max_seqlen_k = max_seqlen_k;
-  const VarlenBounds bounds = varlen_bounds(q, index);
+  const VarlenBounds bounds =
+      varlen_bounds_of(q, ix, table, total_q, paged ? -1 : k.size(0), page_size, num_blocks,
+                       max_seqlen_q, max_seqlen_k);
   const Window window =
       normalize_window(window_size_left, window_size_right, is_causal, bounds.seqlen_k);
 
@@ -181,41 +116,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mha_varlen_fwd(
   // Params.
   FwdParams p;
   p.dtype = dtype;
-  p.q_ptr = q.const_data_ptr();
-  p.k_ptr = k.const_data_ptr();
-  p.v_ptr = v.const_data_ptr();
-  p.q_row_stride = q.stride(0);
-  p.q_head_stride = q.stride(1);
-  p.k_batch_stride = paged ? k.stride(0) : 0;
-  p.k_row_stride = k.stride(-3);
-  p.k_head_stride = k.stride(-2);
-  p.v_batch_stride = paged ? v.stride(0) : 0;
-  p.v_row_stride = v.stride(-3);
-  p.v_head_stride = v.stride(-2);
-  p.o_ptr = out.mutable_data_ptr();
-  p.o_row_stride = out.stride(0);
-  p.o_head_stride = out.stride(1);
-  p.softmax_lse_ptr = static_cast<float*>(lse.mutable_data_ptr());
+  set_qkv(p, q, k, v);  // k/v batch stride: the page stride when paged, else 0
+  set_fwd_outputs(p, out, lse);
   p.p_ptr = s_dmask.numel() > 0 ? s_dmask.mutable_data_ptr() : nullptr;
-  p.batch = to_int(batch, "batch");
-  p.nheads = to_int(nheads, "nheads");
-  p.nheads_k = to_int(nheads_k, "nheads_k");
-  p.head_dim = head_dim;
-  p.seqlen_q = to_int(bounds.seqlen_q, "max_seqlen_q");
-  p.seqlen_k = to_int(bounds.seqlen_k, "max_seqlen_k");
-  p.total_q = to_int(total_q, "total_q");
+  set_sizes(p, batch, nheads, nheads_k, head_dim, bounds.seqlen_q, "max_seqlen_q",
+            bounds.seqlen_k, "max_seqlen_k");
+  set_varlen_index(p, ix, total_q);
   // Bounds for the device index tensors, which are not validated here (no sync): page ids in
   // [0, pool pages); cu_seqlens_k offsets in [0, rows of k] when not paged.
   p.kv_num_blocks = paged ? num_blocks : 1;
   p.total_k = paged ? 0 : k.size(0);  // 0: not used (paged)
-  p.cu_seqlens_q = ix.cu_q.const_data_ptr<int32_t>();
-  p.cu_seqlens_k = ix.cu_k.const_data_ptr<int32_t>();
-  p.seqused_k = ix.used ? ix.used->const_data_ptr<int32_t>() : nullptr;
-  if (paged) {
-    p.block_table = table->const_data_ptr<int32_t>();
-    p.block_table_batch_stride = table->stride(0);
-    p.page_block_size = to_int(page_size, "page_block_size");
-  }
+  if (paged) set_block_table(p, *table, page_size);
   set_score_params(p, softmax_scale, softcap, window, drop);
   set_alibi(p, alibi_slopes, q, batch, nheads);
 

@@ -68,24 +68,17 @@ std::tuple<Tensor, Tensor> mha_fwd_kvcache(
   check_rank(q, "q", 4, "(batch, seqlen_q, nheads, head_dim)");
   check_rank(k_cache, "k_cache", 4, cache_layout);
   check_rank(v_cache, "v_cache", 4, cache_layout);
-  const DType dtype = backend_dtype(q);
-  check_device(k_cache, "k_cache", q);
-  check_device(v_cache, "v_cache", q);
-  check_same_dtype(k_cache, "k_cache", q);
-  check_same_dtype(v_cache, "v_cache", q);
+  const DType dtype = check_kv_like_q(q, k_cache, "k_cache", v_cache, "v_cache");
   const int64_t batch = q.size(0), seqlen_q = q.size(1), nheads = q.size(2);
   const int64_t nheads_k = k_cache.size(2);
   const int head_dim = check_head_dim(q);
-  FLASH_CHECK(k_cache.size(3) == head_dim, "k_cache has head dimension ", k_cache.size(3),
-              " but q has ", head_dim, "; they must match");
+  check_k_head_dim(k_cache, "k_cache", head_dim);
   check_shape(v_cache, "v_cache",
               {k_cache.size(0), k_cache.size(1), k_cache.size(2), k_cache.size(3)},
               "matching k_cache");
   check_nheads(nheads, nheads_k);
-  check_last_dim_contiguous(q, "q");
-  // Updated in place, so a contiguous copy would not do.
-  check_last_dim_contiguous(k_cache, "k_cache");
-  check_last_dim_contiguous(v_cache, "v_cache");
+  // The cache is updated in place, so a contiguous copy would not do.
+  check_qkv_last_dim_contiguous(q, k_cache, "k_cache", v_cache, "v_cache");
 
   // The new keys/values.
   FLASH_CHECK(k.has_value() == v.has_value(), "k and v must be given together (both or neither)");
@@ -118,17 +111,10 @@ std::tuple<Tensor, Tensor> mha_fwd_kvcache(
   if (cache_leftpad) leftpad = check_index_vector(*cache_leftpad, "cache_leftpad", batch, q, "(batch,)");
   int64_t page_size = 0, num_blocks = 0, capacity = k_cache.size(1);
   if (paged) {
-    check_device(*block_table, "block_table", q);
-    FLASH_CHECK(block_table->scalar_type() == ScalarType::Int,
-                "block_table must have dtype torch.int32, got ",
-                dtype_name(block_table->scalar_type()));
-    FLASH_CHECK(block_table->dim() == 2 && block_table->size(0) == batch,
-                "block_table must have shape (batch, max_blocks_per_seq) with batch = ", batch,
-                ", got ", shape_str(*block_table));
-    table = torch::stable::contiguous(*block_table);
-    num_blocks = k_cache.size(0);
-    page_size = k_cache.size(1);
-    FLASH_CHECK(page_size >= 1, "k_cache has page_block_size 0 (dimension 1); pages must hold keys");
+    PagedKv pk = check_paged_kv(*block_table, k_cache, "k_cache", batch, q);
+    table = pk.table;
+    num_blocks = pk.num_blocks;
+    page_size = pk.page_size;
     capacity = table->size(1) * page_size;
   }
 
@@ -214,11 +200,7 @@ std::tuple<Tensor, Tensor> mha_fwd_kvcache(
     a.v_head_stride = v_cache.stride(2);
     a.cache_seqlens = seqlens->const_data_ptr<int32_t>();
     a.cache_batch_idx = batch_idx ? batch_idx->const_data_ptr<int32_t>() : nullptr;
-    if (paged) {
-      a.block_table = table->const_data_ptr<int32_t>();
-      a.block_table_batch_stride = table->stride(0);
-      a.page_block_size = to_int(page_size, "page_block_size");
-    }
+    if (paged) set_block_table(a, *table, page_size);
     if (cos) {
       a.rotary_cos_ptr = cos->const_data_ptr();
       a.rotary_sin_ptr = sin->const_data_ptr();
@@ -257,37 +239,13 @@ std::tuple<Tensor, Tensor> mha_fwd_kvcache(
   Tensor lse = alloc(q, {batch, nheads, seqlen_q}, ScalarType::Float);
   FwdParams p;
   p.dtype = dtype;
-  p.q_ptr = q_attn.const_data_ptr();
-  p.q_batch_stride = q_attn.stride(0);
-  p.q_row_stride = q_attn.stride(1);
-  p.q_head_stride = q_attn.stride(2);
-  p.k_ptr = k_cache.const_data_ptr();
-  p.v_ptr = v_cache.const_data_ptr();
-  p.k_batch_stride = k_cache.stride(0);
-  p.k_row_stride = k_cache.stride(1);
-  p.k_head_stride = k_cache.stride(2);
-  p.v_batch_stride = v_cache.stride(0);
-  p.v_row_stride = v_cache.stride(1);
-  p.v_head_stride = v_cache.stride(2);
-  p.o_ptr = out.mutable_data_ptr();
-  p.o_batch_stride = out.stride(0);
-  p.o_row_stride = out.stride(1);
-  p.o_head_stride = out.stride(2);
-  p.softmax_lse_ptr = static_cast<float*>(lse.mutable_data_ptr());
-  p.batch = to_int(batch, "batch");
-  p.nheads = to_int(nheads, "nheads");
-  p.nheads_k = to_int(nheads_k, "nheads_k");
-  p.head_dim = head_dim;
-  p.seqlen_q = to_int(seqlen_q, "seqlen_q");
-  p.seqlen_k = to_int(capacity, "seqlen_cache");
+  set_qkv(p, q_attn, k_cache, v_cache);
+  set_fwd_outputs(p, out, lse);
+  set_sizes(p, batch, nheads, nheads_k, head_dim, seqlen_q, "seqlen_q", capacity, "seqlen_cache");
   p.seqused_k = used ? used->const_data_ptr<int32_t>() : nullptr;
   p.leftpad_k = leftpad ? leftpad->const_data_ptr<int32_t>() : nullptr;
   p.cache_batch_idx = batch_idx ? batch_idx->const_data_ptr<int32_t>() : nullptr;
-  if (paged) {
-    p.block_table = table->const_data_ptr<int32_t>();
-    p.block_table_batch_stride = table->stride(0);
-    p.page_block_size = to_int(page_size, "page_block_size");
-  }
+  if (paged) set_block_table(p, *table, page_size);
   set_score_params(p, softmax_scale, softcap, window, Dropout{});
   set_alibi(p, alibi_slopes, q, batch, nheads);
   p.num_splits = to_int(num_splits, "num_splits");
