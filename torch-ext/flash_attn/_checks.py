@@ -22,9 +22,20 @@ def rank(t, name, n, layout):
         fail(f"{name} must have {n} dimensions {layout}, got shape {tuple(t.shape)}")
 
 
-def same_device_dtype(t, name, q):
+def on_q_device(t, name, q):
     if t.device != q.device:
         fail(f"{name} is on {t.device} but q is on {q.device}; all tensors must be on the same device")
+
+
+def int32_on_q_device(t, name, q):
+    # Index tensors: cu_seqlens, seqused_k, the cache vectors, block_table.
+    on_q_device(t, name, q)
+    if t.dtype != torch.int32:
+        fail(f"{name} must have dtype torch.int32, got {t.dtype}")
+
+
+def same_device_dtype(t, name, q):
+    on_q_device(t, name, q)
     if t.dtype != q.dtype:
         fail(f"{name} has dtype {t.dtype} but q has {q.dtype}; they must match")
 
@@ -87,8 +98,7 @@ def scalars(dropout_p, softmax_scale, softcap, window_left, window_right):
 def alibi(a, q, batch, h):
     if a is None:
         return
-    if a.device != q.device:
-        fail(f"alibi_slopes is on {a.device} but q is on {q.device}; all tensors must be on the same device")
+    on_q_device(a, "alibi_slopes", q)
     if a.dtype != torch.float32:
         fail(f"alibi_slopes must have dtype torch.float32, got {a.dtype}")
     ok = (a.dim() == 1 and a.shape[0] == h) or (a.dim() == 2 and a.shape[0] == batch and a.shape[1] == h)
@@ -115,10 +125,7 @@ def rng_state(dropout_p, r):
 def index_vector(t, name, length, q, what):
     if t is None:
         return
-    if t.device != q.device:
-        fail(f"{name} is on {t.device} but q is on {q.device}; all tensors must be on the same device")
-    if t.dtype != torch.int32:
-        fail(f"{name} must have dtype torch.int32, got {t.dtype}")
+    int32_on_q_device(t, name, q)
     if t.dim() != 1 or t.shape[0] != length:
         fail(f"{name} must have shape ({length},) {what}, got {tuple(t.shape)}")
 
@@ -126,10 +133,7 @@ def index_vector(t, name, length, q, what):
 def block_table(t, q, batch):
     if t is None:
         return
-    if t.device != q.device:
-        fail(f"block_table is on {t.device} but q is on {q.device}; all tensors must be on the same device")
-    if t.dtype != torch.int32:
-        fail(f"block_table must have dtype torch.int32, got {t.dtype}")
+    int32_on_q_device(t, "block_table", q)
     if t.dim() != 2 or t.shape[0] != batch:
         fail(f"block_table must have shape (batch, max_blocks_per_seq) with batch = {batch}, got {tuple(t.shape)}")
 
@@ -148,13 +152,29 @@ def max_seqlen(value, name):
 # ---- per op -------------------------------------------------------------------------------------
 
 
-def _qkv_common(q, k, v):
+_PAGED_LAYOUT = "(num_blocks, page_block_size, nheads_k, head_dim) since block_table is given"
+
+
+def _qkv_common(q, k, v, k_name="k", v_name="v"):
+    # k/v are k_cache/v_cache for fwd_kvcache.
     q_dtype(q)
-    same_device_dtype(k, "k", q)
-    same_device_dtype(v, "v", q)
+    same_device_dtype(k, k_name, q)
+    same_device_dtype(v, v_name, q)
     d = head_dim(q)
-    same_head_dim(k, "k", d)
+    same_head_dim(k, k_name, d)
     return d
+
+
+def _qkv_last_dim_contiguous(q, k, v, k_name="k", v_name="v"):
+    for t, name in ((q, "q"), (k, k_name), (v, v_name)):
+        last_dim_contiguous(t, name)
+
+
+def _paged_pool(block_tbl, q, batch, k, k_name):
+    # block_table indexes the first dimension of k (k_cache); its second is the page size.
+    block_table(block_tbl, q, batch)
+    if block_tbl is not None and k.shape[1] < 1:
+        fail(f"{k_name} has page_block_size 0 (dimension 1); pages must hold keys")
 
 
 def fwd(q, k, v, alibi_slopes, dropout_p, softmax_scale, softcap, window_left, window_right, rng):
@@ -167,8 +187,7 @@ def fwd(q, k, v, alibi_slopes, dropout_p, softmax_scale, softcap, window_left, w
     shape(k, "k", (b, sk, hk, d), "(batch, seqlen_k, nheads_k, head_dim) matching q")
     shape(v, "v", (b, sk, hk, d), "(batch, seqlen_k, nheads_k, head_dim) matching k")
     nheads(h, hk)
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        last_dim_contiguous(t, name)
+    _qkv_last_dim_contiguous(q, k, v)
     scalars(dropout_p, softmax_scale, softcap, window_left, window_right)
     alibi(alibi_slopes, q, b, h)
     rng_state(dropout_p, rng)
@@ -178,11 +197,7 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_tbl, alibi_
                max_seqlen_k, dropout_p, softmax_scale, softcap, window_left, window_right, return_softmax,
                rng):
     paged = block_tbl is not None
-    kv_layout = (
-        "(num_blocks, page_block_size, nheads_k, head_dim) since block_table is given"
-        if paged
-        else "(total_k, nheads_k, head_dim)"
-    )
+    kv_layout = _PAGED_LAYOUT if paged else "(total_k, nheads_k, head_dim)"
     rank(q, "q", 3, "(total_q, nheads, head_dim)")
     rank(k, "k", 4 if paged else 3, kv_layout)
     rank(v, "v", 4 if paged else 3, kv_layout)
@@ -191,12 +206,9 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_tbl, alibi_
         fail(f"v must have the same shape as k, got v {tuple(v.shape)} and k {tuple(k.shape)}")
     h, hk = q.shape[1], k.shape[-2]
     nheads(h, hk)
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        last_dim_contiguous(t, name)
+    _qkv_last_dim_contiguous(q, k, v)
     batch = _varlen_index(q, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k)
-    block_table(block_tbl, q, batch)
-    if paged and k.shape[1] < 1:
-        fail("k has page_block_size 0 (dimension 1); pages must hold keys")
+    _paged_pool(block_tbl, q, batch, k, "k")
     scalars(dropout_p, softmax_scale, softcap, window_left, window_right)
     if return_softmax and dropout_p > 0 and (max_seqlen_q < 0 or max_seqlen_k < 0):
         fail(
@@ -226,8 +238,7 @@ def _bwd_extra(dout, out, lse, q, lse_shape, lse_layout):
         if tuple(t.shape) != tuple(q.shape):
             fail(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
         last_dim_contiguous(t, name)
-    if lse.device != q.device:
-        fail(f"softmax_lse is on {lse.device} but q is on {q.device}; all tensors must be on the same device")
+    on_q_device(lse, "softmax_lse", q)
     if lse.dtype != torch.float32:
         fail(f"softmax_lse must have dtype torch.float32, got {lse.dtype}")
     shape(lse, "softmax_lse", lse_shape, lse_layout)
@@ -252,26 +263,16 @@ def fwd_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin
                 cache_leftpad, block_tbl, alibi_slopes, softmax_scale, softcap, window_left, window_right,
                 num_splits):
     paged = block_tbl is not None
-    cache_layout = (
-        "(num_blocks, page_block_size, nheads_k, head_dim) since block_table is given"
-        if paged
-        else "(batch_cache, seqlen_cache, nheads_k, head_dim)"
-    )
+    cache_layout = _PAGED_LAYOUT if paged else "(batch_cache, seqlen_cache, nheads_k, head_dim)"
     rank(q, "q", 4, "(batch, seqlen_q, nheads, head_dim)")
     rank(k_cache, "k_cache", 4, cache_layout)
     rank(v_cache, "v_cache", 4, cache_layout)
-    q_dtype(q)
-    same_device_dtype(k_cache, "k_cache", q)
-    same_device_dtype(v_cache, "v_cache", q)
-    d = head_dim(q)
-    same_head_dim(k_cache, "k_cache", d)
+    d = _qkv_common(q, k_cache, v_cache, "k_cache", "v_cache")
     shape(v_cache, "v_cache", tuple(k_cache.shape), "matching k_cache")
     b, _, h, _ = q.shape
     hk = k_cache.shape[2]
     nheads(h, hk)
-    last_dim_contiguous(q, "q")
-    last_dim_contiguous(k_cache, "k_cache")
-    last_dim_contiguous(v_cache, "v_cache")
+    _qkv_last_dim_contiguous(q, k_cache, v_cache, "k_cache", "v_cache")
     if (k is None) != (v is None):
         fail("k and v must be given together (both or neither)")
     if k is not None:
@@ -292,9 +293,7 @@ def fwd_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin
             "sequences to rows"
         )
     index_vector(cache_leftpad, "cache_leftpad", b, q, "(batch,)")
-    block_table(block_tbl, q, b)
-    if paged and k_cache.shape[1] < 1:
-        fail("k_cache has page_block_size 0 (dimension 1); pages must hold keys")
+    _paged_pool(block_tbl, q, b, k_cache, "k_cache")
     if (rotary_cos is None) != (rotary_sin is None):
         fail("rotary_cos and rotary_sin must be given together (both or neither)")
     if rotary_cos is not None:

@@ -73,6 +73,15 @@ def _max_seqlen_for_probs(value, name):
     return _max_seqlen(value, name)
 
 
+def _prepare(q, k, v, softmax_scale, window_size):
+    """What every entry point does first, in this order: unit last strides for q/k/v (k/v may be
+    None), the default scale (after the head dim check) and the window pair."""
+    q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
+    softmax_scale = _softmax_scale(softmax_scale, q)
+    window_left, window_right = _window(window_size)
+    return q, k, v, softmax_scale, window_left, window_right
+
+
 def _rng_state(dropout_p):
     """[seed, offset] from torch's default CPU generator: torch.manual_seed makes the dropout mask
     reproducible on every backend. Drawn only when dropout is on."""
@@ -83,9 +92,7 @@ def _rng_state(dropout_p):
 
 def _attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
           deterministic, return_attn_probs):
-    q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
-    softmax_scale = _softmax_scale(softmax_scale, q)
-    window_left, window_right = _window(window_size)
+    q, k, v, softmax_scale, window_left, window_right = _prepare(q, k, v, softmax_scale, window_size)
     dropout_p, softcap = float(dropout_p), float(softcap)
     rng_state = _rng_state(dropout_p)
     _checks.fwd(q, k, v, alibi_slopes, dropout_p, softmax_scale, softcap, window_left, window_right,
@@ -100,9 +107,7 @@ def _attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi
 def _varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                  return_attn_probs, block_table, seqused_k):
-    q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
-    softmax_scale = _softmax_scale(softmax_scale, q)
-    window_left, window_right = _window(window_size)
+    q, k, v, softmax_scale, window_left, window_right = _prepare(q, k, v, softmax_scale, window_size)
     dropout_p, softcap = float(dropout_p), float(softcap)
     want_probs = bool(return_attn_probs) and dropout_p > 0
     to_int = _max_seqlen_for_probs if want_probs else _max_seqlen
@@ -120,7 +125,9 @@ def _varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     return (out, softmax_lse, s_dmask) if return_attn_probs else out
 
 
-def _unpack(packed, dim, n, name, layout):
+def _unpack(packed, rank, dim, n, name, layout):
+    """Splits a packed qkv/kv tensor of the given rank along dim (of size n) into views."""
+    _checks.rank(packed, name, rank, layout)
     if packed.dim() <= dim or packed.shape[dim] != n:
         _checks.fail(f"{name} must have shape {layout}, got {tuple(packed.shape)}")
     return packed.unbind(dim)
@@ -140,8 +147,7 @@ def flash_attn_qkvpacked_func(
     """Attention over packed qkv (batch, seqlen, 3, nheads, headdim) -> out (batch, seqlen, nheads,
     headdim); with return_attn_probs also softmax_lse (batch, nheads, seqlen) and S_dmask (testing
     only; empty unless dropout_p > 0). dropout_p should be 0.0 in evaluation."""
-    _checks.rank(qkv, "qkv", 5, "(batch, seqlen, 3, nheads, headdim)")
-    q, k, v = _unpack(qkv, 2, 3, "qkv", "(batch, seqlen, 3, nheads, headdim)")
+    q, k, v = _unpack(qkv, 5, 2, 3, "qkv", "(batch, seqlen, 3, nheads, headdim)")
     return _attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                  deterministic, return_attn_probs)
 
@@ -160,8 +166,7 @@ def flash_attn_kvpacked_func(
 ):
     """Attention of q (batch, seqlen_q, nheads, headdim) over packed kv (batch, seqlen_k, 2,
     nheads_k, headdim); MQA/GQA when nheads_k < nheads. Returns as flash_attn_func."""
-    _checks.rank(kv, "kv", 5, "(batch, seqlen_k, 2, nheads_k, headdim)")
-    k, v = _unpack(kv, 2, 2, "kv", "(batch, seqlen_k, 2, nheads_k, headdim)")
+    k, v = _unpack(kv, 5, 2, 2, "kv", "(batch, seqlen_k, 2, nheads_k, headdim)")
     return _attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                  deterministic, return_attn_probs)
 
@@ -204,8 +209,7 @@ def flash_attn_varlen_qkvpacked_func(
     """Varlen attention over packed qkv (total, 3, nheads, headdim) with int32 cu_seqlens
     (batch + 1,). Returns out (total, nheads, headdim); with return_attn_probs also softmax_lse
     (nheads, total) and S_dmask."""
-    _checks.rank(qkv, "qkv", 4, "(total, 3, nheads, headdim)")
-    q, k, v = _unpack(qkv, 1, 3, "qkv", "(total, 3, nheads, headdim)")
+    q, k, v = _unpack(qkv, 4, 1, 3, "qkv", "(total, 3, nheads, headdim)")
     return _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
                         softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                         return_attn_probs, None, None)
@@ -229,8 +233,7 @@ def flash_attn_varlen_kvpacked_func(
 ):
     """Varlen attention of q (total_q, nheads, headdim) over packed kv (total_k, 2, nheads_k,
     headdim). Returns as flash_attn_varlen_func."""
-    _checks.rank(kv, "kv", 4, "(total_k, 2, nheads_k, headdim)")
-    k, v = _unpack(kv, 1, 2, "kv", "(total_k, 2, nheads_k, headdim)")
+    k, v = _unpack(kv, 4, 1, 2, "kv", "(total_k, 2, nheads_k, headdim)")
     return _varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                         softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                         return_attn_probs, None, None)
@@ -308,9 +311,7 @@ def flash_attn_with_kvcache(
     of (i, i + rotary_dim/2) (GPT-NeoX). num_splits is a performance hint (0: automatic).
     No backward (as FlashAttention-2). Returns out, or (out, softmax_lse (batch, nheads, seqlen_q))
     with return_softmax_lse."""
-    q, k, v = [_maybe_contiguous(x) for x in (q, k, v)]
-    softmax_scale = _softmax_scale(softmax_scale, q)
-    window_left, window_right = _window(window_size)
+    q, k, v, softmax_scale, window_left, window_right = _prepare(q, k, v, softmax_scale, window_size)
     softcap = float(softcap)
     if cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor):
         cache_seqlens = torch.full(
