@@ -93,6 +93,25 @@ def decode_tps(model, batch, context, steps, reps, gen):
     return batch * steps / t
 
 
+@torch.no_grad()
+def prefill_profile(model, batch, seqlen, gen, top=8):
+    """CUDA time of one prefill by kernel (torch.profiler): where the time goes, per backend."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=model.device,
+                        generator=gen)
+    model(ids, use_cache=False, logits_to_keep=1)
+    _sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(ids, use_cache=False, logits_to_keep=1)
+        _sync()
+    rows = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    return {"total_ms": sum(r[1] for r in rows),
+            "top": [{"kernel": k[:120], "ms": ms, "calls": n} for k, ms, n in rows[:top]]}
+
+
 def git_sha() -> str:
     """HEAD of the checkout; FLASH_GIT_SHA names it where the tree travelled without .git."""
     if os.environ.get("FLASH_GIT_SHA"):
@@ -112,6 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="also record the CUDA time of one prefill by kernel for each backend")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_e2e.py needs a CUDA GPU", file=sys.stderr)
@@ -139,7 +160,7 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name()}: Llama {params / 1e9:.2f}B bf16; "
           f"prefill {pb}x{ps}, decode {db}x{dc} ({args.decode_steps} steps)")
 
-    results = {}
+    results, profiles = {}, {}
     for impl in impls:
         model.set_attn_implementation(impl)
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -147,6 +168,12 @@ def main(argv=None) -> int:
         dec = decode_tps(model, db, dc, args.decode_steps, args.reps, gen)
         results[impl] = {"prefill_tokens_per_s": pre, "decode_tokens_per_s": dec}
         print(f"  {impl:<18} prefill {pre:>12,.0f} tok/s   decode {dec:>10,.0f} tok/s", flush=True)
+        if args.profile:
+            prof = prefill_profile(model, pb, ps, gen)
+            profiles[impl] = prof
+            print(f"    one prefill: {prof['total_ms']:.1f} ms of CUDA time")
+            for r in prof["top"]:
+                print(f"    {r['ms']:8.2f} ms {r['calls']:5d}x  {r['kernel']}")
         torch.cuda.empty_cache()
 
     ratios = {k: results[OURS][k] / results["sdpa"][k] for k in results["sdpa"]}
@@ -167,6 +194,8 @@ def main(argv=None) -> int:
         "reps": args.reps, "timing": "median wall time, torch.cuda.synchronize around each rep",
         "results": results, "ours_over_sdpa": ratios,
     }
+    if profiles:
+        doc["prefill_profile"] = profiles
     out = args.out or ROOT / "benchmarks" / "results" / (
         gpu.lower().replace("nvidia ", "").replace(" ", "-") + "-e2e.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -144,3 +144,10 @@ def test_generator_refuses_files_outside_the_known_directories(tmp_path, capsys)
     (tmp_path / "kernel_src" / "stray.h").write_text("// no section takes this\n")
     assert gen_build_toml.main(["--check", "--repo", str(tmp_path)]) == 2
     assert "kernel_src/stray.h" in capsys.readouterr().err
+
+
+def test_wgmma_wrappers_are_not_stale():
+    # kernel_src/sm90/wgmma_sm90.h is generated: the committed file must be what the tool writes.
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "gen_wgmma.py"), "--check"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

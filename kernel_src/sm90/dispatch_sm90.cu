@@ -1,11 +1,166 @@
-// Owns: the Hopper path's dispatch. The Hopper forward kernel (TMA + wgmma, warp specialisation)
-// is a later issue: until it lands, this serves no call, and H100/H200 run the Ampere-class
-// kernels of kernel_src/sm80/ (built for sm_90 too), which are complete and tested there.
-// This file is also the one source of the build's 9.0a section.
+// Owns: the Hopper path's dispatch: which forward calls the sm90a kernel serves (the rest go to
+// the Ampere-class kernels of kernel_src/sm80/, built for sm_90 too), the TMA tensor maps, the
+// launch. This file is the one source of the build's 9.0a section.
+//
+// Invariants: no allocation, no device synchronisation; the driver's tensor-map encoder is
+// reached through the runtime (cudaGetDriverEntryPointByVersion), so nothing links libcuda.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
 #include "dispatch_sm90.h"
+#include "fwd_kernel_sm90.h"
 
 FLASH_NAMESPACE_BEGIN
 
-bool try_run_fwd_sm90(const FwdParams& /*params*/, cudaStream_t /*stream*/) { return false; }
+namespace {
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("flash_attn CUDA (sm90): ") + what + " failed: " +
+                             cudaGetErrorString(err));
+  }
+}
+
+// FLASH_ATTN_DISABLE_SM90=1 sends every call to the sm80 kernels (tests and benchmarks compare
+// the two paths on one GPU).
+bool sm90_disabled() {
+  static const bool disabled = [] {
+    const char* v = std::getenv("FLASH_ATTN_DISABLE_SM90");
+    return v != nullptr && v[0] != '\0' && v[0] != '0';
+  }();
+  return disabled;
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+bool strides16(int64_t row, int64_t head, int64_t batch) {
+  return row % 8 == 0 && head % 8 == 0 && batch % 8 == 0;  // 2-byte elements: 16-byte strides
+}
+
+bool serves(const FwdParams& p) {
+  const bool causal = p.window_left < 0 && p.window_right == 0;
+  const bool full = p.window_left < 0 && p.window_right < 0;
+  return (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) &&
+         (p.head_dim == 64 || p.head_dim == 128) && (causal || full) && p.p_dropout == 0.0 &&
+         p.softcap == 0.0 && p.alibi_slopes == nullptr && p.p_ptr == nullptr &&
+         p.cu_seqlens_q == nullptr && p.cu_seqlens_k == nullptr && p.seqused_k == nullptr &&
+         p.leftpad_k == nullptr && p.cache_batch_idx == nullptr && p.block_table == nullptr &&
+         p.scale_log2 > 0.f && p.seqlen_q > 0 && p.seqlen_k > 0 &&
+         aligned16(p.q_ptr) && aligned16(p.k_ptr) && aligned16(p.v_ptr) &&
+         strides16(p.q_row_stride, p.q_head_stride, p.q_batch_stride) &&
+         strides16(p.k_row_stride, p.k_head_stride, p.k_batch_stride) &&
+         strides16(p.v_row_stride, p.v_head_stride, p.v_batch_stride) &&
+         reinterpret_cast<uintptr_t>(p.o_ptr) % 4 == 0 && p.o_row_stride % 2 == 0 &&
+         p.o_head_stride % 2 == 0 && p.o_batch_stride % 2 == 0;
+}
+
+bool device_is_sm90() {
+  int dev = 0, major = 0, minor = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "attribute");
+  check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "attribute");
+  return major == 9 && minor == 0;  // sm_90a code runs on exactly 9.0
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status{};
+    check(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
+                                           cudaEnableDefault, &status),
+          "cudaGetDriverEntryPointByVersion(cuTensorMapEncodeTiled)");
+    if (status != cudaDriverEntryPointSuccess || ptr == nullptr) {
+      throw std::runtime_error("flash_attn CUDA (sm90): the driver has no cuTensorMapEncodeTiled");
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// 4-d map over (d, seqlen, heads, batch) with a (64, rows, 1, 1) box and the 128-byte swizzle the
+// wgmma descriptors expect. A stride of a dimension of extent 1 is never stepped, so it is
+// replaced by a legal value when the tensor's own is not (e.g. a sliced batch of one).
+CUtensorMap make_map(const FwdParams& p, const void* ptr, int seqlen, int heads,
+                     int64_t row_stride, int64_t head_stride, int64_t batch_stride, int rows) {
+  const int64_t elem = 2;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(p.head_dim), static_cast<cuuint64_t>(seqlen),
+                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(p.batch)};
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(row_stride * elem),
+                                 static_cast<cuuint64_t>((heads > 1 ? head_stride : 8) * elem),
+                                 static_cast<cuuint64_t>((p.batch > 1 ? batch_stride : 8) * elem)};
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(rows), 1, 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  CUtensorMap map;
+  const CUresult res = tensor_map_encoder()(
+      &map, p.dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                        : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+      4, const_cast<void*>(ptr), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (res != CUDA_SUCCESS) {
+    throw std::runtime_error("flash_attn CUDA (sm90): cuTensorMapEncodeTiled failed with error " +
+                             std::to_string(static_cast<int>(res)));
+  }
+  return map;
+}
+
+template <typename Traits>
+void launch(const FwdParams& p, cudaStream_t stream) {
+  sm90::FwdArgs args;
+  args.p = p;
+  args.tm_q = make_map(p, p.q_ptr, p.seqlen_q, p.nheads, p.q_row_stride, p.q_head_stride,
+                       p.q_batch_stride, Traits::kBlockM);
+  args.tm_k = make_map(p, p.k_ptr, p.seqlen_k, p.nheads_k, p.k_row_stride, p.k_head_stride,
+                       p.k_batch_stride, Traits::kBlockN);
+  args.tm_v = make_map(p, p.v_ptr, p.seqlen_k, p.nheads_k, p.v_row_stride, p.v_head_stride,
+                       p.v_batch_stride, Traits::kBlockN);
+  args.num_m_blocks = (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  const int64_t ctas = static_cast<int64_t>(args.num_m_blocks) * p.nheads * p.batch;
+  if (ctas > INT32_MAX) {
+    throw std::runtime_error("flash_attn CUDA (sm90): grid of " + std::to_string(ctas) +
+                             " CTAs exceeds 2^31 - 1");
+  }
+  auto kernel = &sm90::fwd_kernel_sm90<Traits>;
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             Traits::kSmemBytes),
+        "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  kernel<<<static_cast<unsigned>(ctas), Traits::kThreads, Traits::kSmemBytes, stream>>>(args);
+  check(cudaGetLastError(), "launching the sm90 forward kernel");
+}
+
+template <typename Element, int kHeadDim>
+void run(const FwdParams& p, cudaStream_t stream) {
+  if (p.window_right == 0) {
+    launch<sm90::FwdTraits<kHeadDim, Element, true>>(p, stream);
+  } else {
+    launch<sm90::FwdTraits<kHeadDim, Element, false>>(p, stream);
+  }
+}
+
+template <typename Element>
+void run_dtype(const FwdParams& p, cudaStream_t stream) {
+  if (p.head_dim == 64) {
+    run<Element, 64>(p, stream);
+  } else {
+    run<Element, 128>(p, stream);
+  }
+}
+
+}  // namespace
+
+bool try_run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
+  if (sm90_disabled() || !serves(params) || !device_is_sm90()) return false;
+  if (params.dtype == DType::kBFloat16) {
+    run_dtype<__nv_bfloat16>(params, stream);
+  } else {
+    run_dtype<__half>(params, stream);
+  }
+  return true;
+}
 
 FLASH_NAMESPACE_END

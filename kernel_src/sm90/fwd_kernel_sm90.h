@@ -1,0 +1,328 @@
+// Owns: the Hopper forward kernel (sm90a): one CTA computes O and the LSE of kBlockM query rows of
+// one (sequence, head). Warp specialisation: warpgroup 0 is the producer (one thread issues TMA
+// loads of Q once and of K/V tiles into a kStages-deep shared-memory ring, each stage guarded by
+// full/empty mbarriers); warpgroups 1..kConsumers each own 64 query rows and run
+//   S = Q K^T (wgmma, both operands in shared memory) -> online softmax in registers ->
+//   O += P V (wgmma, P from registers, V from shared memory, MN-major).
+// The producer gives registers away (setmaxnreg) to the consumers. FA3's design (Shah et al.,
+// 2024); this first version has no ping-pong between consumer warpgroups and no intra-warpgroup
+// overlap of softmax and MMA (docs/cuda_fwd_sm90.md).
+//
+// Serves (dispatch_sm90.cu checks): fp16/bf16, head dim 64 or 128, batched (no varlen, paging or
+// cache indirection), no mask or causal (bottom-right), no dropout/softcap/ALiBi/S_dmask.
+//
+// Invariants:
+// * K/V tiles are visited from the last to the first, so the only tiles that need a mask (the
+//   causal diagonal and the partial last tile) come first; rows and keys past the tensor ends
+//   are zero-filled by TMA and masked here, so no load is ever out of bounds.
+// * Rows without a visible key get O = 0 and LSE = +inf (the CPU backend's convention).
+#pragma once
+#include <cuda.h>  // CUtensorMap (type only: no driver call in device code)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "../common/params.h"
+#include "primitives_sm90.h"
+#include "wgmma_sm90.h"
+
+FLASH_NAMESPACE_BEGIN
+namespace sm90 {
+
+template <int kHeadDim_, typename Element_, bool kCausal_>
+struct FwdTraits {
+  using Element = Element_;
+  static constexpr bool kBf16 = std::is_same_v<Element, __nv_bfloat16>;
+  static constexpr bool kCausal = kCausal_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kConsumers = 2;               // consumer warpgroups, 64 rows each
+  static constexpr int kBlockM = 64 * kConsumers;
+  static constexpr int kBlockN = 128;
+  static constexpr int kStages = 2;
+  static constexpr int kThreads = 128 * (kConsumers + 1);
+  static constexpr int kChunks = kHeadDim / 64;      // 64-column (128-byte) swizzle blocks
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
+  static_assert(kHeadDim % 64 == 0, "tiles are whole 128-byte swizzle atoms");
+
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
+  struct alignas(1024) Shared {
+    Element q[kBlockM * kHeadDim];             // kChunks blocks of [kBlockM rows x 64]
+    Element k[kStages][kBlockN * kHeadDim];    // each: kChunks blocks of [kBlockN rows x 64]
+    Element v[kStages][kBlockN * kHeadDim];
+    uint64_t q_full;
+    uint64_t k_full[kStages], k_empty[kStages];
+    uint64_t v_full[kStages], v_empty[kStages];
+  };
+  // Dynamic shared memory is only 16-byte aligned: one extra KB to align the tiles to 1024.
+  static constexpr int kSmemBytes = static_cast<int>(sizeof(Shared)) + 1024;
+};
+
+// Everything the kernel reads, passed by value as a __grid_constant__ parameter (the tensor maps
+// must live in parameter, constant or global memory).
+struct FwdArgs {
+  CUtensorMap tm_q, tm_k, tm_v;  // 4-d (d, seqlen, heads, batch), box (64, rows, 1, 1)
+  FwdParams p;
+  int num_m_blocks;
+};
+
+// Grid order: causal puts the row-block index slowest and reversed (longest-first across all
+// heads); otherwise row blocks of one head are adjacent, so their shared K/V streams hit in L2.
+struct TileCoord {
+  int m_block, bidh, bidb;
+};
+template <bool kCausal>
+__device__ __forceinline__ TileCoord tile_coord(const FwdArgs& a) {
+  const int idx = blockIdx.x;
+  const int hb = a.p.nheads * a.p.batch;
+  TileCoord c;
+  if constexpr (kCausal) {
+    c.m_block = a.num_m_blocks - 1 - idx / hb;
+    c.bidh = (idx % hb) % a.p.nheads;
+    c.bidb = (idx % hb) / a.p.nheads;
+  } else {
+    c.m_block = idx % a.num_m_blocks;
+    c.bidh = (idx / a.num_m_blocks) % a.p.nheads;
+    c.bidb = idx / a.num_m_blocks / a.p.nheads;
+  }
+  return c;
+}
+
+// Number of K/V tiles this row block sees (visited n_blocks - 1 down to 0).
+template <typename Traits>
+__device__ __forceinline__ int visible_n_blocks(const FwdParams& p, int m_block) {
+  int keys = p.seqlen_k;
+  if constexpr (Traits::kCausal) {
+    const int last = (m_block + 1) * Traits::kBlockM + p.seqlen_k - p.seqlen_q;  // exclusive
+    keys = last < keys ? last : keys;
+  }
+  return keys > 0 ? (keys + Traits::kBlockN - 1) / Traits::kBlockN : 0;
+}
+
+template <typename Traits>
+__device__ __forceinline__ void producer(const FwdArgs& a, typename Traits::Shared& sh,
+                                         const TileCoord& c, int n_blocks) {
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kStages = Traits::kStages;
+  tma_prefetch_descriptor(&a.tm_q);
+  tma_prefetch_descriptor(&a.tm_k);
+  tma_prefetch_descriptor(&a.tm_v);
+  const int bidh_k = c.bidh / (a.p.nheads / a.p.nheads_k);
+  mbar_arrive_expect_tx(&sh.q_full, Traits::kQBytes);
+#pragma unroll
+  for (int ch = 0; ch < Traits::kChunks; ++ch) {
+    tma_load_4d(sh.q + ch * kBlockM * 64, &a.tm_q, &sh.q_full, ch * 64, c.m_block * kBlockM,
+                c.bidh, c.bidb);
+  }
+  for (int i = 0; i < n_blocks; ++i) {
+    const int n = n_blocks - 1 - i, s = i % kStages;
+    const uint32_t phase = (i / kStages) & 1;
+    mbar_wait(&sh.k_empty[s], phase ^ 1);
+    mbar_arrive_expect_tx(&sh.k_full[s], Traits::kKVBytes);
+#pragma unroll
+    for (int ch = 0; ch < Traits::kChunks; ++ch) {
+      tma_load_4d(sh.k[s] + ch * kBlockN * 64, &a.tm_k, &sh.k_full[s], ch * 64, n * kBlockN,
+                  bidh_k, c.bidb);
+    }
+    mbar_wait(&sh.v_empty[s], phase ^ 1);
+    mbar_arrive_expect_tx(&sh.v_full[s], Traits::kKVBytes);
+#pragma unroll
+    for (int ch = 0; ch < Traits::kChunks; ++ch) {
+      tma_load_4d(sh.v[s] + ch * kBlockN * 64, &a.tm_v, &sh.v_full[s], ch * 64, n * kBlockN,
+                  bidh_k, c.bidb);
+    }
+  }
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+template <typename Element>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<Element, __nv_bfloat16>) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+
+template <typename Traits>
+__device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shared& sh,
+                                         const TileCoord& c, int n_blocks, int cwg) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kStages = Traits::kStages;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kSAcc = kBlockN / 2, kOAcc = kHeadDim / 2;
+  const FwdParams& p = a.p;
+  const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % 4;
+  const int g = lane / 4, t = lane % 4;
+  const int wg_row0 = c.m_block * kBlockM + cwg * 64;  // first row of this warpgroup
+  const int row0 = wg_row0 + warp * 16 + g;             // this thread's rows: row0, row0 + 8
+  const int diag = p.seqlen_k - p.seqlen_q;             // key k visible to row r iff k <= r + diag
+  const float scale_log2 = p.scale_log2;
+
+  float o[kOAcc];
+#pragma unroll
+  for (int i = 0; i < kOAcc; ++i) o[i] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+  const uint32_t q_base = smem_u32(sh.q) + cwg * 64 * 128;
+  if (n_blocks > 0) mbar_wait(&sh.q_full, 0);
+  for (int i = 0; i < n_blocks; ++i) {
+    const int n = n_blocks - 1 - i, s = i % kStages;
+    const uint32_t phase = (i / kStages) & 1;
+    // ---- S = Q K^T ----
+    float sacc[kSAcc];
+    mbar_wait(&sh.k_full[s], phase);
+    const uint32_t k_base = smem_u32(sh.k[s]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      const uint32_t off = (kk % 4) * 32;  // 16 elements = 32 B inside the swizzle row
+      const uint64_t da = smem_desc(q_base + (kk / 4) * kBlockM * 128 + off, 16, 1024);
+      const uint64_t db = smem_desc(k_base + (kk / 4) * kBlockN * 128 + off, 16, 1024);
+      Wgmma<kBlockN, Traits::kBf16, false>::ss(sacc, da, db, kk > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(sacc);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&sh.k_empty[s]);
+
+    // ---- mask: keys past seqlen_k, and the causal diagonal ----
+    const int n0 = n * kBlockN;
+    const bool need_mask = n0 + kBlockN > p.seqlen_k ||
+                           (Traits::kCausal && n0 + kBlockN - 1 > wg_row0 + diag);
+    if (need_mask) {
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = n0 + 8 * j + 2 * t + (e & 1);
+          const int row = row0 + 8 * (e >> 1);
+          if (col >= p.seqlen_k || (Traits::kCausal && col > row + diag)) {
+            sacc[4 * j + e] = -INFINITY;
+          }
+        }
+      }
+    }
+
+    // ---- online softmax (base 2, unnormalised O rescaled when the max moves) ----
+    float m_scaled[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = row_max[r];
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j) {
+        mx = fmaxf(mx, fmaxf(sacc[4 * j + 2 * r], sacc[4 * j + 2 * r + 1]));
+      }
+      mx = quad_max(mx);
+      m_scaled[r] = mx == -INFINITY ? 0.f : mx * scale_log2;
+      const float alpha = exp2_approx(row_max[r] * scale_log2 - m_scaled[r]);
+      row_max[r] = mx;
+      row_sum[r] *= alpha;
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 8; ++j) {
+        o[4 * j + 2 * r] *= alpha;
+        o[4 * j + 2 * r + 1] *= alpha;
+      }
+    }
+    uint32_t pa[kBlockN / 16][4];
+#pragma unroll
+    for (int j = 0; j < kBlockN / 8; ++j) {
+      float pv[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        pv[e] = exp2_approx(fmaf(sacc[4 * j + e], scale_log2, -m_scaled[e >> 1]));
+        row_sum[e >> 1] += pv[e];
+      }
+      // A fragment of keys [16c, 16c + 16): chunk 2c gives regs 0/1, chunk 2c + 1 regs 2/3.
+      pa[j / 2][2 * (j % 2) + 0] = pack2<Element>(pv[0], pv[1]);
+      pa[j / 2][2 * (j % 2) + 1] = pack2<Element>(pv[2], pv[3]);
+    }
+
+    // ---- O += P V ----
+    mbar_wait(&sh.v_full[s], phase);
+    const uint32_t v_base = smem_u32(sh.v[s]);
+    fence_operands(o);
+    wgmma_fence();
+#pragma unroll
+    for (int kc = 0; kc < kBlockN / 16; ++kc) {
+      const uint64_t db = smem_desc(v_base + kc * 16 * 128, kBlockN * 128, 1024);
+      Wgmma<kHeadDim, Traits::kBf16, true>::rs(o, pa[kc], db, 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(o);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&sh.v_empty[s]);
+  }
+
+  // ---- epilogue: O / l and the natural-log LSE; rows past seqlen_q are not written ----
+  Element* o_head = static_cast<Element*>(p.o_ptr) + c.bidb * p.o_batch_stride +
+                    static_cast<int64_t>(c.bidh) * p.o_head_stride;
+  float* lse_head = p.softmax_lse_ptr +
+                    (static_cast<int64_t>(c.bidb) * p.nheads + c.bidh) * p.seqlen_q;
+  const float scale = static_cast<float>(p.softmax_scale);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float sum = quad_sum(row_sum[r]);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int row = row0 + 8 * r;
+    if (row < p.seqlen_q) {
+      Element* dst = o_head + static_cast<int64_t>(row) * p.o_row_stride + 2 * t;
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 8; ++j) {
+        *reinterpret_cast<uint32_t*>(dst + 8 * j) =
+            pack2<Element>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+      }
+      if (t == 0) lse_head[row] = sum > 0.f ? row_max[r] * scale + logf(sum) : INFINITY;
+    }
+  }
+}
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    fwd_kernel_sm90(const __grid_constant__ FwdArgs args) {
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t pad = (1024 - (smem_u32(smem_raw) & 1023)) & 1023;
+  auto& sh = *reinterpret_cast<typename Traits::Shared*>(smem_raw + pad);
+  const TileCoord c = tile_coord<Traits::kCausal>(args);
+  const int n_blocks = visible_n_blocks<Traits>(args.p, c.m_block);
+  const int wg = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    mbar_init(&sh.q_full, 1);
+#pragma unroll
+    for (int s = 0; s < Traits::kStages; ++s) {
+      mbar_init(&sh.k_full[s], 1);
+      mbar_init(&sh.v_full[s], 1);
+      mbar_init(&sh.k_empty[s], 4 * Traits::kConsumers);  // one arrival per consumer warp
+      mbar_init(&sh.v_empty[s], 4 * Traits::kConsumers);
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    regs_decrease<Traits::kProducerRegs>();
+    if (threadIdx.x == 0 && n_blocks > 0) producer<Traits>(args, sh, c, n_blocks);
+  } else {
+    regs_increase<Traits::kConsumerRegs>();
+    consumer<Traits>(args, sh, c, n_blocks, wg - 1);
+  }
+}
+
+}  // namespace sm90
+FLASH_NAMESPACE_END
