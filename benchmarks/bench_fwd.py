@@ -8,6 +8,9 @@ TFLOP/s use the exact attended area: 4 * d * (number of visible (query, key) pai
 Times are medians of triton.testing.do_bench (CUDA events); inputs are random (never zeros).
 
 Usage: python benchmarks/bench_fwd.py [--out PATH] [--quick] [--lib PATH ...]
+"ours" is what run_fwd_cuda dispatches to: the Hopper kernel where it serves the call (H100/H200,
+see kernel_src/sm90/dispatch_sm90.cu), else the sm80 kernels; FLASH_ATTN_DISABLE_SM90=1 measures
+the sm80 kernels alone (the JSON records which, as `sm90_disabled`).
 Writes JSON {gpu, torch, cuda, git_sha, clocks, rows: [...]} and prints a ratio table last.
 """
 import argparse
@@ -162,6 +165,7 @@ def main():
                 print(json.dumps({k: v for k, v in r.items() if k != "lens"}), flush=True)
     result = dict(gpu=gpu, torch=torch.__version__, cuda=torch.version.cuda,
                   git_sha=os.environ.get("GIT_SHA", "unknown"), clocks_after=clocks(),
+                  sm90_disabled=os.environ.get("FLASH_ATTN_DISABLE_SM90", "0") not in ("", "0"),
                   harness=fh.lib_path(), rows=rows)
     if args.out:
         with open(args.out, "w") as f:

@@ -5,8 +5,8 @@
 //   S = Q K^T (wgmma, both operands in shared memory) -> online softmax in registers ->
 //   O += P V (wgmma, P from registers, V from shared memory, MN-major).
 // The producer gives registers away (setmaxnreg) to the consumers. FA3's design (Shah et al.,
-// 2024); this first version has no ping-pong between consumer warpgroups and no intra-warpgroup
-// overlap of softmax and MMA (docs/cuda_fwd_sm90.md).
+// 2024), with its intra-warpgroup overlap of softmax and MMAs and the ping-pong of the two
+// consumer warpgroups (consumer(), docs/cuda_fwd_sm90.md).
 //
 // Serves (dispatch_sm90.cu checks): fp16/bf16, head dim 64 or 128, batched (no varlen, paging or
 // cache indirection), no mask or causal (bottom-right), no dropout/softcap/ALiBi/S_dmask.
@@ -38,14 +38,21 @@ struct FwdTraits {
   static constexpr bool kBf16 = std::is_same_v<Element, __nv_bfloat16>;
   static constexpr bool kCausal = kCausal_;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kConsumers = 2;               // consumer warpgroups, 64 rows each
+  // Consumer warpgroups (64 rows each). Head dim 64 takes three (FA3's 192-row tile): each K/V
+  // tile then feeds 192 rows, and the softmax of one warpgroup hides under the MMAs of two.
+  static constexpr int kConsumers = kHeadDim_ == 64 ? 3 : 2;
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = 128;
   static constexpr int kStages = 2;
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kChunks = kHeadDim / 64;      // 64-column (128-byte) swizzle blocks
+  // Register split of the 64K-entry file (setmaxnreg): producer 24 per thread, consumers the rest
+  // rounded down to a multiple of 8 (2 consumers: 240, 3 consumers: 160).
   static constexpr int kProducerRegs = 24;
-  static constexpr int kConsumerRegs = 240;
+  static constexpr int kConsumerRegs =
+      ((65536 - 128 * kProducerRegs) / (128 * kConsumers)) / 8 * 8 > 240
+          ? 240
+          : ((65536 - 128 * kProducerRegs) / (128 * kConsumers)) / 8 * 8;
   static_assert(kHeadDim % 64 == 0, "tiles are whole 128-byte swizzle atoms");
 
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
@@ -157,116 +164,202 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
+// One consumer warpgroup's view of its 64 rows: the accumulators and the running softmax state.
+// Thread (warp w, lane l) owns rows row0 = 16w + l / 4 and row0 + 8 (wgmma_sm90.h's layout).
+template <typename Traits>
+struct ConsumerState {
+  float o[Traits::kHeadDim / 2];
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};  // per-thread partial sums; quad-reduced in the epilogue
+};
+
+// S = Q K^T for one K stage, issued (not waited for).
+template <typename Traits>
+__device__ __forceinline__ void issue_qk(float (&sacc)[Traits::kBlockN / 2], uint32_t q_base,
+                                         uint32_t k_base) {
+#pragma unroll
+  for (int kk = 0; kk < Traits::kHeadDim / 16; ++kk) {
+    const uint32_t off = (kk % 4) * 32;  // 16 elements = 32 B inside the 128-byte swizzle row
+    const uint64_t da = smem_desc(q_base + (kk / 4) * Traits::kBlockM * 128 + off, 16, 1024);
+    const uint64_t db = smem_desc(k_base + (kk / 4) * Traits::kBlockN * 128 + off, 16, 1024);
+    Wgmma<Traits::kBlockN, Traits::kBf16, false>::ss(sacc, da, db, kk > 0 ? 1 : 0);
+  }
+}
+
+// O += P V for one V stage (V is MN-major: keys x head dim, 64-column blocks kBlockN rows apart).
+template <typename Traits>
+__device__ __forceinline__ void issue_pv(float (&o)[Traits::kHeadDim / 2],
+                                         const uint32_t (&pa)[Traits::kBlockN / 16][4],
+                                         uint32_t v_base) {
+#pragma unroll
+  for (int kc = 0; kc < Traits::kBlockN / 16; ++kc) {
+    const uint64_t db = smem_desc(v_base + kc * 16 * 128, Traits::kBlockN * 128, 1024);
+    Wgmma<Traits::kHeadDim, Traits::kBf16, true>::rs(o, pa[kc], db, 1);
+  }
+}
+
+// Keys past seqlen_k and, when causal, keys right of the diagonal become -inf. Only the first
+// tiles visited (the highest keys) can need it.
+template <typename Traits>
+__device__ __forceinline__ void mask_tile(float (&sacc)[Traits::kBlockN / 2], const FwdParams& p,
+                                          int n0, int wg_row0, int row0, int diag) {
+  const bool need = n0 + Traits::kBlockN > p.seqlen_k ||
+                    (Traits::kCausal && n0 + Traits::kBlockN - 1 > wg_row0 + diag);
+  if (!need) return;
+  const int t = threadIdx.x % 4;
+#pragma unroll
+  for (int j = 0; j < Traits::kBlockN / 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = n0 + 8 * j + 2 * t + (e & 1);
+      const int row = row0 + 8 * (e >> 1);
+      if (col >= p.seqlen_k || (Traits::kCausal && col > row + diag)) sacc[4 * j + e] = -INFINITY;
+    }
+  }
+}
+
+// Online softmax of one S tile in place: S becomes exp2(S * scale_log2 - m) with the new row max
+// m, the row sums take the tile, and alpha[r] is the factor the caller applies to O (after any
+// MMA still accumulating into O has completed).
+template <typename Traits>
+__device__ __forceinline__ void softmax_tile(float (&sacc)[Traits::kBlockN / 2],
+                                             ConsumerState<Traits>& st, float scale_log2,
+                                             float (&alpha)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = st.row_max[r];
+#pragma unroll
+    for (int j = 0; j < Traits::kBlockN / 8; ++j) {
+      mx = fmaxf(mx, fmaxf(sacc[4 * j + 2 * r], sacc[4 * j + 2 * r + 1]));
+    }
+    mx = quad_max(mx);
+    const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
+    alpha[r] = exp2_approx(st.row_max[r] * scale_log2 - m_scaled);
+    st.row_max[r] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < Traits::kBlockN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = sacc[4 * j + 2 * r + e];
+        x = exp2_approx(fmaf(x, scale_log2, -m_scaled));
+        sum += x;
+      }
+    }
+    st.row_sum[r] = st.row_sum[r] * alpha[r] + sum;
+  }
+}
+
+template <typename Traits>
+__device__ __forceinline__ void rescale_o(ConsumerState<Traits>& st, const float (&alpha)[2]) {
+#pragma unroll
+  for (int j = 0; j < Traits::kHeadDim / 8; ++j) {
+    st.o[4 * j + 0] *= alpha[0];
+    st.o[4 * j + 1] *= alpha[0];
+    st.o[4 * j + 2] *= alpha[1];
+    st.o[4 * j + 3] *= alpha[1];
+  }
+}
+
+// P (fp32 in the S accumulator layout) -> the A fragments of O += P V: keys [16c, 16c + 16) are
+// accumulator chunks 2c (registers 0/1) and 2c + 1 (registers 2/3).
+template <typename Traits>
+__device__ __forceinline__ void pack_p(const float (&sacc)[Traits::kBlockN / 2],
+                                       uint32_t (&pa)[Traits::kBlockN / 16][4]) {
+  using Element = typename Traits::Element;
+#pragma unroll
+  for (int j = 0; j < Traits::kBlockN / 8; ++j) {
+    pa[j / 2][2 * (j % 2) + 0] = pack2<Element>(sacc[4 * j + 0], sacc[4 * j + 1]);
+    pa[j / 2][2 * (j % 2) + 1] = pack2<Element>(sacc[4 * j + 2], sacc[4 * j + 3]);
+  }
+}
+
+// Software pipeline of one consumer warpgroup (FA3's intra-warpgroup overlap): iteration i issues
+// S(i) = Q K(i)^T and O += P(i-1) V(i-1) back to back, then runs the softmax of S(i) while the
+// tensor cores work on P(i-1) V(i-1); O is rescaled once that MMA has completed. The consumer
+// warpgroups take turns issuing their MMAs (named barriers 1.., FA3's ping-pong), so one's
+// softmax runs under the others' MMAs.
 template <typename Traits>
 __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shared& sh,
                                          const TileCoord& c, int n_blocks, int cwg) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kStages = Traits::kStages;
   constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr int kSAcc = kBlockN / 2, kOAcc = kHeadDim / 2;
   const FwdParams& p = a.p;
   const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % 4;
-  const int g = lane / 4, t = lane % 4;
   const int wg_row0 = c.m_block * kBlockM + cwg * 64;  // first row of this warpgroup
-  const int row0 = wg_row0 + warp * 16 + g;             // this thread's rows: row0, row0 + 8
-  const int diag = p.seqlen_k - p.seqlen_q;             // key k visible to row r iff k <= r + diag
+  const int row0 = wg_row0 + warp * 16 + lane / 4;     // this thread's rows: row0, row0 + 8
+  const int diag = p.seqlen_k - p.seqlen_q;            // key k visible to row r iff k <= r + diag
   const float scale_log2 = p.scale_log2;
-
-  float o[kOAcc];
-#pragma unroll
-  for (int i = 0; i < kOAcc; ++i) o[i] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-
   const uint32_t q_base = smem_u32(sh.q) + cwg * 64 * 128;
-  if (n_blocks > 0) mbar_wait(&sh.q_full, 0);
-  for (int i = 0; i < n_blocks; ++i) {
-    const int n = n_blocks - 1 - i, s = i % kStages;
-    const uint32_t phase = (i / kStages) & 1;
-    // ---- S = Q K^T ----
-    float sacc[kSAcc];
-    mbar_wait(&sh.k_full[s], phase);
-    const uint32_t k_base = smem_u32(sh.k[s]);
-    wgmma_fence();
+  // Round robin over the consumer warpgroups: cwg waits on barrier 1 + cwg, then passes the turn
+  // to the next one; the last warpgroup hands warpgroup 0 its first turn and skips its final
+  // hand-off (no arrival may stay pending at exit).
+  constexpr int kConsumers = Traits::kConsumers;
+  constexpr int kPingPongThreads = 2 * 128;
+  const int my_turn = 1 + cwg, other_turn = 1 + (cwg + 1) % kConsumers;
+  const bool is_last = cwg == kConsumers - 1;
+
+  ConsumerState<Traits> st;
 #pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      const uint32_t off = (kk % 4) * 32;  // 16 elements = 32 B inside the swizzle row
-      const uint64_t da = smem_desc(q_base + (kk / 4) * kBlockM * 128 + off, 16, 1024);
-      const uint64_t db = smem_desc(k_base + (kk / 4) * kBlockN * 128 + off, 16, 1024);
-      Wgmma<kBlockN, Traits::kBf16, false>::ss(sacc, da, db, kk > 0 ? 1 : 0);
-    }
+  for (int i = 0; i < kHeadDim / 2; ++i) st.o[i] = 0.f;
+  float sacc[kBlockN / 2];
+  uint32_t pa[kBlockN / 16][4];
+  float alpha[2];
+
+  if (n_blocks > 0) {
+    if (is_last) named_barrier_arrive(1, kPingPongThreads);  // warpgroup 0 issues first
+    mbar_wait(&sh.q_full, 0);
+    // Prologue: S(0) and its softmax (O is still zero: nothing to rescale).
+    mbar_wait(&sh.k_full[0], 0);
+    named_barrier_sync(my_turn, kPingPongThreads);
+    wgmma_fence();
+    issue_qk<Traits>(sacc, q_base, smem_u32(sh.k[0]));
     wgmma_commit();
+    if (!is_last || n_blocks > 1) named_barrier_arrive(other_turn, kPingPongThreads);
     wgmma_wait<0>();
     fence_operands(sacc);
     __syncwarp();
-    if (lane == 0) mbar_arrive(&sh.k_empty[s]);
-
-    // ---- mask: keys past seqlen_k, and the causal diagonal ----
-    const int n0 = n * kBlockN;
-    const bool need_mask = n0 + kBlockN > p.seqlen_k ||
-                           (Traits::kCausal && n0 + kBlockN - 1 > wg_row0 + diag);
-    if (need_mask) {
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = n0 + 8 * j + 2 * t + (e & 1);
-          const int row = row0 + 8 * (e >> 1);
-          if (col >= p.seqlen_k || (Traits::kCausal && col > row + diag)) {
-            sacc[4 * j + e] = -INFINITY;
-          }
-        }
-      }
-    }
-
-    // ---- online softmax (base 2, unnormalised O rescaled when the max moves) ----
-    float m_scaled[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j) {
-        mx = fmaxf(mx, fmaxf(sacc[4 * j + 2 * r], sacc[4 * j + 2 * r + 1]));
-      }
-      mx = quad_max(mx);
-      m_scaled[r] = mx == -INFINITY ? 0.f : mx * scale_log2;
-      const float alpha = exp2_approx(row_max[r] * scale_log2 - m_scaled[r]);
-      row_max[r] = mx;
-      row_sum[r] *= alpha;
-#pragma unroll
-      for (int j = 0; j < kHeadDim / 8; ++j) {
-        o[4 * j + 2 * r] *= alpha;
-        o[4 * j + 2 * r + 1] *= alpha;
-      }
-    }
-    uint32_t pa[kBlockN / 16][4];
-#pragma unroll
-    for (int j = 0; j < kBlockN / 8; ++j) {
-      float pv[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        pv[e] = exp2_approx(fmaf(sacc[4 * j + e], scale_log2, -m_scaled[e >> 1]));
-        row_sum[e >> 1] += pv[e];
-      }
-      // A fragment of keys [16c, 16c + 16): chunk 2c gives regs 0/1, chunk 2c + 1 regs 2/3.
-      pa[j / 2][2 * (j % 2) + 0] = pack2<Element>(pv[0], pv[1]);
-      pa[j / 2][2 * (j % 2) + 1] = pack2<Element>(pv[2], pv[3]);
-    }
-
-    // ---- O += P V ----
-    mbar_wait(&sh.v_full[s], phase);
-    const uint32_t v_base = smem_u32(sh.v[s]);
-    fence_operands(o);
+    if (lane == 0) mbar_arrive(&sh.k_empty[0]);
+    mask_tile<Traits>(sacc, p, (n_blocks - 1) * kBlockN, wg_row0, row0, diag);
+    softmax_tile<Traits>(sacc, st, scale_log2, alpha);
+    pack_p<Traits>(sacc, pa);
+  }
+  for (int i = 1; i < n_blocks; ++i) {
+    const int n = n_blocks - 1 - i, s = i % kStages, sp = (i - 1) % kStages;
+    const uint32_t phase = (i / kStages) & 1, phase_p = ((i - 1) / kStages) & 1;
+    mbar_wait(&sh.k_full[s], phase);
+    mbar_wait(&sh.v_full[sp], phase_p);
+    named_barrier_sync(my_turn, kPingPongThreads);
+    fence_operands(st.o);
     wgmma_fence();
-#pragma unroll
-    for (int kc = 0; kc < kBlockN / 16; ++kc) {
-      const uint64_t db = smem_desc(v_base + kc * 16 * 128, kBlockN * 128, 1024);
-      Wgmma<kHeadDim, Traits::kBf16, true>::rs(o, pa[kc], db, 1);
-    }
+    issue_qk<Traits>(sacc, q_base, smem_u32(sh.k[s]));
+    wgmma_commit();
+    issue_pv<Traits>(st.o, pa, smem_u32(sh.v[sp]));
+    wgmma_commit();
+    if (!is_last || i < n_blocks - 1) named_barrier_arrive(other_turn, kPingPongThreads);
+    wgmma_wait<1>();  // S(i) done, P(i-1) V(i-1) may still run
+    fence_operands(sacc);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&sh.k_empty[s]);
+    mask_tile<Traits>(sacc, p, n * kBlockN, wg_row0, row0, diag);
+    softmax_tile<Traits>(sacc, st, scale_log2, alpha);
+    wgmma_wait<0>();
+    fence_operands(st.o);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&sh.v_empty[sp]);
+    rescale_o<Traits>(st, alpha);
+    pack_p<Traits>(sacc, pa);
+  }
+  if (n_blocks > 0) {  // O += P V of the last tile
+    const int sp = (n_blocks - 1) % kStages;
+    mbar_wait(&sh.v_full[sp], ((n_blocks - 1) / kStages) & 1);
+    fence_operands(st.o);
+    wgmma_fence();
+    issue_pv<Traits>(st.o, pa, smem_u32(sh.v[sp]));
     wgmma_commit();
     wgmma_wait<0>();
-    fence_operands(o);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&sh.v_empty[s]);
+    fence_operands(st.o);
   }
 
   // ---- epilogue: O / l and the natural-log LSE; rows past seqlen_q are not written ----
@@ -275,9 +368,10 @@ __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shar
   float* lse_head = p.softmax_lse_ptr +
                     (static_cast<int64_t>(c.bidb) * p.nheads + c.bidh) * p.seqlen_q;
   const float scale = static_cast<float>(p.softmax_scale);
+  const int t = lane % 4;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float sum = quad_sum(row_sum[r]);
+    const float sum = quad_sum(st.row_sum[r]);
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     const int row = row0 + 8 * r;
     if (row < p.seqlen_q) {
@@ -285,9 +379,9 @@ __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shar
 #pragma unroll
       for (int j = 0; j < kHeadDim / 8; ++j) {
         *reinterpret_cast<uint32_t*>(dst + 8 * j) =
-            pack2<Element>(o[4 * j + 2 * r] * inv, o[4 * j + 2 * r + 1] * inv);
+            pack2<Element>(st.o[4 * j + 2 * r] * inv, st.o[4 * j + 2 * r + 1] * inv);
       }
-      if (t == 0) lse_head[row] = sum > 0.f ? row_max[r] * scale + logf(sum) : INFINITY;
+      if (t == 0) lse_head[row] = sum > 0.f ? st.row_max[r] * scale + logf(sum) : INFINITY;
     }
   }
 }
