@@ -8,6 +8,7 @@
 #include <cudaTypedefs.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <stdexcept>
@@ -120,11 +121,17 @@ void launch(const FwdParams& p, cudaStream_t stream) {
   args.tm_v = make_map(p, p.v_ptr, p.seqlen_k, p.nheads_k, p.v_row_stride, p.v_head_stride,
                        p.v_batch_stride, Traits::kBlockN);
   args.num_m_blocks = (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
-  const int64_t ctas = static_cast<int64_t>(args.num_m_blocks) * p.nheads * p.batch;
-  if (ctas > INT32_MAX) {
-    throw std::runtime_error("flash_attn CUDA (sm90): grid of " + std::to_string(ctas) +
-                             " CTAs exceeds 2^31 - 1");
+  const int64_t tiles = static_cast<int64_t>(args.num_m_blocks) * p.nheads * p.batch;
+  if (tiles > INT32_MAX) {
+    throw std::runtime_error("flash_attn CUDA (sm90): " + std::to_string(tiles) +
+                             " row blocks exceed 2^31 - 1");
   }
+  args.num_tiles = static_cast<int>(tiles);
+  int dev = 0, sms = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
+        "cudaDeviceGetAttribute(MultiProcessorCount)");
+  const int ctas = static_cast<int>(std::min<int64_t>(tiles, sms));  // persistent: one per SM
   auto kernel = &sm90::fwd_kernel_sm90<Traits>;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              Traits::kSmemBytes),

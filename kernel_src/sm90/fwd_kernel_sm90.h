@@ -61,7 +61,7 @@ struct FwdTraits {
     Element q[kBlockM * kHeadDim];             // kChunks blocks of [kBlockM rows x 64]
     Element k[kStages][kBlockN * kHeadDim];    // each: kChunks blocks of [kBlockN rows x 64]
     Element v[kStages][kBlockN * kHeadDim];
-    uint64_t q_full;
+    uint64_t q_full, q_empty;
     uint64_t k_full[kStages], k_empty[kStages];
     uint64_t v_full[kStages], v_empty[kStages];
   };
@@ -75,6 +75,7 @@ struct FwdArgs {
   CUtensorMap tm_q, tm_k, tm_v;  // 4-d (d, seqlen, heads, batch), box (64, rows, 1, 1)
   FwdParams p;
   int num_m_blocks;
+  int num_tiles;  // num_m_blocks x nheads x batch; the grid is persistent and strides over them
 };
 
 // Grid order: causal puts the row-block index slowest and reversed (longest-first across all
@@ -83,8 +84,7 @@ struct TileCoord {
   int m_block, bidh, bidb;
 };
 template <bool kCausal>
-__device__ __forceinline__ TileCoord tile_coord(const FwdArgs& a) {
-  const int idx = blockIdx.x;
+__device__ __forceinline__ TileCoord tile_coord(const FwdArgs& a, int idx) {
   const int hb = a.p.nheads * a.p.batch;
   TileCoord c;
   if constexpr (kCausal) {
@@ -110,14 +110,19 @@ __device__ __forceinline__ int visible_n_blocks(const FwdParams& p, int m_block)
   return keys > 0 ? (keys + Traits::kBlockN - 1) / Traits::kBlockN : 0;
 }
 
+// Position in the K/V ring and in the sequence of Q loads, carried across the tiles of a
+// persistent CTA (the producer and every consumer count the same way).
+struct Pipe {
+  int kv = 0;  // K/V tiles consumed so far: stage kv % kStages, phase (kv / kStages) & 1
+  int q = 0;   // row blocks with at least one K/V tile so far: Q phase q & 1
+};
+
 template <typename Traits>
 __device__ __forceinline__ void producer(const FwdArgs& a, typename Traits::Shared& sh,
-                                         const TileCoord& c, int n_blocks) {
+                                         const TileCoord& c, int n_blocks, Pipe& pipe) {
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kStages = Traits::kStages;
-  tma_prefetch_descriptor(&a.tm_q);
-  tma_prefetch_descriptor(&a.tm_k);
-  tma_prefetch_descriptor(&a.tm_v);
   const int bidh_k = c.bidh / (a.p.nheads / a.p.nheads_k);
+  mbar_wait(&sh.q_empty, (pipe.q & 1) ^ 1);  // the previous row block's last S has run
   mbar_arrive_expect_tx(&sh.q_full, Traits::kQBytes);
 #pragma unroll
   for (int ch = 0; ch < Traits::kChunks; ++ch) {
@@ -125,8 +130,8 @@ __device__ __forceinline__ void producer(const FwdArgs& a, typename Traits::Shar
                 c.bidh, c.bidb);
   }
   for (int i = 0; i < n_blocks; ++i) {
-    const int n = n_blocks - 1 - i, s = i % kStages;
-    const uint32_t phase = (i / kStages) & 1;
+    const int n = n_blocks - 1 - i, s = (pipe.kv + i) % kStages;
+    const uint32_t phase = ((pipe.kv + i) / kStages) & 1;
     mbar_wait(&sh.k_empty[s], phase ^ 1);
     mbar_arrive_expect_tx(&sh.k_full[s], Traits::kKVBytes);
 #pragma unroll
@@ -142,6 +147,8 @@ __device__ __forceinline__ void producer(const FwdArgs& a, typename Traits::Shar
                   bidh_k, c.bidb);
     }
   }
+  pipe.kv += n_blocks;
+  pipe.q += 1;
 }
 
 __device__ __forceinline__ float quad_max(float x) {
@@ -281,7 +288,7 @@ __device__ __forceinline__ void pack_p(const float (&sacc)[Traits::kBlockN / 2],
 // softmax runs under the others' MMAs.
 template <typename Traits>
 __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shared& sh,
-                                         const TileCoord& c, int n_blocks, int cwg) {
+                                         const TileCoord& c, int n_blocks, int cwg, Pipe& pipe) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kStages = Traits::kStages;
   constexpr int kHeadDim = Traits::kHeadDim;
@@ -309,25 +316,30 @@ __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shar
 
   if (n_blocks > 0) {
     if (is_last) named_barrier_arrive(1, kPingPongThreads);  // warpgroup 0 issues first
-    mbar_wait(&sh.q_full, 0);
+    mbar_wait(&sh.q_full, pipe.q & 1);
     // Prologue: S(0) and its softmax (O is still zero: nothing to rescale).
-    mbar_wait(&sh.k_full[0], 0);
+    const int s0 = pipe.kv % kStages;
+    mbar_wait(&sh.k_full[s0], (pipe.kv / kStages) & 1);
     named_barrier_sync(my_turn, kPingPongThreads);
     wgmma_fence();
-    issue_qk<Traits>(sacc, q_base, smem_u32(sh.k[0]));
+    issue_qk<Traits>(sacc, q_base, smem_u32(sh.k[s0]));
     wgmma_commit();
     if (!is_last || n_blocks > 1) named_barrier_arrive(other_turn, kPingPongThreads);
     wgmma_wait<0>();
     fence_operands(sacc);
     __syncwarp();
-    if (lane == 0) mbar_arrive(&sh.k_empty[0]);
+    if (lane == 0) {
+      mbar_arrive(&sh.k_empty[s0]);
+      if (n_blocks == 1) mbar_arrive(&sh.q_empty);  // Q is read by S tiles only
+    }
     mask_tile<Traits>(sacc, p, (n_blocks - 1) * kBlockN, wg_row0, row0, diag);
     softmax_tile<Traits>(sacc, st, scale_log2, alpha);
     pack_p<Traits>(sacc, pa);
   }
   for (int i = 1; i < n_blocks; ++i) {
-    const int n = n_blocks - 1 - i, s = i % kStages, sp = (i - 1) % kStages;
-    const uint32_t phase = (i / kStages) & 1, phase_p = ((i - 1) / kStages) & 1;
+    const int it = pipe.kv + i, n = n_blocks - 1 - i;
+    const int s = it % kStages, sp = (it - 1) % kStages;
+    const uint32_t phase = (it / kStages) & 1, phase_p = ((it - 1) / kStages) & 1;
     mbar_wait(&sh.k_full[s], phase);
     mbar_wait(&sh.v_full[sp], phase_p);
     named_barrier_sync(my_turn, kPingPongThreads);
@@ -341,7 +353,10 @@ __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shar
     wgmma_wait<1>();  // S(i) done, P(i-1) V(i-1) may still run
     fence_operands(sacc);
     __syncwarp();
-    if (lane == 0) mbar_arrive(&sh.k_empty[s]);
+    if (lane == 0) {
+      mbar_arrive(&sh.k_empty[s]);
+      if (i == n_blocks - 1) mbar_arrive(&sh.q_empty);
+    }
     mask_tile<Traits>(sacc, p, n * kBlockN, wg_row0, row0, diag);
     softmax_tile<Traits>(sacc, st, scale_log2, alpha);
     wgmma_wait<0>();
@@ -352,14 +367,18 @@ __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shar
     pack_p<Traits>(sacc, pa);
   }
   if (n_blocks > 0) {  // O += P V of the last tile
-    const int sp = (n_blocks - 1) % kStages;
-    mbar_wait(&sh.v_full[sp], ((n_blocks - 1) / kStages) & 1);
+    const int it = pipe.kv + n_blocks - 1, sp = it % kStages;
+    mbar_wait(&sh.v_full[sp], (it / kStages) & 1);
     fence_operands(st.o);
     wgmma_fence();
     issue_pv<Traits>(st.o, pa, smem_u32(sh.v[sp]));
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(st.o);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&sh.v_empty[sp]);
+    pipe.kv += n_blocks;
+    pipe.q += 1;
   }
 
   // ---- epilogue: O / l and the natural-log LSE; rows past seqlen_q are not written ----
@@ -392,12 +411,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   const uint32_t pad = (1024 - (smem_u32(smem_raw) & 1023)) & 1023;
   auto& sh = *reinterpret_cast<typename Traits::Shared*>(smem_raw + pad);
-  const TileCoord c = tile_coord<Traits::kCausal>(args);
-  const int n_blocks = visible_n_blocks<Traits>(args.p, c.m_block);
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
     mbar_init(&sh.q_full, 1);
+    mbar_init(&sh.q_empty, 4 * Traits::kConsumers);
 #pragma unroll
     for (int s = 0; s < Traits::kStages; ++s) {
       mbar_init(&sh.k_full[s], 1);
@@ -409,12 +427,29 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
   __syncthreads();
 
+  // Persistent: CTA b takes row blocks b, b + gridDim.x, ... in the grid order of tile_coord
+  // (longest first when causal); the producer runs ahead into the next row block while the
+  // consumers finish the current one.
+  Pipe pipe;
   if (wg == 0) {
     regs_decrease<Traits::kProducerRegs>();
-    if (threadIdx.x == 0 && n_blocks > 0) producer<Traits>(args, sh, c, n_blocks);
+    if (threadIdx.x == 0) {
+      tma_prefetch_descriptor(&args.tm_q);
+      tma_prefetch_descriptor(&args.tm_k);
+      tma_prefetch_descriptor(&args.tm_v);
+      for (int tile = blockIdx.x; tile < args.num_tiles; tile += gridDim.x) {
+        const TileCoord c = tile_coord<Traits::kCausal>(args, tile);
+        const int n_blocks = visible_n_blocks<Traits>(args.p, c.m_block);
+        if (n_blocks > 0) producer<Traits>(args, sh, c, n_blocks, pipe);
+      }
+    }
   } else {
     regs_increase<Traits::kConsumerRegs>();
-    consumer<Traits>(args, sh, c, n_blocks, wg - 1);
+    for (int tile = blockIdx.x; tile < args.num_tiles; tile += gridDim.x) {
+      const TileCoord c = tile_coord<Traits::kCausal>(args, tile);
+      const int n_blocks = visible_n_blocks<Traits>(args.p, c.m_block);
+      consumer<Traits>(args, sh, c, n_blocks, wg - 1, pipe);
+    }
   }
 }
 
