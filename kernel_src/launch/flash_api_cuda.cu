@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "../common/cuda_primitives.h"  // cuda_check
 #include "../sm90/dispatch_sm90.h"
 #include "flash_api_cuda.h"
 #include "fwd_dispatch_sm80.h"
@@ -19,24 +20,20 @@ namespace {
 struct DeviceCaps {
   int device = 0;
   int major = 0, minor = 0;
+  int sms = 0;  // multiprocessors (the Hopper kernel's persistent grid)
 };
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("flash_attn CUDA: ") + what + " failed: " +
-                             cudaGetErrorString(err));
-  }
-}
 
 // Device attributes are cheap driver queries (no synchronisation), so they are read per call
 // rather than cached: the current device can change between calls.
 DeviceCaps current_device_caps() {
   DeviceCaps caps;
-  check(cudaGetDevice(&caps.device), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&caps.major, cudaDevAttrComputeCapabilityMajor, caps.device),
+  cuda_check(cudaGetDevice(&caps.device), "cudaGetDevice");
+  cuda_check(cudaDeviceGetAttribute(&caps.major, cudaDevAttrComputeCapabilityMajor, caps.device),
         "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
-  check(cudaDeviceGetAttribute(&caps.minor, cudaDevAttrComputeCapabilityMinor, caps.device),
+  cuda_check(cudaDeviceGetAttribute(&caps.minor, cudaDevAttrComputeCapabilityMinor, caps.device),
         "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
+  cuda_check(cudaDeviceGetAttribute(&caps.sms, cudaDevAttrMultiProcessorCount, caps.device),
+             "cudaDeviceGetAttribute(MultiProcessorCount)");
   return caps;
 }
 
@@ -75,7 +72,8 @@ void run_fwd_cuda(const FwdParams& params, cudaStream_t stream) {
   if (varlen ? params.total_q <= 0 : params.seqlen_q <= 0) return;  // no query rows: nothing to write
 
 #ifndef FLASH_DISABLE_SM90  // a build without 9.0 (tools/build_local.py --archs) has no sm90 code
-  if (try_run_fwd_sm90(params, stream)) return;
+  // sm_90a code runs on exactly compute capability 9.0.
+  if (caps.major == 9 && caps.minor == 0 && try_run_fwd_sm90(params, caps.sms, stream)) return;
 #endif
   DTYPE_SWITCH(params.dtype, [&] {
     HDIM_SWITCH(params.head_dim, [&] { run_fwd_sm80<elem_type, kHeadDim>(params, stream); });

@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "../common/cuda_primitives.h"  // cuda_check
 #include "../common/params.h"
 #include "../sm80/fwd_kernel_sm80.h"
 #include "../sm80/kernel_traits_sm80.h"
@@ -22,13 +23,6 @@
 #include "static_switch.h"
 
 FLASH_NAMESPACE_BEGIN
-
-inline void cuda_check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("flash_attn CUDA: ") + what + " failed: " +
-                             cudaGetErrorString(err));
-  }
-}
 
 // The fast kernel serves a call unless it uses a feature only the general kernel has.
 inline bool needs_general_kernel(const FwdParams& p) {

@@ -1,8 +1,8 @@
 // Owns: the hardware primitives of the Ampere-class path, one tiny inline-PTX wrapper each:
 // tensor-core MMA (mma.sync m16n8k16, fp16/bf16 in, fp32 accumulate), shared-memory matrix loads
 // (ldmatrix x4, plain and transposed), asynchronous global->shared copies (cp.async 16 B with
-// zero-fill, commit/wait_group), the fast exp2 (MUFU ex2), packed fp32->fp16/bf16 conversion and
-// quad (4-lane) reductions.
+// zero-fill, commit/wait_group); the fast exp2, fp16x2/bf16x2 packing, quad reductions and
+// smem_u32 shared with the Hopper path come from common/cuda_primitives.h.
 //
 // Invariants:
 // * Nothing here allocates or synchronises a block; functions that need the whole warp to take
@@ -18,6 +18,7 @@
 
 #include <cstdint>
 
+#include "../common/cuda_primitives.h"
 #include "../common/namespace.h"
 
 FLASH_NAMESPACE_BEGIN
@@ -40,9 +41,7 @@ struct ElementTraits<__nv_bfloat16> {
 
 // ---- addresses ----------------------------------------------------------------------------------
 
-__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
+using cuda::smem_u32;
 
 // threadIdx.x read through volatile asm. The kernel loops over row blocks (persistent-style), so
 // everything computed from threadIdx.x is loop-invariant there and the compiler hoists it to the
@@ -116,25 +115,8 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // ---- arithmetic --------------------------------------------------------------------------------
 
-// 2^x on the special-function unit (ex2.approx.ftz: rel. error ~2^-22, denormals flushed, which
-// is harmless for probabilities <= 1 that are rounded to fp16/bf16 anyway). exp2(-inf) = 0.
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// Packs (lo, hi) into one register of two fp16/bf16, round-to-nearest-even (cvt.rn.*x2).
-template <typename Element>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  uint32_t r;
-  if constexpr (ElementTraits<Element>::kIsBf16) {
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  } else {
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  }
-  return r;
-}
+using cuda::exp2_approx;  // (common/cuda_primitives.h)
+using cuda::pack2;
 
 template <typename Element>
 __device__ __forceinline__ float to_float(Element x);
@@ -148,18 +130,8 @@ __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
 }
 
 namespace warp {
-
-// Reductions over the 4 lanes of a quad (the 4 threads that share a row of an MMA fragment).
-// Whole warp.
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
+using cuda::warp::quad_max;
+using cuda::warp::quad_sum;
 }  // namespace warp
 }  // namespace sm80
 FLASH_NAMESPACE_END

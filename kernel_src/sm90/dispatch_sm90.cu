@@ -21,13 +21,6 @@ FLASH_NAMESPACE_BEGIN
 
 namespace {
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("flash_attn CUDA (sm90): ") + what + " failed: " +
-                             cudaGetErrorString(err));
-  }
-}
-
 // FLASH_ATTN_DISABLE_SM90=1 sends every call to the sm80 kernels (tests and benchmarks compare
 // the two paths on one GPU).
 bool sm90_disabled() {
@@ -60,19 +53,11 @@ bool serves(const FwdParams& p) {
          p.o_head_stride % 2 == 0 && p.o_batch_stride % 2 == 0;
 }
 
-bool device_is_sm90() {
-  int dev = 0, major = 0, minor = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "attribute");
-  check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "attribute");
-  return major == 9 && minor == 0;  // sm_90a code runs on exactly 9.0
-}
-
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
     void* ptr = nullptr;
     cudaDriverEntryPointQueryResult status{};
-    check(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
+    cuda_check(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
                                            cudaEnableDefault, &status),
           "cudaGetDriverEntryPointByVersion(cuTensorMapEncodeTiled)");
     if (status != cudaDriverEntryPointSuccess || ptr == nullptr) {
@@ -111,7 +96,7 @@ CUtensorMap make_map(const FwdParams& p, const void* ptr, int seqlen, int heads,
 }
 
 template <typename Traits>
-void launch(const FwdParams& p, cudaStream_t stream) {
+void launch(const FwdParams& p, int num_sms, cudaStream_t stream) {
   sm90::FwdArgs args;
   args.p = p;
   args.tm_q = make_map(p, p.q_ptr, p.seqlen_q, p.nheads, p.q_row_stride, p.q_head_stride,
@@ -127,45 +112,41 @@ void launch(const FwdParams& p, cudaStream_t stream) {
                              " row blocks exceed 2^31 - 1");
   }
   args.num_tiles = static_cast<int>(tiles);
-  int dev = 0, sms = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
-        "cudaDeviceGetAttribute(MultiProcessorCount)");
-  const int ctas = static_cast<int>(std::min<int64_t>(tiles, sms));  // persistent: one per SM
+  const int ctas = static_cast<int>(std::min<int64_t>(tiles, num_sms));  // persistent: one per SM
   auto kernel = &sm90::fwd_kernel_sm90<Traits>;
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              Traits::kSmemBytes),
         "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
   kernel<<<static_cast<unsigned>(ctas), Traits::kThreads, Traits::kSmemBytes, stream>>>(args);
-  check(cudaGetLastError(), "launching the sm90 forward kernel");
+  cuda_check(cudaGetLastError(), "launching the sm90 forward kernel");
 }
 
 template <typename Element, int kHeadDim>
-void run(const FwdParams& p, cudaStream_t stream) {
+void run(const FwdParams& p, int num_sms, cudaStream_t stream) {
   if (p.window_right == 0) {
-    launch<sm90::FwdTraits<kHeadDim, Element, true>>(p, stream);
+    launch<sm90::FwdTraits<kHeadDim, Element, true>>(p, num_sms, stream);
   } else {
-    launch<sm90::FwdTraits<kHeadDim, Element, false>>(p, stream);
+    launch<sm90::FwdTraits<kHeadDim, Element, false>>(p, num_sms, stream);
   }
 }
 
 template <typename Element>
-void run_dtype(const FwdParams& p, cudaStream_t stream) {
+void run_dtype(const FwdParams& p, int num_sms, cudaStream_t stream) {
   if (p.head_dim == 64) {
-    run<Element, 64>(p, stream);
+    run<Element, 64>(p, num_sms, stream);
   } else {
-    run<Element, 128>(p, stream);
+    run<Element, 128>(p, num_sms, stream);
   }
 }
 
 }  // namespace
 
-bool try_run_fwd_sm90(const FwdParams& params, cudaStream_t stream) {
-  if (sm90_disabled() || !serves(params) || !device_is_sm90()) return false;
+bool try_run_fwd_sm90(const FwdParams& params, int num_sms, cudaStream_t stream) {
+  if (sm90_disabled() || !serves(params)) return false;
   if (params.dtype == DType::kBFloat16) {
-    run_dtype<__nv_bfloat16>(params, stream);
+    run_dtype<__nv_bfloat16>(params, num_sms, stream);
   } else {
-    run_dtype<__half>(params, stream);
+    run_dtype<__half>(params, num_sms, stream);
   }
   return true;
 }

@@ -6,8 +6,9 @@
 
 FLASH_NAMESPACE_BEGIN
 
-// Runs the forward on the Hopper path if it serves this call on the current device and returns
-// true; returns false (having launched nothing) otherwise, and the caller uses the sm80 path.
-bool try_run_fwd_sm90(const FwdParams& params, cudaStream_t stream);
+// On a compute capability 9.0 device with `num_sms` multiprocessors (the caller checks the
+// capability): runs the forward on the Hopper path if it serves this call and returns true;
+// returns false (having launched nothing) otherwise, and the caller uses the sm80 path.
+bool try_run_fwd_sm90(const FwdParams& params, int num_sms, cudaStream_t stream);
 
 FLASH_NAMESPACE_END

@@ -21,6 +21,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -50,9 +51,7 @@ struct FwdTraits {
   // rounded down to a multiple of 8 (2 consumers: 240, 3 consumers: 160).
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs =
-      ((65536 - 128 * kProducerRegs) / (128 * kConsumers)) / 8 * 8 > 240
-          ? 240
-          : ((65536 - 128 * kProducerRegs) / (128 * kConsumers)) / 8 * 8;
+      std::min(240, (65536 - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8);
   static_assert(kHeadDim % 64 == 0, "tiles are whole 128-byte swizzle atoms");
 
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
@@ -151,25 +150,10 @@ __device__ __forceinline__ void producer(const FwdArgs& a, typename Traits::Shar
   pipe.q += 1;
 }
 
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
-template <typename Element>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  if constexpr (std::is_same_v<Element, __nv_bfloat16>) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  } else {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-}
+using cuda::exp2_approx;  // (common/cuda_primitives.h)
+using cuda::pack2;
+using cuda::warp::quad_max;
+using cuda::warp::quad_sum;
 
 // One consumer warpgroup's view of its 64 rows: the accumulators and the running softmax state.
 // Thread (warp w, lane l) owns rows row0 = 16w + l / 4 and row0 + 8 (wgmma_sm90.h's layout).

@@ -11,14 +11,13 @@
 #pragma once
 #include <cstdint>
 
+#include "../common/cuda_primitives.h"
 #include "../common/namespace.h"
 
 FLASH_NAMESPACE_BEGIN
 namespace sm90 {
 
-__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
+using cuda::smem_u32;  // (common/cuda_primitives.h)
 
 // ---- mbarriers ----------------------------------------------------------------------------------
 
@@ -120,12 +119,6 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 }
 __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
 }
 
 }  // namespace sm90

@@ -1,0 +1,69 @@
+// Owns: the small pieces both CUDA paths (kernel_src/sm80/, kernel_src/sm90/) use, which live here
+// because a build section may only include its own directory and common/ (docs/design.md):
+// on the device, the `.shared` address of a pointer, 2^x on the special-function unit, packing
+// two floats into fp16x2/bf16x2, and quad (4-lane) reductions; on the host, turning a CUDA error
+// into the std::runtime_error the binding reports. Included by CUDA sources only.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "namespace.h"
+
+FLASH_NAMESPACE_BEGIN
+
+inline void cuda_check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("flash_attn CUDA: ") + what + " failed: " +
+                             cudaGetErrorString(err));
+  }
+}
+
+namespace cuda {
+
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// 2^x on the special-function unit (ex2.approx.ftz: rel. error ~2^-22, denormals flushed, which
+// is harmless for probabilities <= 1 that are rounded to fp16/bf16 anyway). exp2(-inf) = 0.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Packs (lo, hi) into one register of two fp16/bf16, round-to-nearest-even (cvt.rn.*x2).
+template <typename Element>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  uint32_t r;
+  if constexpr (std::is_same_v<Element, __nv_bfloat16>) {
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  } else {
+    static_assert(std::is_same_v<Element, __half>, "fp16 or bf16");
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  }
+  return r;
+}
+
+namespace warp {
+
+// Reductions over the 4 lanes of a quad (the 4 threads that share a row of an MMA fragment).
+// Whole warp.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+}  // namespace warp
+}  // namespace cuda
+FLASH_NAMESPACE_END
