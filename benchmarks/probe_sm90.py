@@ -1,6 +1,6 @@
 """Quick probe of the CUDA forward through flash_attn_func (loaded from build/ with kernels):
-spot correctness against an fp64 reference on odd shapes, then bf16 TFLOP/s at head dim 64/128,
-seqlen 1k/4k/16k, next to SDPA flash and cuDNN in the same run. Used for the sm90 steps in
+spot correctness against an fp64 reference on odd shapes, then bf16 TFLOP/s at head dim 64/128/256
+(PROBE_HDIMS=64,128 trims), seqlen 1k/4k/16k, next to SDPA flash and cuDNN in the same run. Used for the sm90 steps in
 docs/cuda_fwd_sm90.md (benchmarks/results/tuning/h200-sm90-steps.json); the full sweep is
 bench_fwd.py.
 
@@ -28,7 +28,8 @@ bad = 0
 for dt in (torch.bfloat16, torch.float16):
   for (b, sq, sk, h, hk, d, causal) in [(2, 1000, 1000, 4, 2, 64, False), (2, 1000, 1000, 4, 2, 64, True),
         (1, 257, 257, 2, 2, 128, True), (3, 128, 128, 8, 1, 64, False), (1, 300, 700, 2, 1, 128, True),
-        (1, 700, 300, 2, 2, 64, True), (2, 1, 513, 3, 3, 128, False), (1, 4096, 4096, 2, 1, 128, True), (1, 77, 1, 2, 2, 64, True)]:
+        (1, 700, 300, 2, 2, 64, True), (2, 1, 513, 3, 3, 128, False), (1, 4096, 4096, 2, 1, 128, True), (1, 77, 1, 2, 2, 64, True),
+        (2, 1000, 1000, 2, 1, 256, True), (1, 129, 300, 2, 2, 256, False), (1, 4097, 4097, 1, 1, 256, True)]:
     q = torch.randn(b, sq, h, d, device="cuda", dtype=dt); k = torch.randn(b, sk, hk, d, device="cuda", dtype=dt); v = torch.randn_like(k)
     out, lse, _ = fa.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
     ro, rl = ref(q, k, v, causal)
@@ -47,7 +48,7 @@ def t(fn, n=20):
     for _ in range(n):
         a = torch.cuda.Event(True); e = torch.cuda.Event(True); a.record(); fn(); e.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(e))
     return statistics.median(ts)
-for d in (64, 128):
+for d in tuple(int(x) for x in os.environ.get("PROBE_HDIMS", "64,128,256").split(",")):
   for s in (1024, 4096, 16384):
     for causal in (False, True):
         b, h = 16384 // s, 2048 // d

@@ -2,10 +2,12 @@
 blocks and its tile edges, and agreement with the sm80 kernels on the same GPU.
 
 The grid tests (test_fwd.py) already run every served case through it on an H100/H200 (head dim
-64/128, fp16/bf16, no mask or causal); these add what small grids do not reach: more row blocks
-than SMs (each CTA walks several, the K/V ring carries over), seqlen_q != seqlen_k around the tile
-sizes (192 and 128 rows, 128 keys), rows without keys, and FLASH_ATTN_DISABLE_SM90=1 (the sm80
-path, read once per process, so checked in a subprocess).
+64/128/256, fp16/bf16, no mask or causal); these add what small grids do not reach: more row
+blocks than SMs (each CTA walks several, the K/V ring carries over), seqlen_q != seqlen_k around
+the tile sizes (192 or 128 rows, 128 or 64 keys), causal row blocks anchored at the last row (the
+first block starts above row 0: its missing rows must be neither computed into O nor written),
+rows without keys, and FLASH_ATTN_DISABLE_SM90=1 (the sm80 path, read once per process, so
+checked in a subprocess).
 """
 import os
 import subprocess
@@ -27,11 +29,12 @@ SHAPES = [  # (batch, seqlen_q, seqlen_k, nheads, nheads_k)
     (3, 193, 1000, 6, 6),     # one row past the 192-row tile; keys past 7 full tiles
     (2, 1000, 129, 8, 2),     # causal: top rows see no key (O = 0, LSE = +inf)
     (1, 1, 4097, 4, 1),       # decode-like row against a long K
+    (2, 4097, 4097, 3, 1),    # causal: the first row block holds 65 (hdim 256: 1) of its rows
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("hdim", [64, 128])
+@pytest.mark.parametrize("hdim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_sm90_matches_reference(flash, tol, shape, causal, hdim, dtype):

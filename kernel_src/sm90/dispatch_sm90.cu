@@ -40,7 +40,7 @@ bool serves(const FwdParams& p) {
   const bool causal = p.window_left < 0 && p.window_right == 0;
   const bool full = p.window_left < 0 && p.window_right < 0;
   return (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) &&
-         (p.head_dim == 64 || p.head_dim == 128) && (causal || full) && p.p_dropout == 0.0 &&
+         (p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256) && (causal || full) && p.p_dropout == 0.0 &&
          p.softcap == 0.0 && p.alibi_slopes == nullptr && p.p_ptr == nullptr &&
          p.cu_seqlens_q == nullptr && p.cu_seqlens_k == nullptr && p.seqused_k == nullptr &&
          p.leftpad_k == nullptr && p.cache_batch_idx == nullptr && p.block_table == nullptr &&
@@ -134,8 +134,10 @@ template <typename Element>
 void run_dtype(const FwdParams& p, int num_sms, cudaStream_t stream) {
   if (p.head_dim == 64) {
     run<Element, 64>(p, num_sms, stream);
-  } else {
+  } else if (p.head_dim == 128) {
     run<Element, 128>(p, num_sms, stream);
+  } else {
+    run<Element, 256>(p, num_sms, stream);
   }
 }
 

@@ -8,7 +8,7 @@
 // 2024), with its intra-warpgroup overlap of softmax and MMAs and the ping-pong of the two
 // consumer warpgroups (consumer(), docs/cuda_fwd_sm90.md).
 //
-// Serves (dispatch_sm90.cu checks): fp16/bf16, head dim 64 or 128, batched (no varlen, paging or
+// Serves (dispatch_sm90.cu checks): fp16/bf16, head dim 64, 128 or 256, batched (no varlen, paging or
 // cache indirection), no mask or causal (bottom-right), no dropout/softcap/ALiBi/S_dmask.
 //
 // Invariants:
@@ -43,7 +43,9 @@ struct FwdTraits {
   // tile then feeds 192 rows, and the softmax of one warpgroup hides under the MMAs of two.
   static constexpr int kConsumers = kHeadDim_ == 64 ? 3 : 2;
   static constexpr int kBlockM = 64 * kConsumers;
-  static constexpr int kBlockN = 128;
+  // Keys per K/V tile: 128, or 64 at head dim 256, where Q (64 KB) and two K/V stages of 128
+  // keys would not fit in shared memory and O already takes 128 registers per thread.
+  static constexpr int kBlockN = kHeadDim_ == 256 ? 64 : 128;
   static constexpr int kStages = 2;
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kChunks = kHeadDim / 64;      // 64-column (128-byte) swizzle blocks
@@ -66,6 +68,7 @@ struct FwdTraits {
   };
   // Dynamic shared memory is only 16-byte aligned: one extra KB to align the tiles to 1024.
   static constexpr int kSmemBytes = static_cast<int>(sizeof(Shared)) + 1024;
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than one Hopper CTA may have");
 };
 
 // Everything the kernel reads, passed by value as a __grid_constant__ parameter (the tensor maps
@@ -77,16 +80,31 @@ struct FwdArgs {
   int num_tiles;  // num_m_blocks x nheads x batch; the grid is persistent and strides over them
 };
 
+// First query row of row block m_block. Causal row blocks are anchored at the end of the
+// sequence: the last one ends at row seqlen_q and the first may start above row 0 (TMA zero-fills
+// those rows; the epilogue skips them). The partial block is then the one that sees the fewest
+// keys rather than the one that sees them all (at 4k rows and 192-row blocks: 363 instead of 384
+// K/V tile visits per head).
+template <typename Traits>
+__device__ __forceinline__ int block_row0(const FwdArgs& a, int m_block) {
+  if constexpr (Traits::kCausal) {
+    return m_block * Traits::kBlockM - (a.num_m_blocks * Traits::kBlockM - a.p.seqlen_q);
+  } else {
+    return m_block * Traits::kBlockM;
+  }
+}
+
 // Grid order: causal puts the row-block index slowest and reversed (longest-first across all
 // heads); otherwise row blocks of one head are adjacent, so their shared K/V streams hit in L2.
 struct TileCoord {
   int m_block, bidh, bidb;
+  int row0;  // block_row0(m_block)
 };
-template <bool kCausal>
+template <typename Traits>
 __device__ __forceinline__ TileCoord tile_coord(const FwdArgs& a, int idx) {
   const int hb = a.p.nheads * a.p.batch;
   TileCoord c;
-  if constexpr (kCausal) {
+  if constexpr (Traits::kCausal) {
     c.m_block = a.num_m_blocks - 1 - idx / hb;
     c.bidh = (idx % hb) % a.p.nheads;
     c.bidb = (idx % hb) / a.p.nheads;
@@ -95,15 +113,16 @@ __device__ __forceinline__ TileCoord tile_coord(const FwdArgs& a, int idx) {
     c.bidh = (idx / a.num_m_blocks) % a.p.nheads;
     c.bidb = idx / a.num_m_blocks / a.p.nheads;
   }
+  c.row0 = block_row0<Traits>(a, c.m_block);
   return c;
 }
 
-// Number of K/V tiles this row block sees (visited n_blocks - 1 down to 0).
+// Number of K/V tiles the row block starting at row0 sees (visited n_blocks - 1 down to 0).
 template <typename Traits>
-__device__ __forceinline__ int visible_n_blocks(const FwdParams& p, int m_block) {
+__device__ __forceinline__ int visible_n_blocks(const FwdParams& p, int row0) {
   int keys = p.seqlen_k;
   if constexpr (Traits::kCausal) {
-    const int last = (m_block + 1) * Traits::kBlockM + p.seqlen_k - p.seqlen_q;  // exclusive
+    const int last = row0 + Traits::kBlockM + p.seqlen_k - p.seqlen_q;  // exclusive
     keys = last < keys ? last : keys;
   }
   return keys > 0 ? (keys + Traits::kBlockN - 1) / Traits::kBlockN : 0;
@@ -125,8 +144,8 @@ __device__ __forceinline__ void producer(const FwdArgs& a, typename Traits::Shar
   mbar_arrive_expect_tx(&sh.q_full, Traits::kQBytes);
 #pragma unroll
   for (int ch = 0; ch < Traits::kChunks; ++ch) {
-    tma_load_4d(sh.q + ch * kBlockM * 64, &a.tm_q, &sh.q_full, ch * 64, c.m_block * kBlockM,
-                c.bidh, c.bidb);
+    tma_load_4d(sh.q + ch * kBlockM * 64, &a.tm_q, &sh.q_full, ch * 64, c.row0, c.bidh,
+                c.bidb);
   }
   for (int i = 0; i < n_blocks; ++i) {
     const int n = n_blocks - 1 - i, s = (pipe.kv + i) % kStages;
@@ -274,13 +293,13 @@ template <typename Traits>
 __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shared& sh,
                                          const TileCoord& c, int n_blocks, int cwg, Pipe& pipe) {
   using Element = typename Traits::Element;
-  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kStages = Traits::kStages;
+  constexpr int kBlockN = Traits::kBlockN, kStages = Traits::kStages;
   constexpr int kHeadDim = Traits::kHeadDim;
   const FwdParams& p = a.p;
   const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % 4;
-  const int wg_row0 = c.m_block * kBlockM + cwg * 64;  // first row of this warpgroup
-  const int row0 = wg_row0 + warp * 16 + lane / 4;     // this thread's rows: row0, row0 + 8
-  const int diag = p.seqlen_k - p.seqlen_q;            // key k visible to row r iff k <= r + diag
+  const int wg_row0 = c.row0 + cwg * 64;  // first row of this warpgroup
+  const int row0 = wg_row0 + warp * 16 + lane / 4;  // this thread's rows: row0, row0 + 8
+  const int diag = p.seqlen_k - p.seqlen_q;         // key k visible to row r iff k <= r + diag
   const float scale_log2 = p.scale_log2;
   const uint32_t q_base = smem_u32(sh.q) + cwg * 64 * 128;
   // Round robin over the consumer warpgroups: cwg waits on barrier 1 + cwg, then passes the turn
@@ -377,7 +396,7 @@ __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shar
     const float sum = quad_sum(st.row_sum[r]);
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     const int row = row0 + 8 * r;
-    if (row < p.seqlen_q) {
+    if (row >= 0 && row < p.seqlen_q) {
       Element* dst = o_head + static_cast<int64_t>(row) * p.o_row_stride + 2 * t;
 #pragma unroll
       for (int j = 0; j < kHeadDim / 8; ++j) {
@@ -422,16 +441,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       tma_prefetch_descriptor(&args.tm_k);
       tma_prefetch_descriptor(&args.tm_v);
       for (int tile = blockIdx.x; tile < args.num_tiles; tile += gridDim.x) {
-        const TileCoord c = tile_coord<Traits::kCausal>(args, tile);
-        const int n_blocks = visible_n_blocks<Traits>(args.p, c.m_block);
+        const TileCoord c = tile_coord<Traits>(args, tile);
+        const int n_blocks = visible_n_blocks<Traits>(args.p, c.row0);
         if (n_blocks > 0) producer<Traits>(args, sh, c, n_blocks, pipe);
       }
     }
   } else {
     regs_increase<Traits::kConsumerRegs>();
     for (int tile = blockIdx.x; tile < args.num_tiles; tile += gridDim.x) {
-      const TileCoord c = tile_coord<Traits::kCausal>(args, tile);
-      const int n_blocks = visible_n_blocks<Traits>(args.p, c.m_block);
+      const TileCoord c = tile_coord<Traits>(args, tile);
+      const int n_blocks = visible_n_blocks<Traits>(args.p, c.row0);
       consumer<Traits>(args, sh, c, n_blocks, wg - 1, pipe);
     }
   }
