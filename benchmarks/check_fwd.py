@@ -265,7 +265,7 @@ def main():
     t0 = time.time()
     dtypes = [torch.float16, torch.bfloat16]
     if args.quick:
-        for d in (64, 128, 59):
+        for d in (64, 128, 256, 59):
             for mask in MASKS:
                 check_batched(st, torch.bfloat16, d, mask, "GQA", 113, 203, batch=2)
         check_varlen(st, torch.float16, 64, "causal", [5, 0, 130], [7, 1, 200], page=3)
