@@ -23,15 +23,18 @@
 
 #include "../common/mask.h"
 #include "../common/params.h"
+#include "../common/seq_info_cuda.h"
 #include "copy_sm80.h"
 #include "gemm_sm80.h"
 #include "kernel_traits_sm80.h"
 #include "primitives.h"
-#include "seq_info_sm80.h"
 #include "softmax_sm80.h"
 
 FLASH_NAMESPACE_BEGIN
 namespace sm80 {
+
+using cuda::kv_bound;  // (common/seq_info_cuda.h)
+using cuda::SeqInfo;
 
 // Whether every tensor allows 16-byte cp.async / stores: base pointers 16-byte aligned, strides
 // and head_dim multiples of 8 elements. Shared by the launch code (fast path only when true) and

@@ -36,14 +36,24 @@ bool strides16(int64_t row, int64_t head, int64_t batch) {
   return row % 8 == 0 && head % 8 == 0 && batch % 8 == 0;  // 2-byte elements: 16-byte strides
 }
 
+// Varlen needs a real bound on the sequence lengths (max_seqlen_q given and below total_q, as
+// FA2's API asks): the persistent grid walks max_seqlen_q / kBlockM row blocks per sequence and
+// skips those past each end. Without one the call goes to the sm80 kernels, whose grid is sized
+// from the average length.
+bool varlen_supported(const FwdParams& p) {
+  if (p.cu_seqlens_q == nullptr && p.cu_seqlens_k == nullptr) return true;
+  return p.cu_seqlens_q != nullptr && p.cu_seqlens_k != nullptr && p.total_q > 0 &&
+         p.total_k > 0 && p.total_k <= INT32_MAX && (p.seqlen_q < p.total_q || p.batch == 1);
+}
+
 bool serves(const FwdParams& p) {
   const bool causal = p.window_left < 0 && p.window_right == 0;
   const bool full = p.window_left < 0 && p.window_right < 0;
   return (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) &&
          (p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256) && (causal || full) && p.p_dropout == 0.0 &&
          p.softcap == 0.0 && p.alibi_slopes == nullptr && p.p_ptr == nullptr &&
-         p.cu_seqlens_q == nullptr && p.cu_seqlens_k == nullptr && p.seqused_k == nullptr &&
-         p.leftpad_k == nullptr && p.cache_batch_idx == nullptr && p.block_table == nullptr &&
+         varlen_supported(p) && p.leftpad_k == nullptr && p.cache_batch_idx == nullptr &&
+         p.block_table == nullptr &&
          p.scale_log2 > 0.f && p.seqlen_q > 0 && p.seqlen_k > 0 &&
          aligned16(p.q_ptr) && aligned16(p.k_ptr) && aligned16(p.v_ptr) &&
          strides16(p.q_row_stride, p.q_head_stride, p.q_batch_stride) &&
@@ -68,18 +78,19 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// 4-d map over (d, seqlen, heads, batch) with a (64, rows, 1, 1) box and the 128-byte swizzle the
-// wgmma descriptors expect. A stride of a dimension of extent 1 is never stepped, so it is
-// replaced by a legal value when the tensor's own is not (e.g. a sliced batch of one).
-CUtensorMap make_map(const FwdParams& p, const void* ptr, int seqlen, int heads,
-                     int64_t row_stride, int64_t head_stride, int64_t batch_stride, int rows) {
+// 4-d map over (d, rows, heads, batch) with a (64, box_rows, 1, 1) box and the 128-byte swizzle
+// the wgmma descriptors expect; varlen tensors are (d, total, heads, 1). A stride of a dimension
+// of extent 1 is never stepped, so it is replaced by a legal value when the tensor's own is not
+// (e.g. a sliced batch of one).
+CUtensorMap make_map(const FwdParams& p, const void* ptr, int64_t rows, int heads, int batch,
+                     int64_t row_stride, int64_t head_stride, int64_t batch_stride, int box_rows) {
   const int64_t elem = 2;
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(p.head_dim), static_cast<cuuint64_t>(seqlen),
-                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(p.batch)};
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(p.head_dim), static_cast<cuuint64_t>(rows),
+                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
   const cuuint64_t strides[3] = {static_cast<cuuint64_t>(row_stride * elem),
                                  static_cast<cuuint64_t>((heads > 1 ? head_stride : 8) * elem),
-                                 static_cast<cuuint64_t>((p.batch > 1 ? batch_stride : 8) * elem)};
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(rows), 1, 1};
+                                 static_cast<cuuint64_t>((batch > 1 ? batch_stride : 8) * elem)};
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   CUtensorMap map;
   const CUresult res = tensor_map_encoder()(
@@ -99,11 +110,16 @@ template <typename Traits>
 void launch(const FwdParams& p, int num_sms, cudaStream_t stream) {
   sm90::FwdArgs args;
   args.p = p;
-  args.tm_q = make_map(p, p.q_ptr, p.seqlen_q, p.nheads, p.q_row_stride, p.q_head_stride,
+  args.varlen = p.cu_seqlens_q != nullptr;
+  args.v_tail_zero = args.varlen || p.seqused_k != nullptr;
+  const int64_t q_rows = args.varlen ? p.total_q : p.seqlen_q;
+  const int64_t k_rows = args.varlen ? p.total_k : p.seqlen_k;
+  const int batch = args.varlen ? 1 : p.batch;
+  args.tm_q = make_map(p, p.q_ptr, q_rows, p.nheads, batch, p.q_row_stride, p.q_head_stride,
                        p.q_batch_stride, Traits::kBlockM);
-  args.tm_k = make_map(p, p.k_ptr, p.seqlen_k, p.nheads_k, p.k_row_stride, p.k_head_stride,
+  args.tm_k = make_map(p, p.k_ptr, k_rows, p.nheads_k, batch, p.k_row_stride, p.k_head_stride,
                        p.k_batch_stride, Traits::kBlockN);
-  args.tm_v = make_map(p, p.v_ptr, p.seqlen_k, p.nheads_k, p.v_row_stride, p.v_head_stride,
+  args.tm_v = make_map(p, p.v_ptr, k_rows, p.nheads_k, batch, p.v_row_stride, p.v_head_stride,
                        p.v_batch_stride, Traits::kBlockN);
   args.num_m_blocks = (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
   const int64_t tiles = static_cast<int64_t>(args.num_m_blocks) * p.nheads * p.batch;

@@ -8,13 +8,16 @@
 // 2024), with its intra-warpgroup overlap of softmax and MMAs and the ping-pong of the two
 // consumer warpgroups (consumer(), docs/cuda_fwd_sm90.md).
 //
-// Serves (dispatch_sm90.cu checks): fp16/bf16, head dim 64, 128 or 256, batched (no varlen, paging or
-// cache indirection), no mask or causal (bottom-right), no dropout/softcap/ALiBi/S_dmask.
+// Serves (dispatch_sm90.cu checks): fp16/bf16, head dim 64, 128 or 256, batched or varlen (with
+// seqused_k; no paging or cache indirection), no mask or causal (bottom-right), no
+// dropout/softcap/ALiBi/S_dmask.
 //
 // Invariants:
 // * K/V tiles are visited from the last to the first, so the only tiles that need a mask (the
 //   causal diagonal and the partial last tile) come first; rows and keys past the tensor ends
-//   are zero-filled by TMA and masked here, so no load is ever out of bounds.
+//   are zero-filled by TMA and masked here, so no load is ever out of bounds. Varlen tiles may
+//   read rows of the neighbouring sequences: their keys are masked, their V rows zeroed
+//   (zero_v_tail), their query rows never written.
 // * Rows without a visible key get O = 0 and LSE = +inf (the CPU backend's convention).
 #pragma once
 #include <cuda.h>  // CUtensorMap (type only: no driver call in device code)
@@ -27,6 +30,7 @@
 #include <type_traits>
 
 #include "../common/params.h"
+#include "../common/seq_info_cuda.h"
 #include "primitives_sm90.h"
 #include "wgmma_sm90.h"
 
@@ -74,58 +78,58 @@ struct FwdTraits {
 // Everything the kernel reads, passed by value as a __grid_constant__ parameter (the tensor maps
 // must live in parameter, constant or global memory).
 struct FwdArgs {
-  CUtensorMap tm_q, tm_k, tm_v;  // 4-d (d, seqlen, heads, batch), box (64, rows, 1, 1)
+  CUtensorMap tm_q, tm_k, tm_v;  // 4-d (d, seqlen, heads, batch) or varlen (d, total, heads, 1),
+                                 // box (64, rows, 1, 1)
   FwdParams p;
-  int num_m_blocks;
-  int num_tiles;  // num_m_blocks x nheads x batch; the grid is persistent and strides over them
+  int num_m_blocks;  // row blocks per (sequence, head): of max_seqlen_q rows when varlen
+  int num_tiles;     // num_m_blocks x nheads x batch; the grid is persistent and strides over them
+  bool varlen;       // cu_seqlens_q/k given
+  bool v_tail_zero;  // K/V rows past a sequence's keys may exist (varlen, seqused_k): zero_v_tail
 };
 
-// First query row of row block m_block. Causal row blocks are anchored at the end of the
-// sequence: the last one ends at row seqlen_q and the first may start above row 0 (TMA zero-fills
-// those rows; the epilogue skips them). The partial block is then the one that sees the fewest
-// keys rather than the one that sees them all (at 4k rows and 192-row blocks: 363 instead of 384
-// K/V tile visits per head).
-template <typename Traits>
-__device__ __forceinline__ int block_row0(const FwdArgs& a, int m_block) {
-  if constexpr (Traits::kCausal) {
-    return m_block * Traits::kBlockM - (a.num_m_blocks * Traits::kBlockM - a.p.seqlen_q);
-  } else {
-    return m_block * Traits::kBlockM;
-  }
-}
-
-// Grid order: causal puts the row-block index slowest and reversed (longest-first across all
-// heads); otherwise row blocks of one head are adjacent, so their shared K/V streams hit in L2.
-struct TileCoord {
-  int m_block, bidh, bidb;
-  int row0;  // block_row0(m_block)
+// One row block of one (sequence, head): where its sequence lives (common/seq_info_cuda.h), its
+// first query row and how many K/V tiles it sees (visited n_blocks - 1 down to 0).
+//
+// Grid order: causal puts the row-block index slowest, counted from the last row of every
+// sequence (longest first across all heads and sequences); otherwise the row blocks of one head
+// are adjacent, so their shared K/V stream hits in L2. Causal row blocks are anchored at the end
+// of the sequence: the last one ends at row seqlen_q and the first may start above row 0 (TMA
+// zero-fills those rows, or they belong to the previous sequence, and the epilogue skips them).
+// The partial block is then the one that sees the fewest keys rather than the one that sees them
+// all (at 4k rows and 192-row blocks: 363 instead of 384 K/V tile visits per head). Varlen row
+// blocks past a sequence's end are skipped (n_blocks = 0, no rows).
+struct Tile {
+  cuda::SeqInfo seq;
+  int bidh, bidb;
+  int row0;      // first query row of the block inside its sequence (causal: may be < 0)
+  int n_blocks;  // K/V tiles it sees
+  bool rows;     // the block holds rows of its sequence (else nothing is computed or written)
 };
 template <typename Traits>
-__device__ __forceinline__ TileCoord tile_coord(const FwdArgs& a, int idx) {
+__device__ __forceinline__ Tile make_tile(const FwdArgs& a, int idx) {
+  constexpr int kBlockM = Traits::kBlockM;
   const int hb = a.p.nheads * a.p.batch;
-  TileCoord c;
+  int m, bidh, bidb;
   if constexpr (Traits::kCausal) {
-    c.m_block = a.num_m_blocks - 1 - idx / hb;
-    c.bidh = (idx % hb) % a.p.nheads;
-    c.bidb = (idx % hb) / a.p.nheads;
+    m = idx / hb;  // 0: the last row block of every sequence
+    bidh = (idx % hb) % a.p.nheads;
+    bidb = (idx % hb) / a.p.nheads;
   } else {
-    c.m_block = idx % a.num_m_blocks;
-    c.bidh = (idx / a.num_m_blocks) % a.p.nheads;
-    c.bidb = idx / a.num_m_blocks / a.p.nheads;
+    m = idx % a.num_m_blocks;
+    bidh = (idx / a.num_m_blocks) % a.p.nheads;
+    bidb = idx / a.num_m_blocks / a.p.nheads;
   }
-  c.row0 = block_row0<Traits>(a, c.m_block);
-  return c;
-}
-
-// Number of K/V tiles the row block starting at row0 sees (visited n_blocks - 1 down to 0).
-template <typename Traits>
-__device__ __forceinline__ int visible_n_blocks(const FwdParams& p, int row0) {
-  int keys = p.seqlen_k;
+  Tile t{cuda::SeqInfo(a.p, bidb), bidh, bidb, 0, 0, false};
+  const int sq = t.seq.seqlen_q, sk = t.seq.seqlen_k;
+  t.row0 = Traits::kCausal ? sq - (m + 1) * kBlockM : m * kBlockM;
+  t.rows = t.row0 < sq && t.row0 + kBlockM > 0;
+  int keys = t.rows ? sk : 0;
   if constexpr (Traits::kCausal) {
-    const int last = row0 + Traits::kBlockM + p.seqlen_k - p.seqlen_q;  // exclusive
+    const int last = t.row0 + kBlockM + sk - sq;  // keys visible to the block's last row, + 1
     keys = last < keys ? last : keys;
   }
-  return keys > 0 ? (keys + Traits::kBlockN - 1) / Traits::kBlockN : 0;
+  t.n_blocks = keys > 0 ? (keys + Traits::kBlockN - 1) / Traits::kBlockN : 0;
+  return t;
 }
 
 // Position in the K/V ring and in the sequence of Q loads, carried across the tiles of a
@@ -137,15 +141,18 @@ struct Pipe {
 
 template <typename Traits>
 __device__ __forceinline__ void producer(const FwdArgs& a, typename Traits::Shared& sh,
-                                         const TileCoord& c, int n_blocks, Pipe& pipe) {
+                                         const Tile& t, Pipe& pipe) {
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kStages = Traits::kStages;
-  const int bidh_k = c.bidh / (a.p.nheads / a.p.nheads_k);
+  const int n_blocks = t.n_blocks;
+  const int bidh_k = t.bidh / (a.p.nheads / a.p.nheads_k);
+  // Tensor coordinates: varlen maps are (d, total, heads, 1) and batched (d, seqlen, heads, batch).
+  const int q_row = t.seq.q_first_row + t.row0, q_batch = a.varlen ? 0 : t.bidb;
+  const int k_row = t.seq.k_first_row, kv_batch = static_cast<int>(t.seq.kv_batch);
   mbar_wait(&sh.q_empty, (pipe.q & 1) ^ 1);  // the previous row block's last S has run
   mbar_arrive_expect_tx(&sh.q_full, Traits::kQBytes);
 #pragma unroll
   for (int ch = 0; ch < Traits::kChunks; ++ch) {
-    tma_load_4d(sh.q + ch * kBlockM * 64, &a.tm_q, &sh.q_full, ch * 64, c.row0, c.bidh,
-                c.bidb);
+    tma_load_4d(sh.q + ch * kBlockM * 64, &a.tm_q, &sh.q_full, ch * 64, q_row, t.bidh, q_batch);
   }
   for (int i = 0; i < n_blocks; ++i) {
     const int n = n_blocks - 1 - i, s = (pipe.kv + i) % kStages;
@@ -154,15 +161,15 @@ __device__ __forceinline__ void producer(const FwdArgs& a, typename Traits::Shar
     mbar_arrive_expect_tx(&sh.k_full[s], Traits::kKVBytes);
 #pragma unroll
     for (int ch = 0; ch < Traits::kChunks; ++ch) {
-      tma_load_4d(sh.k[s] + ch * kBlockN * 64, &a.tm_k, &sh.k_full[s], ch * 64, n * kBlockN,
-                  bidh_k, c.bidb);
+      tma_load_4d(sh.k[s] + ch * kBlockN * 64, &a.tm_k, &sh.k_full[s], ch * 64,
+                  k_row + n * kBlockN, bidh_k, kv_batch);
     }
     mbar_wait(&sh.v_empty[s], phase ^ 1);
     mbar_arrive_expect_tx(&sh.v_full[s], Traits::kKVBytes);
 #pragma unroll
     for (int ch = 0; ch < Traits::kChunks; ++ch) {
-      tma_load_4d(sh.v[s] + ch * kBlockN * 64, &a.tm_v, &sh.v_full[s], ch * 64, n * kBlockN,
-                  bidh_k, c.bidb);
+      tma_load_4d(sh.v[s] + ch * kBlockN * 64, &a.tm_v, &sh.v_full[s], ch * 64,
+                  k_row + n * kBlockN, bidh_k, kv_batch);
     }
   }
   pipe.kv += n_blocks;
@@ -211,9 +218,9 @@ __device__ __forceinline__ void issue_pv(float (&o)[Traits::kHeadDim / 2],
 // Keys past seqlen_k and, when causal, keys right of the diagonal become -inf. Only the first
 // tiles visited (the highest keys) can need it.
 template <typename Traits>
-__device__ __forceinline__ void mask_tile(float (&sacc)[Traits::kBlockN / 2], const FwdParams& p,
+__device__ __forceinline__ void mask_tile(float (&sacc)[Traits::kBlockN / 2], int seqlen_k,
                                           int n0, int wg_row0, int row0, int diag) {
-  const bool need = n0 + Traits::kBlockN > p.seqlen_k ||
+  const bool need = n0 + Traits::kBlockN > seqlen_k ||
                     (Traits::kCausal && n0 + Traits::kBlockN - 1 > wg_row0 + diag);
   if (!need) return;
   const int t = threadIdx.x % 4;
@@ -223,9 +230,30 @@ __device__ __forceinline__ void mask_tile(float (&sacc)[Traits::kBlockN / 2], co
     for (int e = 0; e < 4; ++e) {
       const int col = n0 + 8 * j + 2 * t + (e & 1);
       const int row = row0 + 8 * (e >> 1);
-      if (col >= p.seqlen_k || (Traits::kCausal && col > row + diag)) sacc[4 * j + e] = -INFINITY;
+      if (col >= seqlen_k || (Traits::kCausal && col > row + diag)) sacc[4 * j + e] = -INFINITY;
     }
   }
+}
+
+// Keys past the sequence's end in its last K/V tile hold whatever the tensor has there (the next
+// sequence's keys, or unused rows under seqused_k): their P is 0, but 0 * inf or NaN is NaN, so
+// their V rows (rows valid.. of every 64-column block; the 128-byte swizzle keeps a row inside
+// its 128 bytes) are zeroed before P V reads them. Each consumer warpgroup zeroes all of them
+// itself (the warpgroups write the same zeros) and makes its writes visible to its wgmma.
+// Named barriers: 0 is __syncthreads, 1..kConsumers the ping-pong turns, then one per consumer
+// warpgroup for zero_v_tail.
+constexpr int kZeroBarrier0 = 4;
+
+template <typename Traits>
+__device__ __forceinline__ void zero_v_tail(typename Traits::Element* v, int valid, int cwg) {
+  constexpr int kBlockN = Traits::kBlockN;
+  const int units = (kBlockN - valid) * 8;  // 16-byte units per 64-column block
+  for (int ch = 0; ch < Traits::kChunks; ++ch) {
+    uint4* base = reinterpret_cast<uint4*>(v + ch * kBlockN * 64 + valid * 64);
+    for (int u = threadIdx.x % 128; u < units; u += 128) base[u] = make_uint4(0, 0, 0, 0);
+  }
+  fence_proxy_async_shared();
+  named_barrier_sync(kZeroBarrier0 + cwg, 128);
 }
 
 // Online softmax of one S tile in place: S becomes exp2(S * scale_log2 - m) with the new row max
@@ -291,15 +319,19 @@ __device__ __forceinline__ void pack_p(const float (&sacc)[Traits::kBlockN / 2],
 // softmax runs under the others' MMAs.
 template <typename Traits>
 __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shared& sh,
-                                         const TileCoord& c, int n_blocks, int cwg, Pipe& pipe) {
+                                         const Tile& t, int cwg, Pipe& pipe) {
   using Element = typename Traits::Element;
   constexpr int kBlockN = Traits::kBlockN, kStages = Traits::kStages;
   constexpr int kHeadDim = Traits::kHeadDim;
   const FwdParams& p = a.p;
   const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % 4;
-  const int wg_row0 = c.row0 + cwg * 64;  // first row of this warpgroup
+  const int n_blocks = t.n_blocks, seqlen_k = t.seq.seqlen_k;
+  const int wg_row0 = t.row0 + cwg * 64;            // first row of this warpgroup
   const int row0 = wg_row0 + warp * 16 + lane / 4;  // this thread's rows: row0, row0 + 8
-  const int diag = p.seqlen_k - p.seqlen_q;         // key k visible to row r iff k <= r + diag
+  const int diag = seqlen_k - t.seq.seqlen_q;       // key k visible to row r iff k <= r + diag
+  // Keys of the first tile visited that lie past the sequence (varlen, seqused_k): their V rows
+  // are zeroed before P V (zero_v_tail); 0 when TMA already zero-filled them.
+  const int v_tail = a.v_tail_zero && n_blocks > 0 ? seqlen_k - (n_blocks - 1) * kBlockN : kBlockN;
   const float scale_log2 = p.scale_log2;
   const uint32_t q_base = smem_u32(sh.q) + cwg * 64 * 128;
   // Round robin over the consumer warpgroups: cwg waits on barrier 1 + cwg, then passes the turn
@@ -335,7 +367,7 @@ __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shar
       mbar_arrive(&sh.k_empty[s0]);
       if (n_blocks == 1) mbar_arrive(&sh.q_empty);  // Q is read by S tiles only
     }
-    mask_tile<Traits>(sacc, p, (n_blocks - 1) * kBlockN, wg_row0, row0, diag);
+    mask_tile<Traits>(sacc, seqlen_k, (n_blocks - 1) * kBlockN, wg_row0, row0, diag);
     softmax_tile<Traits>(sacc, st, scale_log2, alpha);
     pack_p<Traits>(sacc, pa);
   }
@@ -345,6 +377,7 @@ __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shar
     const uint32_t phase = (it / kStages) & 1, phase_p = ((it - 1) / kStages) & 1;
     mbar_wait(&sh.k_full[s], phase);
     mbar_wait(&sh.v_full[sp], phase_p);
+    if (i == 1 && v_tail < kBlockN) zero_v_tail<Traits>(sh.v[sp], v_tail, cwg);
     named_barrier_sync(my_turn, kPingPongThreads);
     fence_operands(st.o);
     wgmma_fence();
@@ -360,7 +393,7 @@ __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shar
       mbar_arrive(&sh.k_empty[s]);
       if (i == n_blocks - 1) mbar_arrive(&sh.q_empty);
     }
-    mask_tile<Traits>(sacc, p, n * kBlockN, wg_row0, row0, diag);
+    mask_tile<Traits>(sacc, seqlen_k, n * kBlockN, wg_row0, row0, diag);
     softmax_tile<Traits>(sacc, st, scale_log2, alpha);
     wgmma_wait<0>();
     fence_operands(st.o);
@@ -372,6 +405,7 @@ __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shar
   if (n_blocks > 0) {  // O += P V of the last tile
     const int it = pipe.kv + n_blocks - 1, sp = it % kStages;
     mbar_wait(&sh.v_full[sp], (it / kStages) & 1);
+    if (n_blocks == 1 && v_tail < kBlockN) zero_v_tail<Traits>(sh.v[sp], v_tail, cwg);
     fence_operands(st.o);
     wgmma_fence();
     issue_pv<Traits>(st.o, pa, smem_u32(sh.v[sp]));
@@ -384,26 +418,25 @@ __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shar
     pipe.q += 1;
   }
 
-  // ---- epilogue: O / l and the natural-log LSE; rows past seqlen_q are not written ----
-  Element* o_head = static_cast<Element*>(p.o_ptr) + c.bidb * p.o_batch_stride +
-                    static_cast<int64_t>(c.bidh) * p.o_head_stride;
-  float* lse_head = p.softmax_lse_ptr +
-                    (static_cast<int64_t>(c.bidb) * p.nheads + c.bidh) * p.seqlen_q;
+  // ---- epilogue: O / l and the natural-log LSE; rows outside the sequence are not written ----
+  Element* o_head = static_cast<Element*>(p.o_ptr) + t.seq.o_row0 +
+                    static_cast<int64_t>(t.bidh) * p.o_head_stride;
+  float* lse_head = p.softmax_lse_ptr + t.seq.lse_row0 + t.bidh * t.seq.lse_head_stride;
   const float scale = static_cast<float>(p.softmax_scale);
-  const int t = lane % 4;
+  const int quad = lane % 4;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float sum = quad_sum(st.row_sum[r]);
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     const int row = row0 + 8 * r;
-    if (row >= 0 && row < p.seqlen_q) {
-      Element* dst = o_head + static_cast<int64_t>(row) * p.o_row_stride + 2 * t;
+    if (row >= 0 && row < t.seq.seqlen_q) {
+      Element* dst = o_head + static_cast<int64_t>(row) * p.o_row_stride + 2 * quad;
 #pragma unroll
       for (int j = 0; j < kHeadDim / 8; ++j) {
         *reinterpret_cast<uint32_t*>(dst + 8 * j) =
             pack2<Element>(st.o[4 * j + 2 * r] * inv, st.o[4 * j + 2 * r + 1] * inv);
       }
-      if (t == 0) lse_head[row] = sum > 0.f ? st.row_max[r] * scale + logf(sum) : INFINITY;
+      if (quad == 0) lse_head[row] = sum > 0.f ? st.row_max[r] * scale + logf(sum) : INFINITY;
     }
   }
 }
@@ -430,7 +463,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
   __syncthreads();
 
-  // Persistent: CTA b takes row blocks b, b + gridDim.x, ... in the grid order of tile_coord
+  // Persistent: CTA b takes row blocks b, b + gridDim.x, ... in the grid order of make_tile
   // (longest first when causal); the producer runs ahead into the next row block while the
   // consumers finish the current one.
   Pipe pipe;
@@ -441,17 +474,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       tma_prefetch_descriptor(&args.tm_k);
       tma_prefetch_descriptor(&args.tm_v);
       for (int tile = blockIdx.x; tile < args.num_tiles; tile += gridDim.x) {
-        const TileCoord c = tile_coord<Traits>(args, tile);
-        const int n_blocks = visible_n_blocks<Traits>(args.p, c.row0);
-        if (n_blocks > 0) producer<Traits>(args, sh, c, n_blocks, pipe);
+        const Tile t = make_tile<Traits>(args, tile);
+        if (t.n_blocks > 0) producer<Traits>(args, sh, t, pipe);
       }
     }
   } else {
     regs_increase<Traits::kConsumerRegs>();
     for (int tile = blockIdx.x; tile < args.num_tiles; tile += gridDim.x) {
-      const TileCoord c = tile_coord<Traits>(args, tile);
-      const int n_blocks = visible_n_blocks<Traits>(args.p, c.row0);
-      consumer<Traits>(args, sh, c, n_blocks, wg - 1, pipe);
+      const Tile t = make_tile<Traits>(args, tile);
+      if (t.rows) consumer<Traits>(args, sh, t, wg - 1, pipe);
     }
   }
 }

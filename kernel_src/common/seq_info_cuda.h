@@ -1,5 +1,7 @@
-// Owns: where one sequence of the batch lives (its lengths and the 64-bit element offsets of its
-// first Q/K/V/O row and LSE entry), for batched, varlen, paged and KV-cache layouts alike.
+// Owns: where one sequence of the batch lives on the GPU (its lengths and the 64-bit element
+// offsets of its first Q/K/V/O row and LSE entry), for batched, varlen, paged and KV-cache layouts
+// alike; read by the sm80 and the sm90 kernels (the CPU backend resolves layouts on the host,
+// cpu/layout_cpu.h).
 //
 // Invariants:
 // * Every offset is int64 (tensors may exceed 2^31 elements).
@@ -15,7 +17,7 @@
 #include "../common/params.h"
 
 FLASH_NAMESPACE_BEGIN
-namespace sm80 {
+namespace cuda {
 
 __device__ __forceinline__ int clamp_int(int x, int lo, int hi) {
   return x < lo ? lo : (x > hi ? hi : x);
@@ -37,6 +39,11 @@ struct SeqInfo {
   int64_t k_row0 = 0;   // element offset of key 0, head 0 (non-paged)
   int64_t v_row0 = 0;
   int kv_pos0 = 0;      // position of key 0 in the sequence's K rows / pages (left padding)
+  // The same places as tensor coordinates (TMA, sm90): row index of query row 0 in q (varlen: its
+  // packed row; batched: 0) and of key 0 in k/v, and the K/V batch index (0 for varlen).
+  int q_first_row = 0;
+  int k_first_row = 0;
+  int64_t kv_batch = 0;
 
   __device__ __forceinline__ SeqInfo(const FwdParams& p, int bidb) {
     // Queries.
@@ -44,6 +51,7 @@ struct SeqInfo {
       const int start = clamp_int(p.cu_seqlens_q[bidb], 0, p.total_q);
       const int end = clamp_int(p.cu_seqlens_q[bidb + 1], start, p.total_q);
       seqlen_q = end - start;
+      q_first_row = start;
       q_row0 = static_cast<int64_t>(start) * p.q_row_stride;
       o_row0 = static_cast<int64_t>(start) * p.o_row_stride;
       lse_row0 = start;
@@ -75,7 +83,7 @@ struct SeqInfo {
       len_k = p.block_table != nullptr ? used : clamp_int(used, 0, len_k);
     }
     len_k = clamp_int(len_k, 0, p.seqlen_k < 0 ? 0 : p.seqlen_k);
-    int64_t kv_batch = bidb;
+    kv_batch = bidb;
     if (p.cache_batch_idx != nullptr) {
       kv_batch = p.cache_batch_idx[bidb];
       if (static_cast<uint64_t>(kv_batch) >= kv_bound(p)) {
@@ -86,10 +94,11 @@ struct SeqInfo {
     if (p.cu_seqlens_k != nullptr) kv_batch = 0;
     kv_pos0 = p.leftpad_k != nullptr ? clamp_int(p.leftpad_k[bidb], 0, len_k) : 0;
     seqlen_k = len_k - kv_pos0;
+    k_first_row = k_start + kv_pos0;
     k_row0 = kv_batch * p.k_batch_stride + static_cast<int64_t>(k_start + kv_pos0) * p.k_row_stride;
     v_row0 = kv_batch * p.v_batch_stride + static_cast<int64_t>(k_start + kv_pos0) * p.v_row_stride;
   }
 };
 
-}  // namespace sm80
+}  // namespace cuda
 FLASH_NAMESPACE_END
