@@ -169,6 +169,7 @@ def flash_fwd(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1)
         softmax_lse_ptr=lse, p_ptr=p, batch=batch, nheads=nheads, nheads_k=nheads_k,
         head_dim=d, seqlen_q=seqlen_q if seqlen_q is not None else -1,
         seqlen_k=seqlen_k, total_q=total_q,
+        total_k=k.shape[0] if varlen and not paged else 0,  # what the binding passes
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k,
         leftpad_k=leftpad_k, cache_batch_idx=cache_batch_idx, block_table=block_table,
         block_table_batch_stride=block_table.stride(0) if paged else 0,

@@ -19,10 +19,10 @@ using FLASH_NAMESPACE::FwdParams;
   X(k_batch_stride) X(k_row_stride) X(k_head_stride) X(v_batch_stride) X(v_row_stride)        \
   X(v_head_stride) X(o_ptr) X(o_batch_stride) X(o_row_stride) X(o_head_stride)                \
   X(softmax_lse_ptr) X(p_ptr) X(batch) X(nheads) X(nheads_k) X(head_dim) X(seqlen_q)          \
-  X(seqlen_k) X(total_q) X(cu_seqlens_q) X(cu_seqlens_k) X(seqused_k) X(leftpad_k)           \
-  X(cache_batch_idx) X(block_table) X(block_table_batch_stride) X(page_block_size)           \
-  X(softmax_scale) X(scale_log2) X(softcap) X(alibi_slopes) X(alibi_batch_stride)            \
-  X(window_left) X(window_right) X(is_causal) X(p_dropout) X(keep_scale)                     \
+  X(seqlen_k) X(total_q) X(total_k) X(cu_seqlens_q) X(cu_seqlens_k) X(seqused_k) X(leftpad_k) \
+  X(cache_batch_idx) X(block_table) X(block_table_batch_stride) X(page_block_size)            \
+  X(softmax_scale) X(scale_log2) X(softcap) X(alibi_slopes) X(alibi_batch_stride)             \
+  X(window_left) X(window_right) X(is_causal) X(p_dropout) X(keep_scale)                      \
   X(dropout_threshold) X(seed) X(offset) X(num_splits)
 
 extern "C" {

@@ -147,8 +147,11 @@ def test_varlen_bwd_grid(flash, tol, device, varlen_bwd_case):
 
 @pytest.mark.fast
 @pytest.mark.parametrize("device", device_params())
-def test_varlen_tensor_max_seqlen_equals_int(flash, device):
-    """max_seqlen_q/k may arrive as 0-dim tensors (Transformers' packed position_ids path)."""
+def test_varlen_tensor_max_seqlen_equals_int(flash, tol, device):
+    """max_seqlen_q/k may arrive as 0-dim tensors (Transformers' packed position_ids path). The
+    value of a tensor is not read (no sync), so on an H100/H200 the call may take another kernel
+    than with ints (the sm90 one needs the bound): both must meet the error rule; elsewhere they
+    are the same kernel and must agree bit for bit."""
     dtype = torch.float16 if device == "cuda" else torch.float32
     bt = Batch(4, 40, 4, 2, 64, dtype, device)
     a = flash.flash_attn_varlen_func(bt.q, bt.k, bt.v, bt.cu_q, bt.cu_k, bt.max_q, bt.max_k,
@@ -156,7 +159,13 @@ def test_varlen_tensor_max_seqlen_equals_int(flash, device):
     b = flash.flash_attn_varlen_func(bt.q, bt.k, bt.v, bt.cu_q, bt.cu_k,
                                      torch.tensor(bt.max_q, device=device),
                                      torch.tensor(bt.max_k, device=device), causal=True)
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    hopper = device == "cuda" and torch.cuda.get_device_capability() == (9, 0)
+    if not hopper:
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    out_ref, _ = varlen_ref(bt.q, bt.k, bt.v, bt.cu_q, bt.cu_k, causal=True)
+    out_pt, _ = varlen_ref(bt.q, bt.k, bt.v, bt.cu_q, bt.cu_k, causal=True, **pt_options(dtype))
+    tol.check("out (int max_seqlen)", a, out_ref, out_pt, dtype, 2.0)
+    tol.check("out (tensor max_seqlen)", b, out_ref, out_pt, dtype, 2.0)
 
 
 @pytest.mark.fast
