@@ -269,6 +269,10 @@ def main():
             for mask in MASKS:
                 check_batched(st, torch.bfloat16, d, mask, "GQA", 113, 203, batch=2)
         check_varlen(st, torch.float16, 64, "causal", [5, 0, 130], [7, 1, 200], page=3)
+        for d in (64, 256):  # the sm90 path: tiles reading neighbouring sequences, zeroed V rows
+            check_varlen(st, torch.bfloat16, d, "causal", [5, 0, 300, 130], [7, 1, 200, 300],
+                         seqused=[7, 1, 150, 299])
+            check_varlen(st, torch.bfloat16, d, "none", [5, 0, 300, 130], [7, 1, 200, 300])
         check_dropout(st, torch.bfloat16, 64, "causal", 70, 90)
         check_batched(st, torch.bfloat16, 40, "local", "MQA", 64, 80, layout="unaligned",
                       softcap=5.0, alibi="1d", batch=1)

@@ -190,6 +190,10 @@ def tol(request):
 
 
 def _git_sha():
+    # FLASH_GIT_SHA names the revision where the tree travelled without its .git (the GPU
+    # machine; git there may answer for another repository).
+    if os.environ.get("FLASH_GIT_SHA"):
+        return os.environ["FLASH_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=kernel_loader.REPO_ROOT,
                               capture_output=True, text=True, check=True).stdout.strip()
