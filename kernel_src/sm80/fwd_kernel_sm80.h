@@ -314,17 +314,18 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
           cp_async_commit();
         }
       };
-      // A warp whose rows see none of the tile only takes part in the copies and barriers. The
-      // barriers stay on one path for every warp: __syncthreads is bar.sync (.aligned), which
-      // every thread of the CTA must reach at the same instruction.
-      const bool work = cls != WarpTile::kEmpty;
+      if (cls == WarpTile::kEmpty) {  // the warp only takes part in the copies and barriers
+        tile_landed();
+        v_landed();
+        return;
+      }
       tile_landed();
 
       // S = Q K^T
       float acc_s[Traits::kMmaM][Traits::kMmaNS][4];
-      if (work) warp::gemm_qk<Traits>(acc_s, q_frags, smem_q_warp, k_tile, lanes);
+      warp::gemm_qk<Traits>(acc_s, q_frags, smem_q_warp, k_tile, lanes);
       v_landed();
-      if (work) softmax_pv(acc_s, n, v_tile, cls);
+      softmax_pv(acc_s, n, v_tile, cls);
     };
 
     // ---- main loop over the key tiles of the block's KV range, descending -----------------
