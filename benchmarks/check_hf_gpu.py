@@ -24,18 +24,15 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--build", type=Path, default=ROOT / "build")
     args = ap.parse_args()
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from flash_attn_hub.testing import tiny_config, twin_models
 
     flash_attn_hub.register(name="flash_hub", source=args.build)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024,
+    cfg = tiny_config("llama", vocab_size=1000, hidden_size=512, intermediate_size=1024,
                       num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                       head_dim=64, max_position_embeddings=4096)
-    ref = LlamaForCausalLM(cfg).cuda().eval()  # fp32, sdpa
-    ref.set_attn_implementation("sdpa")
-    model = LlamaForCausalLM(copy.deepcopy(cfg)).cuda().to(torch.bfloat16).eval()  # own config:
-    # set_attn_implementation writes it, and the reference must stay on sdpa
-    model.load_state_dict(ref.state_dict())
+    sdpa, ours = twin_models(cfg, dtype=torch.bfloat16, device="cuda")
+    ref = copy.deepcopy(sdpa).float()  # the same (bf16) weights in fp32, sdpa
+    models = {"sdpa": sdpa, "flash_hub": ours}
     lens = [700, 1000, 333, 1]
     ids = torch.randint(0, cfg.vocab_size, (len(lens), max(lens)), device="cuda")
     mask = torch.zeros_like(ids)
@@ -58,8 +55,7 @@ def main() -> int:
             valid = kw["attention_mask"].bool() if "attention_mask" in kw else torch.ones_like(
                 want[..., 0], dtype=torch.bool)
             got = {}
-            for impl in ("sdpa", "flash_hub"):
-                model.set_attn_implementation(impl)
+            for impl, model in models.items():
                 if packed_case and impl == "sdpa":
                     got[impl] = alone(model)  # the bf16 yardstick, sequence by sequence
                 else:
@@ -71,8 +67,7 @@ def main() -> int:
             print(f"{name:20s} max |logits - fp32 sdpa|: ours {err['flash_hub']:.3e}, sdpa bf16 "
                   f"{err['sdpa']:.3e}, bound {bound:.3e}  {'OK' if ok else 'FAIL'}")
         toks = {}
-        for impl in ("sdpa", "flash_hub"):
-            model.set_attn_implementation(impl)
+        for impl, model in models.items():
             toks[impl] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16,
                                         do_sample=False)[:, ids.shape[1]:]
         agree = (toks["sdpa"] == toks["flash_hub"]).float().mean().item()

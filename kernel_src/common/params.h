@@ -90,6 +90,13 @@ struct FwdParams {
   int num_splits = 0;
 };
 
+// Varlen: whether seqlen_q is a real bound on the sequence lengths (max_seqlen_q given, and below
+// total_q unless there is one sequence). The launchers size their grids from it when it is, from
+// the average length otherwise (both CUDA paths).
+inline bool varlen_rows_bounded(const FwdParams& p) {
+  return p.seqlen_q > 0 && (p.seqlen_q < p.total_q || p.batch == 1);
+}
+
 struct BwdParams : FwdParams {
   // Gradient inputs/outputs; o_ptr/softmax_lse_ptr above hold the forward's out and lse.
   const void* do_ptr = nullptr;  // same shape as q

@@ -39,8 +39,7 @@ inline int grid_row_blocks(const FwdParams& p, int block_m) {
   auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
   int64_t rows = p.seqlen_q;
   if (p.cu_seqlens_q != nullptr) {
-    const bool bound_known = p.seqlen_q > 0 && (p.seqlen_q < p.total_q || p.batch == 1);
-    if (!bound_known) {
+    if (!varlen_rows_bounded(p)) {
       const int64_t avg_blocks = ceil_div(std::max<int64_t>(p.total_q, 1), int64_t(p.batch) * block_m);
       rows = std::min<int64_t>(p.total_q, (2 * avg_blocks + 1) * block_m);
     }

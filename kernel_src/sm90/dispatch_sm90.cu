@@ -43,7 +43,7 @@ bool strides16(int64_t row, int64_t head, int64_t batch) {
 bool varlen_supported(const FwdParams& p) {
   if (p.cu_seqlens_q == nullptr && p.cu_seqlens_k == nullptr) return true;
   return p.cu_seqlens_q != nullptr && p.cu_seqlens_k != nullptr && p.total_q > 0 &&
-         p.total_k > 0 && p.total_k <= INT32_MAX && (p.seqlen_q < p.total_q || p.batch == 1);
+         p.total_k > 0 && p.total_k <= INT32_MAX && varlen_rows_bounded(p);
 }
 
 bool serves(const FwdParams& p) {
