@@ -2,10 +2,13 @@
 
 Builds one small library with the fast kernel (masked and unmasked) for each candidate config
 (head dim, kBlockM, kBlockN, warps, K/V stages, Q in registers, O-rescale skip, min blocks/SM),
-bf16, sm_90, then times each config on a few sweep points next to PyTorch SDPA-flash measured in
-the same run. Results feed docs/tuning.md; the winners go into kernel_src/sm80/tile_size.h.
+bf16, sm_90, then times each config on a few sweep points next to PyTorch SDPA-flash, the
+configs of a head dim and SDPA-flash interleaved in rounds (median of per-round ratios). Results feed docs/tuning.md; the winners go into kernel_src/sm80/tile_size.h.
 
-Usage: python benchmarks/tune_fwd.py [--configs "128,128,64,4,2,0,1,1;..."] [--out PATH]
+Usage: python benchmarks/tune_fwd.py [--configs "128,128,64,4,2,0,1,1;..."] [--rounds 5]
+       [--out PATH]
+A config may carry extra nvcc flags after ':' ("...,1:-DFLAG=1"), and "root=DIR" among them
+compiles it against another copy of the tree (an A/B of kernel code in one run).
 """
 import argparse
 import ctypes
@@ -80,9 +83,13 @@ def build(configs, outdir, jobs):
     for c in configs:
         hd, bm, bn, nw, st, qr, sr, mb = c[:8]
         path = os.path.join(outdir, cfg_name(c) + ".cu")
-        extra[path] = c[8].split() if len(c) > 8 and c[8] else []
+        flags = c[8].split() if len(c) > 8 and c[8] else []
+        # "root=DIR" among the flags: compile this config against another copy of the tree
+        # (A/B of kernel code in one run).
+        root = next((f[5:] for f in flags if f.startswith("root=")), ROOT)
+        extra[path] = [f for f in flags if not f.startswith("root=")]
         with open(path, "w") as f:
-            f.write(TU.format(root=ROOT, hd=hd, bm=bm, bn=bn, nw=nw, st=st,
+            f.write(TU.format(root=os.path.join(ROOT, root), hd=hd, bm=bm, bn=bn, nw=nw, st=st,
                               qr="true" if qr else "false", sr="true" if sr else "false", mb=mb,
                               name=cfg_name(c)))
         srcs.append(path)
@@ -126,6 +133,7 @@ def main():
     ap.add_argument("--seqlens", default="1024,4096,16384")
     ap.add_argument("--out", default=None)
     ap.add_argument("--jobs", type=int, default=os.cpu_count())
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     configs = DEFAULT_CONFIGS if not args.configs else [parse_config(c)
                                                         for c in args.configs.split(";")]
@@ -135,13 +143,19 @@ def main():
     os.environ["FLASH_HARNESS_LIB"] = lib_path
     lib = ctypes.CDLL(lib_path)
     seqlens = [int(s) for s in args.seqlens.split(",")]
+    rounds = args.rounds
     rows = []
-    peers = {}
+    fns = {}
     for c in configs:
-        hd = c[0]
         fn = getattr(lib, "flash_tune_" + cfg_name(c))
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_char_p,
                        ctypes.c_int]
+        fns[cfg_name(c)] = fn
+    # One point at a time, every config of its head dim and SDPA-flash timed in `rounds` rounds
+    # with a rotating order, so clock drift over the run (several % on the H200 near its power
+    # limit) hits every config alike; a config's ratio is the median of its per-round ratios.
+    for hd in sorted({c[0] for c in configs}, reverse=True):
+        group = [c for c in configs if c[0] == hd]
         for s in seqlens:
             for causal in (False, True):
                 torch.manual_seed(0)
@@ -149,30 +163,39 @@ def main():
                 q = torch.randn(b, s, h, hd, device="cuda", dtype=torch.bfloat16)
                 k, v = torch.randn_like(q), torch.randn_like(q)
                 flops = 4 * b * h * hd * visible_pairs(s, s, causal)
-                call = fh.flash_fwd(q, k, v, causal=causal, poison=True, prepare_only=True,
-                                    entry=fn)
-                call()
-                out = call.out
-                ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                     v.transpose(1, 2), is_causal=causal
-                                                     ).transpose(1, 2)
-                err = (out.float() - ref.float()).abs().max().item()
-                ms = bench(call)
-                key = (hd, s, causal)
-                if key not in peers:
-                    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+                qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+                ref = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
 
-                    def sdpa():
-                        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-                    peers[key] = tflops(flops, bench(sdpa))
-                r = dict(config=cfg_name(c), hdim=hd, seqlen=s, causal=causal,
-                         ours=tflops(flops, ms), sdpa_flash=peers[key], max_err_vs_sdpa=err)
-                r["ratio"] = r["ours"] / r["sdpa_flash"]
-                rows.append(r)
-                print(f"{r['config']:28} s{s:>6} causal={causal!s:5} ours {r['ours']:6.1f} "
-                      f"flash {r['sdpa_flash']:6.1f} ratio {r['ratio']:.3f} err {err:.2e}",
-                      flush=True)
+                def sdpa():
+                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+                calls, errs = {"sdpa_flash": sdpa}, {}
+                for c in group:
+                    call = fh.flash_fwd(q, k, v, causal=causal, poison=True, prepare_only=True,
+                                        entry=fns[cfg_name(c)])
+                    call()
+                    errs[cfg_name(c)] = (call.out.float() - ref.float()).abs().max().item()
+                    calls[cfg_name(c)] = call
+                names = list(calls)
+                times = {n: [] for n in names}
+                for r in range(rounds):
+                    for n in names[r % len(names):] + names[:r % len(names)]:
+                        times[n].append(bench(calls[n]))
+                for c in group:
+                    name = cfg_name(c)
+                    ratios = sorted(f / o for o, f in zip(times[name], times["sdpa_flash"]))
+                    ms = sorted(times[name])[len(times[name]) // 2]
+                    ms_flash = sorted(times["sdpa_flash"])[rounds // 2]
+                    r = dict(config=name, hdim=hd, seqlen=s, causal=causal,
+                             ours=tflops(flops, ms), sdpa_flash=tflops(flops, ms_flash),
+                             ratio=ratios[len(ratios) // 2], ratio_min=ratios[0],
+                             ratio_max=ratios[-1], rounds=rounds,
+                             max_err_vs_sdpa=errs[name])
+                    rows.append(r)
+                    print(f"{name:28} s{s:>6} causal={causal!s:5} ours {r['ours']:6.1f} "
+                          f"flash {r['sdpa_flash']:6.1f} ratio {r['ratio']:.3f} "
+                          f"[{r['ratio_min']:.3f}, {r['ratio_max']:.3f}] err {errs[name]:.2e}",
+                          flush=True)
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                git_sha=os.environ.get("GIT_SHA", "unknown"), rows=rows,
                ptxas={k: ptxas_summary(v) for k, v in ptxas.items()})

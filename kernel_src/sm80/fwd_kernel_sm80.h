@@ -292,9 +292,10 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
               : classify_warp_tile<Is_masked>(mask, warp_rows_begin, warp_rows_end, n0, kBlockN);
       // Tile n landed (this thread's copies, then everyone's), and every warp is done with the
       // buffers of tile n + 1, which the next copies overwrite.
+      // (cta_barrier: an empty warp reaches these barriers from its own call site below.)
       auto tile_landed = [&] {
         cp_async_wait<0>();
-        __syncthreads();
+        cta_barrier();
         if constexpr (Traits::kStages == 2) {
           if (n > n_block_min) {
             load_k(n - 1, smem_k + (stage ^ 1) * Traits::kTileKVElems);
@@ -309,7 +310,7 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
       auto v_landed = [&] {
         if constexpr (Traits::kStages == 1) {
           cp_async_wait<0>();
-          __syncthreads();
+          cta_barrier();
           if (n > n_block_min) load_k(n - 1, smem_k);
           cp_async_commit();
         }

@@ -113,6 +113,14 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// CTA-wide barrier 0 without .aligned (PTX `barrier.sync`; __syncthreads is `bar.sync`, i.e.
+// `barrier.sync.aligned`, which every thread must reach at the same instruction). Warps may
+// arrive here from different call sites, as the main loop's warps do when their rows see none of
+// a key tile (compute-sanitizer synccheck flags the aligned form there). Same memory ordering as
+// __syncthreads for the shared-memory accesses before it; measured at parity with it on the H200
+// (docs/tuning.md, tune12).
+__device__ __forceinline__ void cta_barrier() { asm volatile("barrier.sync 0;\n" ::: "memory"); }
+
 // ---- arithmetic --------------------------------------------------------------------------------
 
 using cuda::exp2_approx;  // (common/cuda_primitives.h)
