@@ -128,6 +128,11 @@ void launch(const FwdParams& p, int num_sms, cudaStream_t stream) {
                              " row blocks exceed 2^31 - 1");
   }
   args.num_tiles = static_cast<int>(tiles);
+  // Causal L2 sections (make_tile): as many (sequence, head) pairs as have K and V (seqlen_k rows
+  // each) within 32 MB, two thirds of the H100/H200's 50 MB L2.
+  const int64_t kv_bytes = std::max<int64_t>(1, int64_t(2) * p.seqlen_k * Traits::kHeadDim * 2);
+  args.l2_section = static_cast<int>(std::clamp<int64_t>((int64_t(32) << 20) / kv_bytes, 1,
+                                                         int64_t(p.nheads) * p.batch));
   const int ctas = static_cast<int>(std::min<int64_t>(tiles, num_sms));  // persistent: one per SM
   auto kernel = &sm90::fwd_kernel_sm90<Traits>;
   cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -83,6 +83,7 @@ struct FwdArgs {
   FwdParams p;
   int num_m_blocks;  // row blocks per (sequence, head): of max_seqlen_q rows when varlen
   int num_tiles;     // num_m_blocks x nheads x batch; the grid is persistent and strides over them
+  int l2_section;    // causal: (sequence, head) pairs per L2 section of the grid order (make_tile)
   bool varlen;       // cu_seqlens_q/k given
   bool v_tail_zero;  // K/V rows past a sequence's keys may exist (varlen, seqused_k): zero_v_tail
 };
@@ -90,9 +91,13 @@ struct FwdArgs {
 // One row block of one (sequence, head): where its sequence lives (common/seq_info_cuda.h), its
 // first query row and how many K/V tiles it sees (visited n_blocks - 1 down to 0).
 //
-// Grid order: causal puts the row-block index slowest, counted from the last row of every
-// sequence (longest first across all heads and sequences); otherwise the row blocks of one head
-// are adjacent, so their shared K/V stream hits in L2. Causal row blocks are anchored at the end
+// Grid order: causal walks the (sequence, head) pairs in sections of l2_section pairs, whose K/V
+// fit in L2 together (FA3's L2 swizzle of its LPT scheduler); inside a section the row-block
+// index is slowest, counted from the last row of every sequence (longest first). Without the
+// sections the longest blocks of every head run first and the K/V of ~132 heads compete for L2:
+// at 1k causal, head dim 128, the H100 (3.35 TB/s) ran at 243 TFLOP/s against the H200's 311
+// (h100-fwd-c3c5d02.json). Otherwise the row blocks of one head are adjacent, so their shared
+// K/V stream hits in L2. Causal row blocks are anchored at the end
 // of the sequence: the last one ends at row seqlen_q and the first may start above row 0 (TMA
 // zero-fills those rows, or they belong to the previous sequence, and the epilogue skips them).
 // The partial block is then the one that sees the fewest keys rather than the one that sees them
@@ -111,9 +116,13 @@ __device__ __forceinline__ Tile make_tile(const FwdArgs& a, int idx) {
   const int hb = a.p.nheads * a.p.batch;
   int m, bidh, bidb;
   if constexpr (Traits::kCausal) {
-    m = idx / hb;  // 0: the last row block of every sequence
-    bidh = (idx % hb) % a.p.nheads;
-    bidb = (idx % hb) / a.p.nheads;
+    const int section_tiles = a.l2_section * a.num_m_blocks;
+    const int section = idx / section_tiles, r = idx % section_tiles;
+    const int pairs = min(a.l2_section, hb - section * a.l2_section);  // the last may be short
+    m = r / pairs;  // 0: the last row block of every sequence
+    const int pair = section * a.l2_section + r % pairs;
+    bidh = pair % a.p.nheads;
+    bidb = pair / a.p.nheads;
   } else {
     m = idx % a.num_m_blocks;
     bidh = (idx / a.num_m_blocks) % a.p.nheads;
