@@ -132,14 +132,18 @@ void launch(const FwdParams& p, int num_sms, cudaStream_t stream) {
   // each) within 32 MB, two thirds of the H100/H200's 50 MB L2, but at least 4 waves of row
   // blocks per section, so that the persistent CTAs' static round robin still balances the long
   // and short blocks inside it (with 2-wave sections head dim 256 lost 10-15% at 2k-16k on the
-  // H200); the pairs are then spread evenly over the sections.
+  // H200); the pairs are then spread evenly over the sections. Head dim 256 beyond 1k keys keeps
+  // the plain longest-first order: sections cost it 2-10% there on the H100 (h100-fwd.json vs
+  // tuning/h100-fwd-f15e4ea-l2-sections.json), while they gain 20% at 1k.
   const int64_t pairs = int64_t(p.nheads) * p.batch;
+  const bool sectioned = Traits::kHeadDim <= 128 || p.seqlen_k <= 1024;
   const int64_t kv_bytes = std::max<int64_t>(1, int64_t(2) * p.seqlen_k * Traits::kHeadDim * 2);
   const int64_t min_pairs = (int64_t(4) * num_sms + args.num_m_blocks - 1) / args.num_m_blocks;
   const int64_t per_section =
       std::clamp<int64_t>(std::max((int64_t(32) << 20) / kv_bytes, min_pairs), 1, pairs);
   const int64_t sections = (pairs + per_section - 1) / per_section;
-  args.l2_section = static_cast<int>((pairs + sections - 1) / sections);
+  args.l2_section = sectioned ? static_cast<int>((pairs + sections - 1) / sections)
+                              : static_cast<int>(pairs);
   const int ctas = static_cast<int>(std::min<int64_t>(tiles, num_sms));  // persistent: one per SM
   auto kernel = &sm90::fwd_kernel_sm90<Traits>;
   cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
