@@ -3,7 +3,8 @@
 Builds one small library with the fast kernel (masked and unmasked) for each candidate config
 (head dim, kBlockM, kBlockN, warps, K/V stages, Q in registers, O-rescale skip, min blocks/SM),
 bf16, sm_90, then times each config on a few sweep points next to PyTorch SDPA-flash, the
-configs of a head dim and SDPA-flash interleaved in rounds (median of per-round ratios). Results feed docs/tuning.md; the winners go into kernel_src/sm80/tile_size.h.
+configs of a head dim and SDPA-flash interleaved in rounds (median of per-round ratios). Results
+feed docs/tuning.md; the winners go into kernel_src/sm80/tile_size.h.
 
 Usage: python benchmarks/tune_fwd.py [--configs "128,128,64,4,2,0,1,1;..."] [--rounds 5]
        [--out PATH]
@@ -67,6 +68,11 @@ extern "C" int flash_tune_{name}(const void* raw, long long size, void* stream, 
   return 0;
 }}
 """
+
+
+def median(xs):
+    """The middle element (upper middle for an even count): always a measured value."""
+    return sorted(xs)[len(xs) // 2]
 
 
 def cfg_name(c):
@@ -183,13 +189,12 @@ def main():
                         times[n].append(bench(calls[n]))
                 for c in group:
                     name = cfg_name(c)
-                    ratios = sorted(f / o for o, f in zip(times[name], times["sdpa_flash"]))
-                    ms = sorted(times[name])[len(times[name]) // 2]
-                    ms_flash = sorted(times["sdpa_flash"])[rounds // 2]
+                    ratios = [f / o for o, f in zip(times[name], times["sdpa_flash"])]
                     r = dict(config=name, hdim=hd, seqlen=s, causal=causal,
-                             ours=tflops(flops, ms), sdpa_flash=tflops(flops, ms_flash),
-                             ratio=ratios[len(ratios) // 2], ratio_min=ratios[0],
-                             ratio_max=ratios[-1], rounds=rounds,
+                             ours=tflops(flops, median(times[name])),
+                             sdpa_flash=tflops(flops, median(times["sdpa_flash"])),
+                             ratio=median(ratios), ratio_min=min(ratios),
+                             ratio_max=max(ratios), rounds=rounds,
                              max_err_vs_sdpa=errs[name])
                     rows.append(r)
                     print(f"{name:28} s{s:>6} causal={causal!s:5} ours {r['ours']:6.1f} "
