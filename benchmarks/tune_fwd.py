@@ -7,7 +7,7 @@ configs of a head dim and SDPA-flash interleaved in rounds (median of per-round 
 feed docs/tuning.md; the winners go into kernel_src/sm80/tile_size.h.
 
 Usage: python benchmarks/tune_fwd.py [--configs "128,128,64,4,2,0,1,1;..."] [--rounds 5]
-       [--out PATH]
+       [--causal both|only|no] [--out PATH]
 A config may carry extra nvcc flags after ':' ("...,1:-DFLAG=1"), and "root=DIR" among them
 compiles it against another copy of the tree (an A/B of kernel code in one run).
 """
@@ -140,6 +140,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--jobs", type=int, default=os.cpu_count())
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--causal", choices=["both", "only", "no"], default="both",
+                    help="which masks to time (grid-order configs only change causal)")
     args = ap.parse_args()
     configs = DEFAULT_CONFIGS if not args.configs else [parse_config(c)
                                                         for c in args.configs.split(";")]
@@ -163,7 +165,7 @@ def main():
     for hd in sorted({c[0] for c in configs}, reverse=True):
         group = [c for c in configs if c[0] == hd]
         for s in seqlens:
-            for causal in (False, True):
+            for causal in {"both": (False, True), "only": (True,), "no": (False,)}[args.causal]:
                 torch.manual_seed(0)
                 b, h = max(1, 16384 // s), 2048 // hd
                 q = torch.randn(b, s, h, hd, device="cuda", dtype=torch.bfloat16)

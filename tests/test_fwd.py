@@ -239,3 +239,20 @@ def test_fwd_cuda_tensor_over_2_pow_31_elements(flash, tol):
         ref = attention_ref(qb, k1.cpu(), v1.cpu(), causal=True)[0]
         pt = attention_ref(qb, k1.cpu(), v1.cpu(), causal=True, **pt_options(dtype))[0]
         tol.check(f"out batch {bi}", out[bi:bi + 1], ref, pt, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fwd_cuda_causal_grid_in_l2_sections(flash, tol):
+    """The masked sm80 grid walks the (sequence, head) pairs in L2 sections (fwd_launch_sm80.h):
+    head dim 192 (the sm80 kernels on every GPU) at 4k keys has 3 MB of K/V per pair, so the 15
+    pairs take two sections of 8 on a 108- or 132-SM GPU, one of them spanning two sequences and
+    the last CTA column spare. Every pair must come out right, none twice or not at all."""
+    b, sq, sk, h, d = 3, 4000, 4096, 5, 192
+    dtype = torch.bfloat16
+    q, k, v = qkv(b, sq, sk, h, h, d, dtype=dtype, device="cuda")
+    out, lse, _ = flash.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    out_ref, lse_ref, _ = attention_ref(q, k, v, causal=True)
+    out_pt, lse_pt, _ = attention_ref(q, k, v, causal=True, **pt_options(dtype))
+    tol.check("out", out, out_ref, out_pt, dtype, 2.0)
+    tol.check("lse", lse, lse_ref, lse_pt, dtype, 2.0)

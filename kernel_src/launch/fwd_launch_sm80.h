@@ -47,6 +47,40 @@ inline int grid_row_blocks(const FwdParams& p, int block_m) {
   return static_cast<int>(std::max<int64_t>(1, ceil_div(std::max<int64_t>(rows, 1), block_m)));
 }
 
+// L2 sections of the masked grid (GridOrder, fwd_kernel_sm80.h): as many (sequence, head) pairs
+// per section as have their K/V within FLASH_SM80_L2_SECTION_MB (two thirds of the H100/H200's
+// 50 MB L2; q heads of one GQA group share their K/V), but at least FLASH_SM80_L2_MIN_WAVES
+// waves of one CTA per SM, so a section fills the GPU; the pairs are then spread evenly over the
+// sections. 0 MB: one section (the plain longest-first order). The macros exist for
+// benchmarks/tune_fwd.py; docs/tuning.md has the measurements behind the defaults.
+#ifndef FLASH_SM80_L2_SECTION_MB
+#define FLASH_SM80_L2_SECTION_MB 32
+#endif
+#ifndef FLASH_SM80_L2_MIN_WAVES
+#define FLASH_SM80_L2_MIN_WAVES 4
+#endif
+inline int l2_section_pairs(const FwdParams& p, int head_dim, int row_blocks) {
+  const int64_t pairs = std::max<int64_t>(1, int64_t(p.nheads) * p.batch);
+  int64_t per_section = pairs;
+  if (FLASH_SM80_L2_SECTION_MB > 0) {
+    int device = 0, sms = 1;
+    cuda_check(cudaGetDevice(&device), "cudaGetDevice");
+    cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+               "cudaDeviceGetAttribute(MultiProcessorCount)");
+    const int group = std::max(1, p.nheads / std::max(1, p.nheads_k));  // q heads per K/V head
+    const int64_t kv_bytes = std::max<int64_t>(1, int64_t(4) * p.seqlen_k * head_dim / group);
+    const int64_t min_pairs = (int64_t(FLASH_SM80_L2_MIN_WAVES) * sms + row_blocks - 1) / row_blocks;
+    per_section = std::clamp((int64_t(FLASH_SM80_L2_SECTION_MB) << 20) / kv_bytes, min_pairs, pairs);
+  }
+  const int64_t sections = std::min<int64_t>((pairs + per_section - 1) / per_section, 65535);
+  per_section = (pairs + sections - 1) / sections;  // even sections; grid z holds <= 65535
+  if (per_section > INT32_MAX) {
+    throw std::runtime_error("flash_attn CUDA: batch x nheads = " + std::to_string(pairs) +
+                             " exceeds what the grid can address");
+  }
+  return static_cast<int>(per_section);
+}
+
 template <typename Traits, bool Is_masked, bool Is_general, bool Is_dropout>
 void launch_fwd_sm80(const FwdParams& params, cudaStream_t stream) {
   auto kernel = &sm80::fwd_kernel_sm80<Traits, Is_masked, Is_general, Is_dropout>;
@@ -55,17 +89,22 @@ void launch_fwd_sm80(const FwdParams& params, cudaStream_t stream) {
     cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
                "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
   }
-  // Grid limits: x up to 2^31 - 1, y and z up to 65535 (CTAs loop over the batch and the row
-  // blocks beyond them, fwd_kernel_sm80).
+  // Grid limits: x up to 2^31 - 1, y and z up to 65535 (CTAs loop over the row blocks and,
+  // unmasked, the batch entries beyond them, fwd_kernel_sm80).
   const int row_blocks = grid_row_blocks(params, Traits::kBlockM);
-  const int batch = std::min(params.batch, 65535);
-  if (!Is_masked && params.nheads > 65535) {
-    throw std::runtime_error("flash_attn CUDA: nheads = " + std::to_string(params.nheads) +
-                             " exceeds the 65535 heads the grid can address");
+  dim3 grid;
+  if constexpr (Is_masked) {
+    const int rb = std::min(row_blocks, 65535);
+    grid = sm80::GridOrder::grid_dims(true, rb, params.nheads, params.batch,
+                                      l2_section_pairs(params, Traits::kHeadDim, rb));
+  } else {
+    if (params.nheads > 65535) {
+      throw std::runtime_error("flash_attn CUDA: nheads = " + std::to_string(params.nheads) +
+                               " exceeds the 65535 heads the grid can address");
+    }
+    grid = sm80::GridOrder::grid_dims(false, row_blocks, params.nheads,
+                                      std::min(params.batch, 65535), 0);
   }
-  const dim3 grid = sm80::GridOrder::grid_dims(/*row_blocks_slowest=*/Is_masked,
-                                               Is_masked ? std::min(row_blocks, 65535) : row_blocks,
-                                               params.nheads, batch);
   kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
   cuda_check(cudaGetLastError(), "launching the sm80 forward kernel");
 }

@@ -380,28 +380,23 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
   }
 }
 
-// Which grid dimension holds what (see the kernel); the launch builds the grid with grid_dims.
+// The grid (the launch builds it with grid_dims):
+// * masked (causal/local): (pairs per section, row blocks, sections). A "pair" is one (sequence,
+//   head), pair = bidb * nheads + bidh. The hardware starts CTAs in x-fastest order, so the pairs
+//   of one L2 section run together, longest row block first: the row-block index (y) counts back
+//   from the last block of every sequence, and the short blocks of the section's tail overlap
+//   the long blocks of the next section (longest-processing-time first, as FA3). A section's K/V
+//   fit in L2 together (l2_section_pairs, fwd_launch_sm80.h), so the K/V tiles that the section's
+//   row blocks all read hit in L2 instead of competing with the K/V of every head.
+// * unmasked: (row blocks, heads, batch). All blocks are equal, and the row blocks of a head are
+//   adjacent, so the CTAs in flight share their head's K/V in L2.
+// CTAs loop over the row blocks (and, unmasked, the batch entries) beyond the grid.
 struct GridOrder {
-  bool row_blocks_slowest;
-  __device__ __forceinline__ explicit GridOrder(bool slowest) : row_blocks_slowest(slowest) {}
-  __device__ __forceinline__ int head() const {
-    return row_blocks_slowest ? blockIdx.x : blockIdx.y;
-  }
-  __device__ __forceinline__ int batch_index() const {
-    return row_blocks_slowest ? blockIdx.y : blockIdx.z;
-  }
-  __device__ __forceinline__ int batch_stride() const {
-    return row_blocks_slowest ? gridDim.y : gridDim.z;
-  }
-  __device__ __forceinline__ int block_index() const {
-    return row_blocks_slowest ? blockIdx.z : blockIdx.x;
-  }
-  __device__ __forceinline__ int block_stride() const {
-    return row_blocks_slowest ? gridDim.z : gridDim.x;
-  }
-  // (row blocks, heads, batch) as the launch's grid.
-  static dim3 grid_dims(bool row_blocks_slowest, int row_blocks, int heads, int batch) {
-    return row_blocks_slowest ? dim3(heads, batch, row_blocks) : dim3(row_blocks, heads, batch);
+  static dim3 grid_dims(bool masked, int row_blocks, int heads, int batch, int section_pairs) {
+    if (!masked) return dim3(row_blocks, heads, batch);
+    const int64_t pairs = int64_t(heads) * batch;
+    return dim3(section_pairs, row_blocks,
+                static_cast<unsigned>((pairs + section_pairs - 1) / section_pairs));
   }
 };
 
@@ -412,22 +407,28 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   const bool aligned = !Is_general || tensors_aligned(params);
-  // Grid order (GridOrder): with a causal/local mask the row blocks differ in length, so the
-  // row-block index is the slowest grid dimension and runs backwards: the hardware then starts
-  // the longest blocks of every (sequence, head) first and fills the tail with short ones
-  // (longest-processing-time first, as FA3). Without a mask all blocks are equal and the
-  // row-block index is the fastest dimension, so the CTAs in flight share their head's K/V in L2.
-  const GridOrder order(Is_masked);
-  for (int bidb = order.batch_index(); bidb < params.batch; bidb += order.batch_stride()) {
+  // The row blocks first_block + k * stride of one (sequence, head), counted from the last block
+  // of the sequence (GridOrder).
+  auto row_blocks = [&](int bidb, int bidh, int first_block, int stride) {
     const SeqInfo seq(params, bidb);
     int rows = seq.seqlen_q;
     // S_dmask has (max) seqlen_q rows per sequence; padding rows past the sequence get zeros.
     if (Is_general && params.p_ptr != nullptr) rows = max(rows, params.seqlen_q);
     const int n_m_blocks = (rows + Traits::kBlockM - 1) / Traits::kBlockM;
-    for (int x = order.block_index(); x < n_m_blocks; x += order.block_stride()) {
-      fwd_row_block<Traits, Is_masked, Is_general, Is_dropout>(params, seq, bidb, order.head(),
-                                                               n_m_blocks - 1 - x, aligned, smem);
+    for (int x = first_block; x < n_m_blocks; x += stride) {
+      fwd_row_block<Traits, Is_masked, Is_general, Is_dropout>(
+          params, seq, bidb, bidh, n_m_blocks - 1 - x, aligned, smem);
       __syncthreads();  // the next row block's copies overwrite this one's shared memory
+    }
+  };
+  if constexpr (Is_masked) {
+    const int64_t pair = int64_t(blockIdx.z) * gridDim.x + blockIdx.x;
+    if (pair >= int64_t(params.nheads) * params.batch) return;  // the last section's spare CTAs
+    row_blocks(static_cast<int>(pair / params.nheads), static_cast<int>(pair % params.nheads),
+               blockIdx.y, gridDim.y);
+  } else {
+    for (int bidb = blockIdx.z; bidb < params.batch; bidb += gridDim.z) {
+      row_blocks(bidb, blockIdx.y, blockIdx.x, gridDim.x);
     }
   }
 }
