@@ -94,7 +94,7 @@ void launch_fwd_sm80(const FwdParams& params, cudaStream_t stream) {
   const int row_blocks = grid_row_blocks(params, Traits::kBlockM);
   dim3 grid;
   if constexpr (Is_masked) {
-    const int rb = std::min(FLASH_SM80_CAUSAL_PAIRS ? (row_blocks + 1) / 2 : row_blocks, 65535);
+    const int rb = std::min(row_blocks, 65535);
     grid = sm80::GridOrder::grid_dims(true, rb, params.nheads, params.batch,
                                       l2_section_pairs(params, Traits::kHeadDim, rb));
   } else {

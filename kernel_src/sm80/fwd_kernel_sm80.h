@@ -380,9 +380,6 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
   }
 }
 
-#ifndef FLASH_SM80_CAUSAL_PAIRS
-#define FLASH_SM80_CAUSAL_PAIRS 0
-#endif
 // The grid (the launch builds it with grid_dims):
 // * masked (causal/local): (pairs per section, row blocks, sections). A "pair" is one (sequence,
 //   head), pair = bidb * nheads + bidh. The hardware starts CTAs in x-fastest order, so the pairs
@@ -427,27 +424,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   if constexpr (Is_masked) {
     const int64_t pair = int64_t(blockIdx.z) * gridDim.x + blockIdx.x;
     if (pair >= int64_t(params.nheads) * params.batch) return;  // the last section's spare CTAs
-    const int bidb = static_cast<int>(pair / params.nheads);
-    const int bidh = static_cast<int>(pair % params.nheads);
-#if FLASH_SM80_CAUSAL_PAIRS
-    // Complementary row blocks: the CTA computes the x-th longest and the x-th shortest block
-    // of its (sequence, head), so causal CTAs carry equal work (GridOrder).
-    const SeqInfo seq(params, bidb);
-    int rows = seq.seqlen_q;
-    if (Is_general && params.p_ptr != nullptr) rows = max(rows, params.seqlen_q);
-    const int n_m_blocks = (rows + Traits::kBlockM - 1) / Traits::kBlockM;
-    for (int x = blockIdx.y; 2 * x < n_m_blocks; x += gridDim.y) {
-      fwd_row_block<Traits, Is_masked, Is_general, Is_dropout>(params, seq, bidb, bidh,
-                                                               n_m_blocks - 1 - x, aligned, smem);
-      __syncthreads();
-      if (n_m_blocks - 1 - x == x) break;
-      fwd_row_block<Traits, Is_masked, Is_general, Is_dropout>(params, seq, bidb, bidh, x,
-                                                               aligned, smem);
-      __syncthreads();
-    }
-#else
-    row_blocks(bidb, bidh, blockIdx.y, gridDim.y);
-#endif
+    row_blocks(static_cast<int>(pair / params.nheads), static_cast<int>(pair % params.nheads),
+               blockIdx.y, gridDim.y);
   } else {
     for (int bidb = blockIdx.z; bidb < params.batch; bidb += gridDim.z) {
       row_blocks(bidb, blockIdx.y, blockIdx.x, gridDim.x);
