@@ -52,11 +52,8 @@ using namespace FLASH_NAMESPACE;
 #ifndef TUNE_SUMMMA
 #define TUNE_SUMMMA true
 #endif
-#ifndef TUNE_OSPLIT
-#define TUNE_OSPLIT 1
-#endif
 using T = sm80::FwdKernelTraits<{hd}, {bm}, {bn}, {nw}, {st}, __nv_bfloat16, {qr}, {sr}, {mb},
-                                TUNE_THRESHOLD, TUNE_SUMMMA, TUNE_OSPLIT>;
+                                TUNE_THRESHOLD, TUNE_SUMMMA>;
 extern "C" int flash_tune_{name}(const void* raw, long long size, void* stream, char* err,
                                  int errlen) {{
   if (size != (long long)sizeof(FwdParams)) {{ snprintf(err, errlen, "size"); return 1; }}

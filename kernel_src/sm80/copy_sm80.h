@@ -130,11 +130,10 @@ __device__ __forceinline__ void load_tile_paged(Element* smem_tile, const CopyTh
   }
 }
 
-// Writes the warp's O rows (its kHeadDimPerWarp columns from warp_col0) from registers to
-// global memory. acc_o holds the normalised output of kMmaM 16-row tiles in the C-fragment
-// layout; the warp's rows and columns of the Q tile in shared memory are the staging buffer
-// (only the warp's row group reads those rows: split-Q; with kOSplit the caller first makes sure
-// that its partner is done with Q). Rows >= valid_rows and columns >= head_dim are not written.
+// Writes the warp's O rows from registers to global memory. acc_o holds the normalised output
+// of kMmaM 16-row tiles in the C-fragment layout; the warp's rows of the Q tile in shared memory
+// (which only this warp reads: split-Q) are the staging buffer, so no CTA barrier is needed.
+// Rows >= valid_rows and columns >= head_dim are not written.
 template <typename Traits, bool kAligned>
 __device__ __forceinline__ void store_o(typename Traits::Element* smem_q,
                                         const float (&acc_o)[Traits::kMmaM][Traits::kMmaNO][4],
@@ -144,8 +143,7 @@ __device__ __forceinline__ void store_o(typename Traits::Element* smem_q,
   constexpr int kW = Traits::kSwizzleCols;
   constexpr int kCpr = Traits::kChunksPerRow;
   const int g = lane >> 2, t = lane & 3;
-  const int warp_row0 = Traits::warp_row0(warp);
-  const int chunk0 = Traits::warp_col0(warp) / 8;  // the warp's first 8-column chunk
+  const int warp_row0 = warp * Traits::kRowsPerWarp;
   __syncwarp();  // every lane's last ldmatrix of Q is done before the tile is overwritten
 #pragma unroll
   for (int mi = 0; mi < Traits::kMmaM; ++mi) {
@@ -154,22 +152,21 @@ __device__ __forceinline__ void store_o(typename Traits::Element* smem_q,
       const int row = warp_row0 + mi * 16 + g + 8 * h;
 #pragma unroll
       for (int dj = 0; dj < Traits::kMmaNO; ++dj) {
-        const int c = chunk0 + dj;
-        const int off = (c / kCpr) * Traits::kBlockM * kW + row * kW +
-                        (((c % kCpr) ^ Traits::swizzle(row)) << 3) + 2 * t;
+        const int off = (dj / kCpr) * Traits::kBlockM * kW + row * kW +
+                        (((dj % kCpr) ^ Traits::swizzle(row)) << 3) + 2 * t;
         *reinterpret_cast<uint32_t*>(smem_q + off) =
             pack2<Element>(acc_o[mi][dj][2 * h], acc_o[mi][dj][2 * h + 1]);
       }
     }
   }
   __syncwarp();
-  constexpr int kChunks = Traits::kHeadDimPerWarp / 8;
+  constexpr int kChunks = Traits::kHeadDim / 8;
   constexpr int kWarpChunks = Traits::kRowsPerWarp * kChunks;
   static_assert(kWarpChunks % 32 == 0, "whole passes of the warp");
 #pragma unroll
   for (int i = 0; i < kWarpChunks / 32; ++i) {
     const int idx = i * 32 + lane;
-    const int r = idx / kChunks, c = chunk0 + idx % kChunks;
+    const int r = idx / kChunks, c = idx % kChunks;
     const int row = warp_row0 + r;
     const int off = (c / kCpr) * Traits::kBlockM * kW + row * kW +
                     (((c % kCpr) ^ Traits::swizzle(row)) << 3);

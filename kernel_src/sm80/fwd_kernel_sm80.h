@@ -61,9 +61,8 @@ __device__ void write_softmax_probs(const FwdParams& params, const SeqInfo& seq,
                                     uint32_t smem_q, typename Traits::Element* smem_k_tile,
                                     const LoadK& load_k, const warp::LdsmLanes<Traits>& lanes) {
   using Element = typename Traits::Element;
-  static_assert(Traits::kOSplit == 1, "S_dmask is written by whole-row warps");
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int warp_row0 = Traits::warp_row0(warp);
+  const int warp_row0 = warp * Traits::kRowsPerWarp;
   const int p_rows = params.seqlen_q, p_cols = params.seqlen_k;
   Element* p_base = static_cast<Element*>(params.p_ptr) +
                     (static_cast<int64_t>(bidb) * params.nheads + bidh) * p_rows * p_cols;
@@ -129,10 +128,7 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   const int tid = thread_index_in_block(), warp = tid / 32, lane = tid % 32;
   const int m0 = m_block * kBlockM;
-  const int warp_row0 = Traits::warp_row0(warp);
-  // kOSplit: the warp's V columns start at column block warp_col0 / kSwizzleCols of the tile.
-  const uint32_t v_col_offset =
-      2 * (Traits::warp_col0(warp) / Traits::kSwizzleCols) * kBlockN * Traits::kSwizzleCols;
+  const int warp_row0 = warp * Traits::kRowsPerWarp;
   const int bidh_kv = bidh / (params.nheads / params.nheads_k);
   const int head_dim = params.head_dim;
 
@@ -250,7 +246,6 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
     // dropout, O += P V(n). A warp whose rows see nothing of the tile skips it.
     auto softmax_pv = [&](float (&acc_s)[Traits::kMmaM][Traits::kMmaNS][4], int n,
                           uint32_t v_tile, WarpTile cls) {
-      static_assert(!Is_general || Traits::kOSplit == 1, "kOSplit: fast kernel only");
       const int n0 = n * kBlockN;
       if constexpr (Is_general) {
         apply_score_mods<Traits>(acc_s, static_cast<float>(params.softmax_scale),
@@ -269,7 +264,7 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
       // O += P V
       uint32_t p[Traits::kMmaM][Traits::kKStepsPV][4];
       warp::convert_p<Traits>(acc_s, p);
-      warp::gemm_pv<Traits, kSumByMma>(acc_o, p, v_tile + v_col_offset, lanes, rows.sum_frag);
+      warp::gemm_pv<Traits, kSumByMma>(acc_o, p, v_tile, lanes, rows.sum_frag);
     };
 
     // ---- prologue: Q and the first K/V tile in flight --------------------------------------
@@ -355,9 +350,6 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc_o[mi][dj][e] *= o_scale[2 * mi + e / 2];
   if (valid_q > 0) {
-    // kOSplit: the warps of a row group stage their O columns in the same Q rows, which the
-    // other may still read in its last S = Q K^T.
-    if constexpr (Traits::kOSplit > 1) __syncthreads();
     if (!Is_general || aligned) {
       store_o<Traits, true>(smem_q, acc_o, o_gmem, params.o_row_stride, valid_q, head_dim, warp,
                             lane);
@@ -365,7 +357,7 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
       store_o<Traits, false>(smem_q, acc_o, o_gmem, params.o_row_stride, valid_q, head_dim,
                              warp, lane);
     }
-    if ((lane & 3) == 0 && Traits::warp_col0(warp) == 0) {  // one warp of a row group
+    if ((lane & 3) == 0) {
 #pragma unroll
       for (int r = 0; r < 2 * Traits::kMmaM; ++r) {
         const int row = RowState<Traits>::row_of(warp_row0, r, lane);

@@ -23,10 +23,9 @@ namespace sm80 {
 // kRescaleThreshold: a row's softmax reference max moves only when a tile's max exceeds it by more
 // than this (log2 units; 0: whenever it grows, as FA2).
 // kSumByMma: softmax row sums accumulated by the tensor cores (P times ones; see RowState).
-// kOSplit: warps per query row group, each owning 1 / kOSplit of O's columns (see below).
 template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kStages_, typename Element_,
           bool kQInRegs_ = false, bool kSkipRescale_ = true, int kMinBlocksPerSm_ = 1,
-          int kRescaleThreshold_ = 8, bool kSumByMma_ = true, int kOSplit_ = 1>
+          int kRescaleThreshold_ = 8, bool kSumByMma_ = true>
 struct FwdKernelTraits {
   using Element = Element_;
   static constexpr bool kSumByMma = kSumByMma_;
@@ -41,28 +40,16 @@ struct FwdKernelTraits {
   static constexpr int kStages = kStages_;
   static constexpr int kNThreads = kNWarps * 32;
 
-  // Split-Q: the warps form kNWarps / kOSplit row groups of kRowsPerWarp query rows. With
-  // kOSplit == 1 warp w owns rows [w * kRowsPerWarp, (w + 1) * kRowsPerWarp) and all of O's
-  // columns. With kOSplit == 2 (head dim 256) the two warps of a row group both compute S and
-  // the softmax of its rows (the same values) and each keeps half of O's columns: twice the rows
-  // per warp at the same O registers, so every K/V fragment read from shared memory feeds two
-  // row tiles, for 1.5x the S work. No data passes between the warps.
-  static constexpr int kOSplit = kOSplit_;
-  static constexpr int kRowGroups = kNWarps / kOSplit;
-  static constexpr int kRowsPerWarp = kBlockM / kRowGroups;
-  static constexpr int kHeadDimPerWarp = kHeadDim / kOSplit;  // O columns of one warp
+  // Split-Q: warp w owns query rows [w * kRowsPerWarp, (w + 1) * kRowsPerWarp) of the block.
+  static constexpr int kRowsPerWarp = kBlockM / kNWarps;
   static constexpr int kMmaM = kRowsPerWarp / 16;  // 16-row MMA tiles per warp
   static constexpr int kMmaNS = kBlockN / 8;       // 8-column tiles of S = Q K^T
-  static constexpr int kMmaNO = kHeadDimPerWarp / 8;  // 8-column tiles of the warp's O
+  static constexpr int kMmaNO = kHeadDim / 8;      // 8-column tiles of O
   static constexpr int kKStepsQK = kHeadDim / 16;  // k-steps of Q K^T
   static constexpr int kKStepsPV = kBlockN / 16;   // k-steps of P V
 
-  static_assert(kNWarps % kOSplit == 0 && kRowsPerWarp % 16 == 0 &&
-                    kRowsPerWarp * kRowGroups == kBlockM,
+  static_assert(kRowsPerWarp % 16 == 0 && kRowsPerWarp * kNWarps == kBlockM,
                 "each warp must own whole 16-row MMA tiles");
-  // First query row and first O column (in the block) of warp w.
-  static __device__ __forceinline__ int warp_row0(int w) { return (w % kRowGroups) * kRowsPerWarp; }
-  static __device__ __forceinline__ int warp_col0(int w) { return (w / kRowGroups) * kHeadDimPerWarp; }
   static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "MMA k-steps are 16 wide");
   static_assert(kStages == 1 || kStages == 2, "K/V stages: 1 or 2");
 
@@ -71,7 +58,6 @@ struct FwdKernelTraits {
   static constexpr int kChunksPerRow = kSwizzleCols / 8;             // 16-byte chunks: 8 or 4
   static constexpr int kColBlocks = kHeadDim / kSwizzleCols;
   static_assert(kHeadDim % kSwizzleCols == 0, "head dim must be a multiple of 32");
-  static_assert(kHeadDimPerWarp % kSwizzleCols == 0, "a warp's O columns are whole column blocks");
 
   static constexpr int kTileQElems = kBlockM * kHeadDim;
   static constexpr int kTileKVElems = kBlockN * kHeadDim;
@@ -113,7 +99,7 @@ struct TraitsFor {
   static constexpr TileConfig kC = tile_config(kHeadDim, kKind);
   using type = FwdKernelTraits<kHeadDim, kC.kBlockM, kC.kBlockN, kC.kNWarps, kC.kStages, Element,
                                kC.kQInRegs, kC.kSkipRescale, kC.kMinBlocksPerSm,
-                               kC.kRescaleThreshold, kC.kSumByMma, kC.kOSplit>;
+                               kC.kRescaleThreshold, kC.kSumByMma>;
 };
 
 }  // namespace sm80

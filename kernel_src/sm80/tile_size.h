@@ -22,7 +22,6 @@ struct TileConfig {
   int kMinBlocksPerSm = 1;   // __launch_bounds__ occupancy hint
   int kRescaleThreshold = 8;  // lazy O rescale: move the softmax reference when max grows > 2^8
   bool kSumByMma = true;      // softmax row sums on the tensor cores (P times ones)
-  int kOSplit = 1;            // warps sharing a row group, each with part of O's columns
 };
 
 enum class TileKind : int {
