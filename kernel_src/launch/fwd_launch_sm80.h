@@ -95,15 +95,14 @@ void launch_fwd_sm80(const FwdParams& params, cudaStream_t stream) {
   dim3 grid;
   if constexpr (Is_masked) {
     const int rb = std::min(row_blocks, 65535);
-    grid = sm80::GridOrder::grid_dims(true, rb, params.nheads, params.batch,
-                                      l2_section_pairs(params, Traits::kHeadDim, rb));
+    grid = sm80::GridOrder::masked(rb, int64_t(params.nheads) * params.batch,
+                                   l2_section_pairs(params, Traits::kHeadDim, rb));
   } else {
     if (params.nheads > 65535) {
       throw std::runtime_error("flash_attn CUDA: nheads = " + std::to_string(params.nheads) +
                                " exceeds the 65535 heads the grid can address");
     }
-    grid = sm80::GridOrder::grid_dims(false, row_blocks, params.nheads,
-                                      std::min(params.batch, 65535), 0);
+    grid = sm80::GridOrder::unmasked(row_blocks, params.nheads, std::min(params.batch, 65535));
   }
   kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
   cuda_check(cudaGetLastError(), "launching the sm80 forward kernel");

@@ -380,7 +380,7 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
   }
 }
 
-// The grid (the launch builds it with grid_dims):
+// The grid (the launch builds it with GridOrder):
 // * masked (causal/local): (pairs per section, row blocks, sections). A "pair" is one (sequence,
 //   head), pair = bidb * nheads + bidh. The hardware starts CTAs in x-fastest order, so the pairs
 //   of one L2 section run together, longest row block first: the row-block index (y) counts back
@@ -392,11 +392,12 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
 //   adjacent, so the CTAs in flight share their head's K/V in L2.
 // CTAs loop over the row blocks (and, unmasked, the batch entries) beyond the grid.
 struct GridOrder {
-  static dim3 grid_dims(bool masked, int row_blocks, int heads, int batch, int section_pairs) {
-    if (!masked) return dim3(row_blocks, heads, batch);
-    const int64_t pairs = int64_t(heads) * batch;
+  static dim3 masked(int row_blocks, int64_t pairs, int section_pairs) {
     return dim3(section_pairs, row_blocks,
                 static_cast<unsigned>((pairs + section_pairs - 1) / section_pairs));
+  }
+  static dim3 unmasked(int row_blocks, int heads, int batch) {
+    return dim3(row_blocks, heads, batch);
   }
 };
 
