@@ -61,8 +61,11 @@ extern "C" int flash_tune_{name}(const void* raw, long long size, void* stream, 
   std::memcpy((void*)&p, raw, sizeof(FwdParams));
   try {{
     const bool masked = p.window_left >= 0 || p.window_right >= 0;
+    int device = 0, sms = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     BOOL_SWITCH(masked, Is_masked, [&] {{
-      launch_fwd_sm80<T, Is_masked, false, false>(p, (cudaStream_t)stream);
+      launch_fwd_sm80<T, Is_masked, false, false>(p, sms, (cudaStream_t)stream);
     }});
   }} catch (const std::exception& e) {{ snprintf(err, errlen, "%s", e.what()); return 1; }}
   return 0;

@@ -30,7 +30,7 @@ TEMPLATE = """\
 
 #if !defined(FLASH_DISABLE_HDIM{hdim}) && !defined({dtype_guard})
 FLASH_NAMESPACE_BEGIN
-template void run_fwd_sm80<{elem}, {hdim}>(const FwdParams&, cudaStream_t);
+template void run_fwd_sm80<{elem}, {hdim}>(const FwdParams&, int, cudaStream_t);
 FLASH_NAMESPACE_END
 #endif
 """

@@ -3,6 +3,6 @@
 
 #if !defined(FLASH_DISABLE_HDIM96) && !defined(FLASH_DISABLE_BF16)
 FLASH_NAMESPACE_BEGIN
-template void run_fwd_sm80<__nv_bfloat16, 96>(const FwdParams&, cudaStream_t);
+template void run_fwd_sm80<__nv_bfloat16, 96>(const FwdParams&, int, cudaStream_t);
 FLASH_NAMESPACE_END
 #endif

@@ -76,7 +76,7 @@ void run_fwd_cuda(const FwdParams& params, cudaStream_t stream) {
   if (caps.major == 9 && caps.minor == 0 && try_run_fwd_sm90(params, caps.sms, stream)) return;
 #endif
   DTYPE_SWITCH(params.dtype, [&] {
-    HDIM_SWITCH(params.head_dim, [&] { run_fwd_sm80<elem_type, kHeadDim>(params, stream); });
+    HDIM_SWITCH(params.head_dim, [&] { run_fwd_sm80<elem_type, kHeadDim>(params, caps.sms, stream); });
   });
 }
 

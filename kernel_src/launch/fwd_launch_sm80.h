@@ -59,14 +59,11 @@ inline int grid_row_blocks(const FwdParams& p, int block_m) {
 #ifndef FLASH_SM80_L2_MIN_WAVES
 #define FLASH_SM80_L2_MIN_WAVES 4
 #endif
-inline int l2_section_pairs(const FwdParams& p, int head_dim, int row_blocks) {
+inline int l2_section_pairs(const FwdParams& p, int head_dim, int row_blocks, int num_sms) {
   const int64_t pairs = std::max<int64_t>(1, int64_t(p.nheads) * p.batch);
   int64_t per_section = pairs;
   if (FLASH_SM80_L2_SECTION_MB > 0) {
-    int device = 0, sms = 1;
-    cuda_check(cudaGetDevice(&device), "cudaGetDevice");
-    cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-               "cudaDeviceGetAttribute(MultiProcessorCount)");
+    const int sms = std::max(1, num_sms);
     const int group = std::max(1, p.nheads / std::max(1, p.nheads_k));  // q heads per K/V head
     const int64_t kv_bytes = std::max<int64_t>(1, int64_t(4) * p.seqlen_k * head_dim / group);
     const int64_t min_pairs = (int64_t(FLASH_SM80_L2_MIN_WAVES) * sms + row_blocks - 1) / row_blocks;
@@ -82,7 +79,7 @@ inline int l2_section_pairs(const FwdParams& p, int head_dim, int row_blocks) {
 }
 
 template <typename Traits, bool Is_masked, bool Is_general, bool Is_dropout>
-void launch_fwd_sm80(const FwdParams& params, cudaStream_t stream) {
+void launch_fwd_sm80(const FwdParams& params, int num_sms, cudaStream_t stream) {
   auto kernel = &sm80::fwd_kernel_sm80<Traits, Is_masked, Is_general, Is_dropout>;
   constexpr int kSmem = Traits::kSmemBytes;
   if (kSmem > 48 * 1024) {
@@ -96,7 +93,7 @@ void launch_fwd_sm80(const FwdParams& params, cudaStream_t stream) {
   if constexpr (Is_masked) {
     const int rb = std::min(row_blocks, 65535);
     grid = sm80::GridOrder::masked(rb, int64_t(params.nheads) * params.batch,
-                                   l2_section_pairs(params, Traits::kHeadDim, rb));
+                                   l2_section_pairs(params, Traits::kHeadDim, rb, num_sms));
   } else {
     if (params.nheads > 65535) {
       throw std::runtime_error("flash_attn CUDA: nheads = " + std::to_string(params.nheads) +
@@ -109,22 +106,22 @@ void launch_fwd_sm80(const FwdParams& params, cudaStream_t stream) {
 }
 
 template <typename Element, int kHeadDim, sm80::TileKind kKind, bool Is_general>
-void launch_fwd_sm80_config(const FwdParams& params, cudaStream_t stream) {
+void launch_fwd_sm80_config(const FwdParams& params, int num_sms, cudaStream_t stream) {
   using Traits = typename sm80::TraitsFor<kHeadDim, kKind, Element>::type;
   const bool masked = params.window_left >= 0 || params.window_right >= 0;
   BOOL_SWITCH(masked, Is_masked, [&] {
     if constexpr (Is_general) {
       BOOL_SWITCH(params.p_dropout > 0.f, Is_dropout, [&] {
-        launch_fwd_sm80<Traits, Is_masked, true, Is_dropout>(params, stream);
+        launch_fwd_sm80<Traits, Is_masked, true, Is_dropout>(params, num_sms, stream);
       });
     } else {
-      launch_fwd_sm80<Traits, Is_masked, false, false>(params, stream);
+      launch_fwd_sm80<Traits, Is_masked, false, false>(params, num_sms, stream);
     }
   });
 }
 
 template <typename Element, int kHeadDim>
-void run_fwd_sm80(const FwdParams& params, cudaStream_t stream) {
+void run_fwd_sm80(const FwdParams& params, int num_sms, cudaStream_t stream) {
   using sm80::TileKind;
   static_assert(sm80::tile_smem_bytes(kHeadDim, sm80::tile_config(kHeadDim, TileKind::kFast)) <=
                         sm80::kMinSmemOptin &&
@@ -133,9 +130,9 @@ void run_fwd_sm80(const FwdParams& params, cudaStream_t stream) {
                         sm80::kMinSmemOptin,
                 "every config must fit the shared memory of every sm80+ GPU");
   if (needs_general_kernel(params)) {
-    launch_fwd_sm80_config<Element, kHeadDim, TileKind::kGeneral, true>(params, stream);
+    launch_fwd_sm80_config<Element, kHeadDim, TileKind::kGeneral, true>(params, num_sms, stream);
   } else {
-    launch_fwd_sm80_config<Element, kHeadDim, TileKind::kFast, false>(params, stream);
+    launch_fwd_sm80_config<Element, kHeadDim, TileKind::kFast, false>(params, num_sms, stream);
   }
 }
 

@@ -163,23 +163,22 @@ __device__ __forceinline__ void producer(const FwdArgs& a, typename Traits::Shar
   for (int ch = 0; ch < Traits::kChunks; ++ch) {
     tma_load_4d(sh.q + ch * kBlockM * 64, &a.tm_q, &sh.q_full, ch * 64, q_row, t.bidh, q_batch);
   }
+  // Key tile n of K or V into its stage buffer, once the consumers have released it.
+  auto load_tile = [&](auto* dst, const CUtensorMap* map, uint64_t* full, uint64_t* empty,
+                       uint32_t phase, int n) {
+    mbar_wait(empty, phase ^ 1);
+    mbar_arrive_expect_tx(full, Traits::kKVBytes);
+#pragma unroll
+    for (int ch = 0; ch < Traits::kChunks; ++ch) {
+      tma_load_4d(dst + ch * kBlockN * 64, map, full, ch * 64, k_row + n * kBlockN, bidh_k,
+                  kv_batch);
+    }
+  };
   for (int i = 0; i < n_blocks; ++i) {
     const int n = n_blocks - 1 - i, s = (pipe.kv + i) % kStages;
     const uint32_t phase = ((pipe.kv + i) / kStages) & 1;
-    mbar_wait(&sh.k_empty[s], phase ^ 1);
-    mbar_arrive_expect_tx(&sh.k_full[s], Traits::kKVBytes);
-#pragma unroll
-    for (int ch = 0; ch < Traits::kChunks; ++ch) {
-      tma_load_4d(sh.k[s] + ch * kBlockN * 64, &a.tm_k, &sh.k_full[s], ch * 64,
-                  k_row + n * kBlockN, bidh_k, kv_batch);
-    }
-    mbar_wait(&sh.v_empty[s], phase ^ 1);
-    mbar_arrive_expect_tx(&sh.v_full[s], Traits::kKVBytes);
-#pragma unroll
-    for (int ch = 0; ch < Traits::kChunks; ++ch) {
-      tma_load_4d(sh.v[s] + ch * kBlockN * 64, &a.tm_v, &sh.v_full[s], ch * 64,
-                  k_row + n * kBlockN, bidh_k, kv_batch);
-    }
+    load_tile(sh.k[s], &a.tm_k, &sh.k_full[s], &sh.k_empty[s], phase, n);
+    load_tile(sh.v[s], &a.tm_v, &sh.v_full[s], &sh.v_empty[s], phase, n);
   }
   pipe.kv += n_blocks;
   pipe.q += 1;
