@@ -107,7 +107,7 @@ def build(configs, outdir, jobs):
              "-gencode=arch=compute_90,code=sm_90", "-DFLASH_HARNESS_LAYOUT_ONLY", "-Xptxas", "-v"]
 
     def one(src):
-        obj = src + ".o"
+        obj = os.path.join(outdir, os.path.basename(src) + ".o")
         r = subprocess.run(["nvcc", *flags, *extra.get(src, []), "-c", src, "-o", obj],
                            capture_output=True, text=True)
         if r.returncode != 0:
