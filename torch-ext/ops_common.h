@@ -393,6 +393,35 @@ inline void run_fwd(const FwdParams& p, const Tensor& q) {
 #endif
 }
 
+// The backward; on CUDA also its workspace (BwdParams): the fp32 dQ accumulator and D, shaped
+// like q and the LSE, and the deterministic mode's counters. `lse` is the LSE tensor the params
+// point at (its shape is D's).
+inline void run_bwd(BwdParams& p, const Tensor& q, const Tensor& lse) {
+  if (q.is_cpu()) {
+    run_bwd_cpu(p);
+    return;
+  }
+#ifdef CUDA_KERNEL
+  const torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  const int64_t rows = p.cu_seqlens_q != nullptr ? int64_t(p.total_q) : int64_t(p.batch) * p.seqlen_q;
+  Tensor dq_accum = alloc_zeros(q, {rows, p.nheads, p.head_dim}, ScalarType::Float);
+  std::vector<int64_t> lse_sizes(lse.sizes().begin(), lse.sizes().end());
+  Tensor dsum = torch::stable::new_empty(q, lse_sizes, ScalarType::Float);
+  p.dq_accum_ptr = dq_accum.mutable_data_ptr<float>();
+  p.dsoftmax_sum_ptr = dsum.mutable_data_ptr<float>();
+  Tensor semaphores;
+  if (p.deterministic) {
+    semaphores = alloc_zeros(q, {std::max<int64_t>(1, bwd_cuda_semaphore_count(p))},
+                             ScalarType::Int);
+    p.dq_semaphore = semaphores.mutable_data_ptr<int32_t>();
+  }
+  run_bwd_cuda(p, current_stream(q));
+#else
+  (void)lse;
+  fail("q is on ", device_str(q), " but this build of flash_attn has no CUDA backend");
+#endif
+}
+
 // Ops that the CUDA backend does not have yet fail before touching any data.
 inline void check_cpu_only(const Tensor& q, const char* op) {
   FLASH_CHECK(q.is_cpu(), op, " is not implemented for CUDA yet (q is on ", device_str(q),

@@ -108,6 +108,12 @@ struct BwdParams : FwdParams {
   void* dv_ptr = nullptr;  // same shape as v
   int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
   bool deterministic = false;
+  // Workspace of the CUDA backward, allocated and zero-filled by the binding (the CPU backend
+  // ignores it): linear in the number of query rows, never in seqlen_q x seqlen_k.
+  float* dq_accum_ptr = nullptr;      // fp32 dQ accumulator: rows of q x nheads x head_dim,
+                                      //   contiguous (row = packed varlen row or b * seqlen_q + i)
+  float* dsoftmax_sum_ptr = nullptr;  // D_i = dO_i . O_i, laid out like softmax_lse
+  int32_t* dq_semaphore = nullptr;    // deterministic: nheads x bwd_semaphores_per_head counters
 };
 
 // In-place KV-cache update of flash_attn_with_kvcache, run before the attention.

@@ -9,8 +9,10 @@
 #include "../common/cuda_primitives.h"  // cuda_check
 #include "../sm90/dispatch_sm90.h"
 #include "flash_api_cuda.h"
+#include "bwd_dispatch_sm80.h"
 #include "fwd_dispatch_sm80.h"
 #include "static_switch.h"
+#include "../sm80/bwd_traits_sm80.h"
 
 FLASH_NAMESPACE_BEGIN
 
@@ -77,6 +79,32 @@ void run_fwd_cuda(const FwdParams& params, cudaStream_t stream) {
 #endif
   DTYPE_SWITCH(params.dtype, [&] {
     HDIM_SWITCH(params.head_dim, [&] { run_fwd_sm80<elem_type, kHeadDim>(params, caps.sms, stream); });
+  });
+}
+
+int64_t bwd_cuda_semaphore_count(const BwdParams& params) {
+  // Every backward config uses the same kBlockM (bwd_traits_sm80.h).
+  constexpr int kBlockM = sm80::bwd_tile_config(64).kBlockM;
+  static_assert(kBlockM == sm80::bwd_tile_config(128).kBlockM &&
+                    kBlockM == sm80::bwd_tile_config(256).kBlockM,
+                "one query block size for every head dim");
+  const int64_t per_head = sm80::bwd_semaphores_per_head(params, kBlockM);
+  return per_head * params.nheads;
+}
+
+void run_bwd_cuda(const BwdParams& params, cudaStream_t stream) {
+  const DeviceCaps caps = current_device_caps();
+  require_sm80(caps);
+  require(params.head_dim >= 1 && params.head_dim <= 256,
+          "head_dim = " + std::to_string(params.head_dim) + " must be in [1, 256]");
+  require(params.nheads_k >= 1 && params.nheads % params.nheads_k == 0,
+          "nheads = " + std::to_string(params.nheads) + " must be a multiple of nheads_k = " +
+              std::to_string(params.nheads_k));
+  require(params.block_table == nullptr, "the backward does not take a paged K/V (block_table)");
+  if (params.batch == 0 || params.nheads == 0) return;
+  if (params.cu_seqlens_q != nullptr ? params.total_q <= 0 : params.seqlen_q <= 0) return;
+  DTYPE_SWITCH(params.dtype, [&] {
+    HDIM_SWITCH(params.head_dim, [&] { run_bwd_sm80<elem_type, kHeadDim>(params, stream); });
   });
 }
 

@@ -11,4 +11,10 @@ FLASH_NAMESPACE_BEGIN
 
 void run_fwd_cuda(const FwdParams& params, cudaStream_t stream);
 
+// The backward. params carries the workspace (dq_accum_ptr, dsoftmax_sum_ptr zero-filled or not
+// as params.h says, and with params.deterministic bwd_cuda_semaphore_count(params) zeroed int32
+// counters in dq_semaphore).
+void run_bwd_cuda(const BwdParams& params, cudaStream_t stream);
+int64_t bwd_cuda_semaphore_count(const BwdParams& params);
+
 FLASH_NAMESPACE_END

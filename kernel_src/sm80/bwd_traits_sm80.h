@@ -1,0 +1,103 @@
+// Owns: the compile-time shape of the sm80 backward kernel (bwd_kernel_sm80.h): tile sizes, how
+// the warps of a CTA split each of its three GEMM phases, and the shared-memory layout.
+//
+// One CTA owns kBlockN keys of one (sequence, K/V head) and walks over the query blocks (kBlockM
+// rows) of every query head of the K/V head's group that sees those keys. Per query block:
+//   S-phase   S^T = K Q^T and dP^T = V dO^T    (kBlockN x kBlockM), warps split keys x queries
+//   dKV-phase dV += P^T dO, dK += dS^T Q       (kBlockN x kHeadDim), warps split keys x head dim
+//   dQ-phase  dQ += dS K (fp32 atomics)        (kBlockM x kHeadDim), warps split queries x head dim
+// P^T and dS^T go through shared memory between the phases because each phase splits the work
+// differently (FA2's backward does the same, Dao 2023).
+//
+// Shared-memory tiles are the forward's swizzled layout (kernel_traits_sm80.h): column blocks of
+// kSwizzleCols elements, 16-byte chunk c of row r stored at chunk c ^ swizzle(r). The same names
+// (kSwizzleCols, kChunksPerRow, kColBlocks, kRowStep, swizzle) let copy_sm80.h's tile loaders
+// serve these tiles too.
+#pragma once
+#include "../common/namespace.h"
+#include "../common/params.h"
+#include "primitives.h"
+
+FLASH_NAMESPACE_BEGIN
+namespace sm80 {
+
+struct BwdTileConfig {
+  int kBlockM;  // query rows per iteration
+  int kBlockN;  // keys per CTA
+  int kNWarps;
+  // Warp grids of the three phases (rows x columns of warps; their product is kNWarps).
+  int kWarpsS_N, kWarpsS_M;    // S-phase: keys x queries
+  int kWarpsKV_N, kWarpsKV_D;  // dKV-phase: keys x head dim
+  int kWarpsQ_M, kWarpsQ_D;    // dQ-phase: queries x head dim
+};
+
+// One config per head dim. 8 warps everywhere: the dK/dV accumulators of a CTA (2 x kBlockN x
+// kHeadDim fp32) are spread over 256 threads, at most 128 registers each at head dim 256.
+constexpr BwdTileConfig bwd_tile_config(int head_dim) {
+  // Up to 64: 128 keys per CTA (80 KB of shared memory).
+  if (head_dim <= 64) return {64, 128, 8, 8, 1, 8, 1, 4, 2};
+  // 96/128: 64 keys (80 KB at 128).
+  if (head_dim <= 128) return {64, 64, 8, 4, 2, 4, 2, 4, 2};
+  // 192/256: 64 x 64 needs 144 KB at 256: A100/H100-class shared memory (checked at launch).
+  return {64, 64, 8, 4, 2, 4, 2, 4, 2};
+}
+
+constexpr int bwd_smem_bytes(int head_dim, BwdTileConfig c) {
+  // Q, dO (kBlockM x d), K, V (kBlockN x d), P^T, dS^T (kBlockN x kBlockM), LSE and D (fp32).
+  return 2 * (2 * c.kBlockM * head_dim + 2 * c.kBlockN * head_dim + 2 * c.kBlockN * c.kBlockM) +
+         2 * 4 * c.kBlockM;
+}
+
+template <int kHeadDim_, typename Element_>
+struct BwdTraits {
+  using Element = Element_;
+  static constexpr BwdTileConfig kC = bwd_tile_config(kHeadDim_);
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kC.kBlockM, kBlockN = kC.kBlockN;
+  static constexpr int kNWarps = kC.kNWarps, kNThreads = kNWarps * 32;
+
+  // Per-warp tiles of each phase, in MMA units (16 rows, 8 columns).
+  static constexpr int kSRows = kBlockN / kC.kWarpsS_N, kSCols = kBlockM / kC.kWarpsS_M;
+  static constexpr int kKVRows = kBlockN / kC.kWarpsKV_N, kKVCols = kHeadDim / kC.kWarpsKV_D;
+  static constexpr int kQRows = kBlockM / kC.kWarpsQ_M, kQCols = kHeadDim / kC.kWarpsQ_D;
+  static_assert(kC.kWarpsS_N * kC.kWarpsS_M == kNWarps && kC.kWarpsKV_N * kC.kWarpsKV_D == kNWarps &&
+                    kC.kWarpsQ_M * kC.kWarpsQ_D == kNWarps,
+                "each phase uses every warp");
+  static_assert(kSRows % 16 == 0 && kSCols % 16 == 0 && kKVRows % 16 == 0 && kKVCols % 16 == 0 &&
+                    kQRows % 16 == 0 && kQCols % 16 == 0,
+                "warp tiles are whole 16 x 16 MMA pairs");
+
+  // ---- shared memory (elements; the fp32 LSE and D rows come last) --------------------------
+  static constexpr int kSwizzleCols = kHeadDim % 64 == 0 ? 64 : 32;
+  static constexpr int kChunksPerRow = kSwizzleCols / 8;
+  static constexpr int kColBlocks = kHeadDim / kSwizzleCols;
+  static constexpr int kSmemQ = 0;
+  static constexpr int kSmemDO = kSmemQ + kBlockM * kHeadDim;
+  static constexpr int kSmemK = kSmemDO + kBlockM * kHeadDim;
+  static constexpr int kSmemV = kSmemK + kBlockN * kHeadDim;
+  static constexpr int kSmemPt = kSmemV + kBlockN * kHeadDim;
+  static constexpr int kSmemDSt = kSmemPt + kBlockN * kBlockM;
+  static constexpr int kSmemStats = kSmemDSt + kBlockN * kBlockM;  // kBlockM LSE, kBlockM D
+  static constexpr int kSmemBytes = 2 * kSmemStats + 2 * 4 * kBlockM;
+  static_assert(kSmemBytes == bwd_smem_bytes(kHeadDim, kC), "layout and bwd_smem_bytes disagree");
+  static_assert(kBlockM % 64 == 0, "P^T/dS^T rows are one 64-column swizzle block");
+
+  static __device__ __forceinline__ int swizzle(int row) {
+    return kChunksPerRow == 8 ? (row & 7) : ((row >> 1) & 3);
+  }
+
+  // Global -> shared copies (copy_sm80.h): thread tid copies chunk tid % kChunksPerRow of every
+  // column block for rows tid / kChunksPerRow + i * kRowStep.
+  static constexpr int kRowStep = kNThreads / kChunksPerRow;
+  static_assert(kRowStep % 8 == 0 && kBlockM % kRowStep == 0 && kBlockN % kRowStep == 0,
+                "tiles are whole copy passes that keep the swizzle phase");
+};
+
+// Counters of the deterministic dQ order: per query head, one per query block of every sequence.
+FLASH_HOST_DEVICE int64_t bwd_semaphores_per_head(const BwdParams& p, int block_m) {
+  return p.cu_seqlens_q != nullptr ? int64_t(p.total_q) / block_m + p.batch + 1
+                                   : int64_t(p.batch) * ((p.seqlen_q + block_m - 1) / block_m);
+}
+
+}  // namespace sm80
+FLASH_NAMESPACE_END
