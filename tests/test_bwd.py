@@ -101,20 +101,32 @@ def test_bwd_packed_variants(flash, tol, device):
                 lambda q, kv, **o: attention_ref(q, *kv.unbind(2), **o)[0], [q, kv], dtype)
 
 
-@pytest.mark.parametrize("device", device_params())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=grid.dtype_name)
-def test_bwd_deterministic_is_bitwise_repeatable(flash, device, dtype):
-    """deterministic=True: repeated backward passes give bitwise equal gradients."""
+def _determinism_params():
+    """(device, dtype, repeats): the CPU's widest and narrowest types, both CUDA types; on CUDA
+    the dQ accumulation order is what deterministic=True pins down, so it repeats 50 times."""
+    cases = [("cpu", torch.float32, 3), ("cpu", torch.bfloat16, 3)]
+    cases += [("cuda", dt, 50) for dt in grid.DTYPES_CUDA]
+    return [pytest.param(dev, dt, n, id=f"{dev}-{grid.dtype_name(dt)}",
+                         marks=[] if dev == "cpu" else [pytest.mark.skipif(
+                             not torch.cuda.is_available(), reason="needs a CUDA device")])
+            for dev, dt, n in cases]
+
+
+@pytest.mark.parametrize(("device", "dtype", "repeats"), _determinism_params())
+@pytest.mark.parametrize("opts", [dict(causal=True), dict(window_size=(40, 7)), dict()],
+                         ids=["causal", "local", "none"])
+def test_bwd_deterministic_is_bitwise_repeatable(flash, device, dtype, repeats, opts):
+    """deterministic=True: repeated backward passes give bitwise equal gradients (GQA, ragged
+    lengths, more keys than queries)."""
     skip_if_cuda_unimplemented("bwd", device)
     q, k, v = qkv(2, 257, 300, 6, 2, 64, dtype=dtype, device=device, requires_grad=True)
-    dout = None
-    results = []
-    for _ in range(3):
-        out = flash.flash_attn_func(q, k, v, causal=True, deterministic=True)
-        dout = torch.randn_like(out) if dout is None else dout
-        results.append(torch.autograd.grad(out, (q, k, v), dout))
-    for other in results[1:]:
-        for g0, g1 in zip(results[0], other):
+    out = flash.flash_attn_func(q, k, v, deterministic=True, **opts)
+    dout = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), dout)
+    for _ in range(repeats - 1):
+        out = flash.flash_attn_func(q, k, v, deterministic=True, **opts)
+        again = torch.autograd.grad(out, (q, k, v), dout)
+        for g0, g1 in zip(first, again):
             assert torch.equal(g0, g1)
 
 

@@ -135,16 +135,21 @@ template <typename Traits, bool Is_masked, bool Is_general>
 __device__ __forceinline__ void bwd_scores(const BwdParams& params, const SeqInfo& seq,
                                            const Mask& mask, bool full_tile, int m0, int n0,
                                            uint64_t subsequence, float alibi_slope,
-                                           typename Traits::Element* smem, int warp, int lane) {
+                                           typename Traits::Element* smem, int stage, int warp,
+                                           int lane) {
   using Element = typename Traits::Element;
   constexpr int kM16 = Traits::kSRows / 16, kN8 = Traits::kSCols / 8;
   constexpr float kLog2e = 1.4426950408889634f;
-  const SmemTile<Traits::kSwizzleCols> tq{smem_u32(smem + Traits::kSmemQ), Traits::kBlockM};
-  const SmemTile<Traits::kSwizzleCols> tdo{smem_u32(smem + Traits::kSmemDO), Traits::kBlockM};
+  const int stage_off = stage * Traits::kStageElems;
+  const SmemTile<Traits::kSwizzleCols> tq{smem_u32(smem + Traits::kSmemQ + stage_off),
+                                          Traits::kBlockM};
+  const SmemTile<Traits::kSwizzleCols> tdo{smem_u32(smem + Traits::kSmemDO + stage_off),
+                                           Traits::kBlockM};
   const SmemTile<Traits::kSwizzleCols> tk{smem_u32(smem + Traits::kSmemK), Traits::kBlockN};
   const SmemTile<Traits::kSwizzleCols> tv{smem_u32(smem + Traits::kSmemV), Traits::kBlockN};
-  const SmemTile<64> tpt{smem_u32(smem + Traits::kSmemPt), Traits::kBlockN};
-  const float* lse2 = reinterpret_cast<const float*>(smem + Traits::kSmemStats);
+  const SmemTile<Traits::kSwizzleColsP> tpt{smem_u32(smem + Traits::kSmemPt), Traits::kBlockN};
+  const float* lse2 = reinterpret_cast<const float*>(smem + Traits::kSmemStats) +
+                      stage * 2 * Traits::kBlockM;
   const float* dsum = lse2 + Traits::kBlockM;
   const int key0 = (warp % Traits::kC.kWarpsS_N) * Traits::kSRows;
   const int q0 = (warp / Traits::kC.kWarpsS_N) * Traits::kSCols;
@@ -249,114 +254,132 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
   const int kv_d0 = (warp / Traits::kC.kWarpsKV_N) * Traits::kKVCols;
   const int dq_row0 = (warp % Traits::kC.kWarpsQ_M) * Traits::kQRows;
   const int dq_d0 = (warp / Traits::kC.kWarpsQ_M) * Traits::kQCols;
-  const SmemTile<Traits::kSwizzleCols> tq{smem_u32(smem + Traits::kSmemQ), kBlockM};
-  const SmemTile<Traits::kSwizzleCols> tdo{smem_u32(smem + Traits::kSmemDO), kBlockM};
   const SmemTile<Traits::kSwizzleCols> tk{smem_u32(smem + Traits::kSmemK), kBlockN};
-  const SmemTile<64> tpt{smem_u32(smem + Traits::kSmemPt), kBlockN};
-  const SmemTile<64> tdst{smem_u32(smem + Traits::kSmemDSt), kBlockN};
-  float* stats = reinterpret_cast<float*>(smem + Traits::kSmemStats);
+  const SmemTile<Traits::kSwizzleColsP> tpt{smem_u32(smem + Traits::kSmemPt), kBlockN};
+  const SmemTile<Traits::kSwizzleColsP> tdst{smem_u32(smem + Traits::kSmemDSt), kBlockN};
 
   float acc_dk[kKV16][kKV8][4], acc_dv[kKV16][kKV8][4];
   warp::zero(acc_dk);
   warp::zero(acc_dv);
 
+  // The work items of this key block: (query head of the group, query block), head-major.
   const int group = params.nheads / params.nheads_k;
+  const int m_blocks = m_block_max - m_block_min;
+  const int n_items = group * m_blocks;
   const int64_t dq_row_stride = int64_t(params.nheads) * head_dim;
   const int64_t sems_per_head = bwd_semaphores_per_head(params, kBlockM);
-  for (int bidh = bidh_kv * group; bidh < (bidh_kv + 1) * group; ++bidh) {
+  auto item_head = [&](int item) { return bidh_kv * group + item / m_blocks; };
+  auto item_m0 = [&](int item) { return (m_block_min + item % m_blocks) * kBlockM; };
+
+  // Issues the copies of item's Q and dO into `stage` and writes its LSE (base 2) and D rows
+  // (synchronous stores, visible after the next barrier).
+  auto load_item = [&](int item, int stage) {
+    const int bidh = item_head(item), m0 = item_m0(item);
+    const int valid_q = seq.seqlen_q - m0;
+    const Element* q_src = static_cast<const Element*>(params.q_ptr) + seq.q_row0 +
+                           bidh * params.q_head_stride +
+                           (int64_t(m0) + ct.row0) * params.q_row_stride + ct.col0;
+    const Element* do_src = static_cast<const Element*>(params.do_ptr) + bs.do_row0 +
+                            bidh * params.do_head_stride +
+                            (int64_t(m0) + ct.row0) * params.do_row_stride + ct.col0;
+    Element* q_dst = smem + Traits::kSmemQ + stage * Traits::kStageElems;
+    Element* do_dst = smem + Traits::kSmemDO + stage * Traits::kStageElems;
+    if (!Is_general || aligned) {
+      load_tile<Traits, kBlockM, true>(q_dst, ct, q_src, params.q_row_stride, valid_q, head_dim);
+      load_tile<Traits, kBlockM, true>(do_dst, ct, do_src, params.do_row_stride, valid_q,
+                                       head_dim);
+    } else {
+      load_tile<Traits, kBlockM, false>(q_dst, ct, q_src, params.q_row_stride, valid_q, head_dim);
+      load_tile<Traits, kBlockM, false>(do_dst, ct, do_src, params.do_row_stride, valid_q,
+                                        head_dim);
+    }
+    cp_async_commit();
+    if (tid < kBlockM) {
+      const int64_t idx = seq.lse_row0 + bidh * seq.lse_head_stride + m0 + tid;
+      const bool ok = tid < valid_q;
+      float* stats = reinterpret_cast<float*>(smem + Traits::kSmemStats) + stage * 2 * kBlockM;
+      stats[tid] = ok ? params.softmax_lse_ptr[idx] * 1.4426950408889634f : INFINITY;
+      stats[kBlockM + tid] = ok ? params.dsoftmax_sum_ptr[idx] : 0.f;
+    }
+  };
+
+  if (n_items > 0) load_item(0, 0);
+  for (int item = 0; item < n_items; ++item) {
+    const int stage = item % Traits::kStages;
+    const int bidh = item_head(item), m0 = item_m0(item), m_block = m0 / kBlockM;
+    const int valid_q = seq.seqlen_q - m0;
+    // ---- copies of the next item in flight while this one computes -----------------------
+    if (item + 1 < n_items) {
+      load_item(item + 1, stage ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    // ---- S-phase: P^T and dS^T --------------------------------------------------------
     float alibi_slope = 0.f;
     if (Is_general && params.alibi_slopes != nullptr) {
       alibi_slope = params.alibi_slopes[bidb * params.alibi_batch_stride + bidh];
     }
     const uint64_t subsequence =
         params.offset + static_cast<uint64_t>(bidb) * params.nheads + bidh;
-    const Element* q_head = static_cast<const Element*>(params.q_ptr) + seq.q_row0 +
-                            bidh * params.q_head_stride + ct.col0;
-    const Element* do_head = static_cast<const Element*>(params.do_ptr) + bs.do_row0 +
-                             bidh * params.do_head_stride + ct.col0;
-    const float* lse_head = params.softmax_lse_ptr + seq.lse_row0 + bidh * seq.lse_head_stride;
-    const float* dsum_head = params.dsoftmax_sum_ptr + seq.lse_row0 + bidh * seq.lse_head_stride;
-    float* dq_head = params.dq_accum_ptr + bs.q_row_global * dq_row_stride + bidh * head_dim;
+    const int m_end = min(m0 + kBlockM, seq.seqlen_q);
+    const bool full_tile = n0 + kBlockN <= seq.seqlen_k &&
+                           (!Is_masked || mask.tile_is_full(m0, m_end, n0, n0 + kBlockN));
+    bwd_scores<Traits, Is_masked, Is_general>(params, seq, mask, full_tile, m0, n0, subsequence,
+                                              alibi_slope, smem, stage, warp, lane);
+    __syncthreads();
 
-    for (int m_block = m_block_min; m_block < m_block_max; ++m_block) {
-      const int m0 = m_block * kBlockM;
-      const int valid_q = seq.seqlen_q - m0;
-      // ---- Q, dO, LSE (base 2) and D of the query block ------------------------------------
-      const Element* q_src = q_head + (int64_t(m0) + ct.row0) * params.q_row_stride;
-      const Element* do_src = do_head + (int64_t(m0) + ct.row0) * params.do_row_stride;
-      if (!Is_general || aligned) {
-        load_tile<Traits, kBlockM, true>(smem + Traits::kSmemQ, ct, q_src, params.q_row_stride,
-                                         valid_q, head_dim);
-        load_tile<Traits, kBlockM, true>(smem + Traits::kSmemDO, ct, do_src,
-                                         params.do_row_stride, valid_q, head_dim);
-      } else {
-        load_tile<Traits, kBlockM, false>(smem + Traits::kSmemQ, ct, q_src, params.q_row_stride,
-                                          valid_q, head_dim);
-        load_tile<Traits, kBlockM, false>(smem + Traits::kSmemDO, ct, do_src,
-                                          params.do_row_stride, valid_q, head_dim);
+    // ---- dKV-phase: dV += (P o Z)^T dO, dK += dS^T Q --------------------------------------
+    const int stage_off = stage * Traits::kStageElems;
+    const SmemTile<Traits::kSwizzleCols> tq{smem_u32(smem + Traits::kSmemQ + stage_off), kBlockM};
+    const SmemTile<Traits::kSwizzleCols> tdo{smem_u32(smem + Traits::kSmemDO + stage_off),
+                                             kBlockM};
+    warp::gemm_ss<Element, kKV16, kKV8, kBlockM / 16, false, true>(acc_dv, tpt, kv_key0, tdo,
+                                                                   kv_d0, 0);
+    warp::gemm_ss<Element, kKV16, kKV8, kBlockM / 16, false, true>(acc_dk, tdst, kv_key0, tq,
+                                                                   kv_d0, 0);
+
+    // ---- dQ-phase: dQ += dS K -----------------------------------------------------------
+    float acc_dq[kQ16][kQ8][4];
+    warp::zero(acc_dq);
+    warp::gemm_ss<Element, kQ16, kQ8, kBlockN / 16, true, true>(acc_dq, tdst, dq_row0, tk, dq_d0,
+                                                                0);
+    int* sem = nullptr;
+    int turn = 0;
+    if (params.deterministic) {
+      // Key blocks add into this query block in ascending order: wait for our turn.
+      int col_begin, col_end;
+      mask.kv_range(m0, m_end, &col_begin, &col_end);
+      turn = n_block - col_begin / kBlockN;
+      sem = params.dq_semaphore + bidh * sems_per_head + bs.sem_base + m_block;
+      if (tid == 0) {
+        while (atomicAdd(sem, 0) != turn) __nanosleep(32);
       }
-      cp_async_commit();
-      if (tid < kBlockM) {
-        const bool ok = tid < valid_q;
-        stats[tid] = ok ? lse_head[m0 + tid] * 1.4426950408889634f : INFINITY;
-        stats[kBlockM + tid] = ok ? dsum_head[m0 + tid] : 0.f;
-      }
-      cp_async_wait<0>();
       __syncthreads();
-
-      // ---- S-phase: P^T and dS^T --------------------------------------------------------
-      const int m_end = min(m0 + kBlockM, seq.seqlen_q);
-      const bool full_tile = n0 + kBlockN <= seq.seqlen_k &&
-                             (!Is_masked || mask.tile_is_full(m0, m_end, n0, n0 + kBlockN));
-      bwd_scores<Traits, Is_masked, Is_general>(params, seq, mask, full_tile, m0, n0, subsequence,
-                                                alibi_slope, smem, warp, lane);
-      __syncthreads();
-
-      // ---- dKV-phase: dV += (P o Z)^T dO, dK += dS^T Q ------------------------------------
-      warp::gemm_ss<Element, kKV16, kKV8, kBlockM / 16, false, true>(acc_dv, tpt, kv_key0, tdo,
-                                                                     kv_d0, 0);
-      warp::gemm_ss<Element, kKV16, kKV8, kBlockM / 16, false, true>(acc_dk, tdst, kv_key0, tq,
-                                                                     kv_d0, 0);
-
-      // ---- dQ-phase: dQ += dS K ---------------------------------------------------------
-      float acc_dq[kQ16][kQ8][4];
-      warp::zero(acc_dq);
-      warp::gemm_ss<Element, kQ16, kQ8, kBlockN / 16, true, true>(acc_dq, tdst, dq_row0, tk,
-                                                                  dq_d0, 0);
-      int* sem = nullptr;
-      int turn = 0;
-      if (params.deterministic) {
-        // Key blocks add into this query block in ascending order: wait for our turn.
-        int col_begin, col_end;
-        mask.kv_range(m0, m_end, &col_begin, &col_end);
-        turn = n_block - col_begin / kBlockN;
-        sem = params.dq_semaphore + bidh * sems_per_head + bs.sem_base + m_block;
-        if (tid == 0) {
-          while (atomicAdd(sem, 0) != turn) __nanosleep(32);
-        }
-        __syncthreads();
-        __threadfence();
-      }
-      const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-      for (int mi = 0; mi < kQ16; ++mi)
-#pragma unroll
-        for (int nj = 0; nj < kQ8; ++nj)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int r = dq_row0 + 16 * mi + g + 8 * (e / 2);
-            const int c = dq_d0 + 8 * nj + 2 * t + (e & 1);
-            if (r < valid_q && c < head_dim) {
-              atomicAdd(dq_head + int64_t(m0 + r) * dq_row_stride + c, acc_dq[mi][nj][e]);
-            }
-          }
-      if (params.deterministic) {
-        __threadfence();
-        __syncthreads();
-        if (tid == 0) atomicExch(sem, turn + 1);
-      }
-      __syncthreads();  // the next query block overwrites Q, dO, P^T and dS^T
+      __threadfence();
     }
+    float* dq_rows = params.dq_accum_ptr + (bs.q_row_global + m0) * dq_row_stride + bidh * head_dim;
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < kQ16; ++mi)
+#pragma unroll
+      for (int nj = 0; nj < kQ8; ++nj)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = dq_row0 + 16 * mi + g + 8 * (e / 2);
+          const int c = dq_d0 + 8 * nj + 2 * t + (e & 1);
+          if (r < valid_q && c < head_dim) {
+            atomicAdd(dq_rows + int64_t(r) * dq_row_stride + c, acc_dq[mi][nj][e]);
+          }
+        }
+    if (params.deterministic) {
+      __threadfence();
+      __syncthreads();
+      if (tid == 0) atomicExch(sem, turn + 1);
+    }
+    __syncthreads();  // the next item's copies overwrite this stage, P^T and dS^T
   }
   cp_async_wait<0>();  // K/V were never waited for when no query block sees this key block
 
@@ -383,7 +406,7 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
 // Grid (key blocks, K/V heads, batch); CTAs loop over the key blocks and batch entries beyond it
 // (varlen without max_seqlen_k sizes x from the average length).
 template <typename Traits, bool Is_masked, bool Is_general>
-__global__ void __launch_bounds__(Traits::kNThreads, 1)
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
     bwd_kernel_sm80(const __grid_constant__ BwdParams params) {
   using Element = typename Traits::Element;
   extern __shared__ __align__(128) unsigned char smem_raw[];

@@ -29,23 +29,34 @@ struct BwdTileConfig {
   int kWarpsS_N, kWarpsS_M;    // S-phase: keys x queries
   int kWarpsKV_N, kWarpsKV_D;  // dKV-phase: keys x head dim
   int kWarpsQ_M, kWarpsQ_D;    // dQ-phase: queries x head dim
+  int kMinBlocksPerSm;         // __launch_bounds__: 2 caps registers at 128 per thread
 };
 
-// One config per head dim. 8 warps everywhere: the dK/dV accumulators of a CTA (2 x kBlockN x
-// kHeadDim fp32) are spread over 256 threads, at most 128 registers each at head dim 256.
+// One config per head dim. Q, dO and their LSE/D rows are double-buffered (the next query
+// block's copies overlap this one's GEMMs). 8 warps everywhere: the dK/dV accumulators of a CTA
+// (2 x kBlockN x kHeadDim fp32) are spread over 256 threads. Up to head dim 128 every config fits
+// the 99 KB of the smallest sm80+ GPUs; above, 104/136 KB need an A100/H100-class GPU (checked
+// at launch).
 constexpr BwdTileConfig bwd_tile_config(int head_dim) {
-  // Up to 64: 128 keys per CTA (80 KB of shared memory).
-  if (head_dim <= 64) return {64, 128, 8, 8, 1, 8, 1, 4, 2};
-  // 96/128: 64 keys (80 KB at 128).
-  if (head_dim <= 128) return {64, 64, 8, 4, 2, 4, 2, 4, 2};
-  // 192/256: 64 x 64 needs 144 KB at 256: A100/H100-class shared memory (checked at launch).
-  return {64, 64, 8, 4, 2, 4, 2, 4, 2};
+  // Up to 64: 128 keys per CTA, 98 KB at 64; 2 CTAs/SM would spill ~800 B (sm_90a, ptxas).
+  if (head_dim <= 64) return {64, 128, 8, 8, 1, 8, 1, 4, 2, 1};
+  // 96: 88 KB. 96/128 fit 128 registers with <= 144 B of spills, so two CTAs share an SM where
+  // shared memory allows (A100/H100) and hide each other's copies and barriers.
+  if (head_dim <= 96) return {64, 64, 8, 4, 2, 4, 2, 4, 2, 2};
+  // 128: 32 query rows per iteration keep two Q/dO stages and 64 keys in 72 KB.
+  if (head_dim <= 128) return {32, 64, 8, 4, 2, 4, 2, 2, 4, 2};
+  // 192/256: 104/136 KB; the dK/dV accumulators alone are 96/128 registers.
+  return {32, 64, 8, 4, 2, 4, 2, 2, 4, 1};
 }
 
+constexpr int kBwdStages = 2;  // Q/dO/LSE/D buffers
+
 constexpr int bwd_smem_bytes(int head_dim, BwdTileConfig c) {
-  // Q, dO (kBlockM x d), K, V (kBlockN x d), P^T, dS^T (kBlockN x kBlockM), LSE and D (fp32).
-  return 2 * (2 * c.kBlockM * head_dim + 2 * c.kBlockN * head_dim + 2 * c.kBlockN * c.kBlockM) +
-         2 * 4 * c.kBlockM;
+  // Q, dO (kBlockM x d) per stage, K, V (kBlockN x d), P^T, dS^T (kBlockN x kBlockM), and per
+  // stage the fp32 LSE and D rows.
+  return 2 * (2 * kBwdStages * c.kBlockM * head_dim + 2 * c.kBlockN * head_dim +
+              2 * c.kBlockN * c.kBlockM) +
+         kBwdStages * 2 * 4 * c.kBlockM;
 }
 
 template <int kHeadDim_, typename Element_>
@@ -55,6 +66,7 @@ struct BwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kC.kBlockM, kBlockN = kC.kBlockN;
   static constexpr int kNWarps = kC.kNWarps, kNThreads = kNWarps * 32;
+  static constexpr int kMinBlocksPerSm = kC.kMinBlocksPerSm;
 
   // Per-warp tiles of each phase, in MMA units (16 rows, 8 columns).
   static constexpr int kSRows = kBlockN / kC.kWarpsS_N, kSCols = kBlockM / kC.kWarpsS_M;
@@ -68,19 +80,25 @@ struct BwdTraits {
                 "warp tiles are whole 16 x 16 MMA pairs");
 
   // ---- shared memory (elements; the fp32 LSE and D rows come last) --------------------------
+  // Stage s of Q starts at kSmemQ + s * kStageElems, of dO at kSmemDO + s * kStageElems.
+  static constexpr int kStages = kBwdStages;
   static constexpr int kSwizzleCols = kHeadDim % 64 == 0 ? 64 : 32;
   static constexpr int kChunksPerRow = kSwizzleCols / 8;
   static constexpr int kColBlocks = kHeadDim / kSwizzleCols;
+  static constexpr int kStageElems = kBlockM * kHeadDim;
   static constexpr int kSmemQ = 0;
-  static constexpr int kSmemDO = kSmemQ + kBlockM * kHeadDim;
-  static constexpr int kSmemK = kSmemDO + kBlockM * kHeadDim;
+  static constexpr int kSmemDO = kSmemQ + kStages * kStageElems;
+  static constexpr int kSmemK = kSmemDO + kStages * kStageElems;
   static constexpr int kSmemV = kSmemK + kBlockN * kHeadDim;
   static constexpr int kSmemPt = kSmemV + kBlockN * kHeadDim;
   static constexpr int kSmemDSt = kSmemPt + kBlockN * kBlockM;
-  static constexpr int kSmemStats = kSmemDSt + kBlockN * kBlockM;  // kBlockM LSE, kBlockM D
-  static constexpr int kSmemBytes = 2 * kSmemStats + 2 * 4 * kBlockM;
+  // Per stage: kBlockM LSE (base 2), then kBlockM D, fp32.
+  static constexpr int kSmemStats = kSmemDSt + kBlockN * kBlockM;
+  static constexpr int kSmemBytes = 2 * kSmemStats + kStages * 2 * 4 * kBlockM;
   static_assert(kSmemBytes == bwd_smem_bytes(kHeadDim, kC), "layout and bwd_smem_bytes disagree");
-  static_assert(kBlockM % 64 == 0, "P^T/dS^T rows are one 64-column swizzle block");
+  // P^T / dS^T tiles: kBlockM columns, swizzled in blocks of 64 or 32.
+  static constexpr int kSwizzleColsP = kBlockM % 64 == 0 ? 64 : 32;
+  static_assert(kBlockM % 32 == 0, "P^T/dS^T columns are whole swizzle blocks");
 
   static __device__ __forceinline__ int swizzle(int row) {
     return kChunksPerRow == 8 ? (row & 7) : ((row >> 1) & 3);
