@@ -83,12 +83,10 @@ void run_fwd_cuda(const FwdParams& params, cudaStream_t stream) {
 }
 
 int64_t bwd_cuda_semaphore_count(const BwdParams& params) {
-  // Every backward config uses the same kBlockM (bwd_traits_sm80.h).
-  constexpr int kBlockM = sm80::bwd_tile_config(64).kBlockM;
-  static_assert(kBlockM == sm80::bwd_tile_config(128).kBlockM &&
-                    kBlockM == sm80::bwd_tile_config(256).kBlockM,
-                "one query block size for every head dim");
-  const int64_t per_head = sm80::bwd_semaphores_per_head(params, kBlockM);
+  int64_t per_head = 0;
+  HDIM_SWITCH(params.head_dim, [&] {
+    per_head = sm80::bwd_semaphores_per_head(params, sm80::bwd_tile_config(kHeadDim).kBlockM);
+  });
   return per_head * params.nheads;
 }
 
