@@ -1,5 +1,5 @@
 """Forward benchmark sweep: our CUDA forward against PyTorch SDPA (flash and cuDNN backends),
-measured in the same run (gpu-work.md, style.md "Benchmarks").
+measured in the same run (method and fields: docs/benchmarking.md).
 
 Points: bf16 and fp16; head dim 64/128/256; seqlen 512..16k with batch = 16384 / seqlen and
 heads = 2048 / hdim; causal and not; plus GQA 32/8 query/KV heads (hdim 128) and a varlen batch

@@ -1,6 +1,6 @@
 """Correctness grid of the CUDA forward (run on the GPU machine), against the fp64 reference.
 
-Rule (DEVELOPERS.md, FA2/FA3): a case passes iff, for the output and the LSE,
+Rule (docs/testing.md, after FA2/FA3): a case passes iff, for the output and the LSE,
     max|ours - ref| <= 2 * max|pt - ref| + eps(dtype) * max|ref|
 where ref is fp64 and pt the same math in the input dtype (tests/reference.py). Every output is
 poisoned with NaN before the call, inputs are fresh random numbers per case, and dropout masks
@@ -281,7 +281,7 @@ def main():
         check_batched(st, torch.bfloat16, 40, "local", "MQA", 64, 80, layout="unaligned",
                       softcap=5.0, alibi="1d", batch=1)
     else:
-        # style.md grid: dtype x head dims x masks x heads x awkward lengths.
+        # The full grid (docs/testing.md): dtype x head dims x masks x heads x awkward lengths.
         for dtype in dtypes:
             for d in HDIMS:
                 for mask in MASKS:

@@ -186,7 +186,7 @@ def test_dynamic_dependencies_are_torch_and_the_c_runtime_only(variant):
     needed = set(re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]",
                             _readelf("-d", str(the_so(path)))))
     # The stable shims live in libtorch_cpu/libc10 (and libtorch_cuda for CUDA): without these
-    # entries dlopen fails with "undefined symbol: aoti_torch_..." (hub-conventions.md).
+    # entries dlopen fails with "undefined symbol: aoti_torch_..." (docs/building.md).
     required = {"libtorch_cpu.so", "libc10.so"} | ({"libtorch_cuda.so"} if backend == "cuda" else set())
     assert required <= needed, needed
     assert needed <= ALLOWED_NEEDED, f"unexpected dependencies: {sorted(needed - ALLOWED_NEEDED)}"
