@@ -7,7 +7,7 @@ of mixed lengths (SDPA-flash via torch's varlen FA2 entry, aten._flash_attention
 TFLOP/s use the exact attended area and times are medians over CUDA events (benchmarks/_measure.py);
 inputs are random (never zeros).
 
-Usage: python benchmarks/bench_fwd.py [--out PATH] [--quick] [--lib PATH ...]
+Usage: python benchmarks/bench_fwd.py [--out PATH] [--quick] [--hdims 64,128] [--dtypes bf16] [--seqlens 1024,4096]
 "ours" is what run_fwd_cuda dispatches to: the Hopper kernel where it serves the call (H100/H200,
 see kernel_src/sm90/dispatch_sm90.cu), else the sm80 kernels; FLASH_ATTN_DISABLE_SM90=1 measures
 the sm80 kernels alone (the JSON records which, as `sm90_disabled`).
