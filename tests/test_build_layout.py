@@ -39,7 +39,7 @@ ALLOWED_NEEDED = {"libtorch_cpu.so", "libc10.so", "libtorch_cuda.so", "libgomp.s
                   "libstdc++.so.6", "libgcc_s.so.1", "libm.so.6", "libc.so.6",
                   "ld-linux-x86-64.so.2", "libdl.so.2", "librt.so.1", "libpthread.so.0"}
 # Symbol-version ceilings: glibc 2.34 (Ubuntu 22.04, RHEL 9) and gcc 12's libstdc++. Stricter
-# manylinux_2_28 needs kernel-builder's toolchain (README, "Building").
+# manylinux_2_28 needs kernel-builder's toolchain (docs/building.md, "Build settings").
 MAX_VERSIONS = {"GLIBC": (2, 34), "GLIBCXX": (3, 4, 30), "CXXABI": (1, 3, 13)}
 
 
