@@ -24,17 +24,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "hf_integration"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _measure import git_sha, median_wall_s, wall_s  # noqa: E402
+
 OURS = "flash_hub"
 
 
@@ -45,23 +45,6 @@ def llama_1b():
                        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                        head_dim=64, max_position_embeddings=8192, tie_word_embeddings=True,
                        rope_theta=500000.0)
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def median_time(fn, reps: int) -> float:
-    fn()                                   # warm-up (also triggers lazy kernel loading)
-    times = []
-    for _ in range(reps):
-        _sync()
-        t = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -78,11 +61,7 @@ def prefill_rounds(model, impls, batch, seqlen, reps, gen):
     for r in range(reps):
         for impl in impls[r % len(impls):] + impls[:r % len(impls)]:
             model.set_attn_implementation(impl)
-            _sync()
-            t = time.perf_counter()
-            model(ids, use_cache=False, logits_to_keep=1)
-            _sync()
-            times[impl].append(time.perf_counter() - t)
+            times[impl].append(wall_s(lambda: model(ids, use_cache=False, logits_to_keep=1)))
     return times
 
 
@@ -105,7 +84,7 @@ def decode_tps(model, batch, context, steps, reps, gen):
             logits = model(nxt, past_key_values=cache, use_cache=True).logits
             nxt = logits[:, -1:].argmax(-1)
 
-    t = median_time(run, reps)
+    t = median_wall_s(run, reps)
     return batch * steps / t
 
 
@@ -117,26 +96,15 @@ def prefill_profile(model, batch, seqlen, gen, top=8):
     ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), device=model.device,
                         generator=gen)
     model(ids, use_cache=False, logits_to_keep=1)
-    _sync()
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         model(ids, use_cache=False, logits_to_keep=1)
-        _sync()
+        torch.cuda.synchronize()
     rows = [(e.key, e.device_time_total / 1e3, e.count) for e in prof.key_averages()
             if e.device_time_total > 0]
     rows.sort(key=lambda r: -r[1])
     return {"total_ms": sum(r[1] for r in rows),
             "top": [{"kernel": k[:120], "ms": ms, "calls": n} for k, ms, n in rows[:top]]}
-
-
-def git_sha() -> str:
-    """HEAD of the checkout; FLASH_GIT_SHA names it where the tree travelled without .git."""
-    if os.environ.get("FLASH_GIT_SHA"):
-        return os.environ["FLASH_GIT_SHA"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv=None) -> int:

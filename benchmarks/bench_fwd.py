@@ -1,13 +1,13 @@
 """Forward benchmark sweep: our CUDA forward against PyTorch SDPA (flash and cuDNN backends),
-measured in the same run (gpu-work.md, style.md "Benchmarks").
+measured in the same run (method and fields: docs/benchmarking.md).
 
 Points: bf16 and fp16; head dim 64/128/256; seqlen 512..16k with batch = 16384 / seqlen and
 heads = 2048 / hdim; causal and not; plus GQA 32/8 query/KV heads (hdim 128) and a varlen batch
 of mixed lengths (SDPA-flash via torch's varlen FA2 entry, aten._flash_attention_forward).
-TFLOP/s use the exact attended area: 4 * d * (number of visible (query, key) pairs) per head.
-Times are medians of triton.testing.do_bench (CUDA events); inputs are random (never zeros).
+TFLOP/s use the exact attended area and times are medians over CUDA events (benchmarks/_measure.py);
+inputs are random (never zeros).
 
-Usage: python benchmarks/bench_fwd.py [--out PATH] [--quick] [--lib PATH ...]
+Usage: python benchmarks/bench_fwd.py [--out PATH] [--quick] [--hdims 64,128] [--dtypes bf16] [--seqlens 1024,4096]
 "ours" is what run_fwd_cuda dispatches to: the Hopper kernel where it serves the call (H100/H200,
 see kernel_src/sm90/dispatch_sm90.cu), else the sm80 kernels; FLASH_ATTN_DISABLE_SM90=1 measures
 the sm80 kernels alone (the JSON records which, as `sm90_disabled`).
@@ -17,39 +17,21 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import flash_harness as fh  # noqa: E402
-
-
-def visible_pairs(sq, sk, causal):
-    if not causal:
-        return sq * sk
-    # Bottom-right aligned: row i sees keys [0, i + sk - sq].
-    return sum(min(sk, max(0, i + sk - sq + 1)) for i in range(sq))
-
-
-def tflops(flops, ms):
-    return flops / (ms * 1e-3) / 1e12 if ms and ms > 0 else None
-
-
-def bench(fn):
-    fn()
-    torch.cuda.synchronize()
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+from _measure import clocks, fwd_flops, git_sha, kernel_ms, repo_relative, tflops  # noqa: E402
 
 
 def try_bench(fn):
     try:
-        return bench(fn)
+        return kernel_ms(fn)
     except Exception as e:  # a peer may not support a point (e.g. a head dim): record None
         print(f"  peer failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
         return None
@@ -63,8 +45,8 @@ def batched_point(dtype, hdim, seqlen, causal, nheads=None, nheads_k=None):
     k = torch.randn(b, seqlen, hk, hdim, device="cuda", dtype=dtype)
     v = torch.randn(b, seqlen, hk, hdim, device="cuda", dtype=dtype)
     out = torch.empty_like(q)
-    flops = 4 * b * h * hdim * visible_pairs(seqlen, seqlen, causal)
-    ours = bench(fh.flash_fwd(q, k, v, causal=causal, poison=False, out=out, prepare_only=True))
+    flops = fwd_flops(b, h, hdim, seqlen, seqlen, causal)
+    ours = kernel_ms(fh.flash_fwd(q, k, v, causal=causal, poison=False, out=out, prepare_only=True))
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = hk != h
 
@@ -93,11 +75,11 @@ def varlen_point(dtype, hdim, causal, lens):
     v = torch.randn(total, h, hdim, device="cuda", dtype=dtype)
     out = torch.empty_like(q)
     mx = max(lens)
-    flops = 4 * h * hdim * sum(visible_pairs(n, n, causal) for n in lens)
-    ours = bench(fh.flash_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=mx,
+    flops = sum(fwd_flops(1, h, hdim, n, n, causal) for n in lens)
+    ours = kernel_ms(fh.flash_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=mx,
                               max_seqlen_k=mx, causal=causal, poison=False, out=out,
                               prepare_only=True))
-    ours_nomax = bench(fh.flash_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=causal,
+    ours_nomax = kernel_ms(fh.flash_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=causal,
                                     poison=False, out=out, prepare_only=True))
 
     def flash():
@@ -108,15 +90,6 @@ def varlen_point(dtype, hdim, causal, lens):
                 causal=causal, lens=lens, nheads=h, ours=tflops(flops, ours),
                 ours_max_seqlen_unknown=tflops(flops, ours_nomax),
                 sdpa_flash=tflops(flops, fl), sdpa_cudnn=None, ms_ours=ours, ms_sdpa_flash=fl)
-
-
-def clocks():
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,clocks.max.sm,"
-                               "power.draw,temperature.gpu", "--format=csv"],
-                              capture_output=True, text=True, timeout=20).stdout.strip()
-    except Exception as e:
-        return str(e)
 
 
 def main():
@@ -164,9 +137,9 @@ def main():
                 rows.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "lens"}), flush=True)
     result = dict(gpu=gpu, torch=torch.__version__, cuda=torch.version.cuda,
-                  git_sha=os.environ.get("GIT_SHA", "unknown"), clocks_after=clocks(),
+                  git_sha=git_sha(), clocks_after=clocks(),
                   sm90_disabled=os.environ.get("FLASH_ATTN_DISABLE_SM90", "0") not in ("", "0"),
-                  harness=fh.lib_path(), rows=rows)
+                  harness=repo_relative(fh.lib_path()), rows=rows)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 import flash_harness as fh  # noqa: E402
-from bench_fwd import bench, tflops, visible_pairs  # noqa: E402
+from _measure import fwd_flops, kernel_ms, tflops  # noqa: E402
 
 # hdim, kBlockM, kBlockN, warps, stages, q_in_regs, skip_rescale, min_blocks
 DEFAULT_CONFIGS = [
@@ -173,7 +173,7 @@ def main():
                 b, h = max(1, 16384 // s), 2048 // hd
                 q = torch.randn(b, s, h, hd, device="cuda", dtype=torch.bfloat16)
                 k, v = torch.randn_like(q), torch.randn_like(q)
-                flops = 4 * b * h * hd * visible_pairs(s, s, causal)
+                flops = fwd_flops(b, h, hd, s, s, causal)
                 qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
                 ref = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
 
@@ -191,7 +191,7 @@ def main():
                 times = {n: [] for n in names}
                 for r in range(rounds):
                     for n in names[r % len(names):] + names[:r % len(names)]:
-                        times[n].append(bench(calls[n]))
+                        times[n].append(kernel_ms(calls[n]))
                 for c in group:
                     name = cfg_name(c)
                     ratios = [f / o for o, f in zip(times[name], times["sdpa_flash"])]

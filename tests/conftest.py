@@ -168,7 +168,7 @@ def pytest_runtest_makereport(item, call):
 
 
 class Tolerance:
-    """Applies the DEVELOPERS.md rule and records the error ratio for --grid-summary."""
+    """Applies the tolerance rule (tests/reference.py, docs/testing.md) and records the error ratio for --grid-summary."""
 
     def __init__(self, request):
         self.records = request.config.stash[RECORD_KEY]

@@ -1,4 +1,4 @@
-"""The test grids (style.md): every axis value listed once, here, and how they are combined.
+"""The test grids (docs/testing.md): every axis value listed once, here, and how they are combined.
 
 On the CPU the default tier runs a pairwise covering (every pair of axis values appears in at
 least one case) so that the suite stays under five minutes on two cores while still exercising
@@ -78,7 +78,7 @@ def product(axes):
     return [dict(zip(names, vals)) for vals in itertools.product(*axes.values())]
 
 
-# The axes style.md asks to cross in full; other axes (layouts, options) are covered pairwise
+# The axes crossed in full (docs/testing.md); other axes (layouts, options) are covered pairwise
 # within every combination of these, which keeps "full" grids finite (the KV-cache grid alone
 # would be 200k cases as a plain product).
 CORE_AXES = ("dtype", "hdim", "mask", "heads", "seqlens")

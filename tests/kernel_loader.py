@@ -18,7 +18,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_DIR = REPO_ROOT / "build"
 DEFAULT_REPO_ID = "flash-kernels/flash-attn"
-BUILD_HINT = ("run `/work/venv/bin/python tools/build_local.py --variant cpu` (and "
+BUILD_HINT = ("run `.venv/bin/python tools/build_local.py --variant cpu` (and "
               "`--variant cuda` on a CUDA machine) from the repository root first")
 
 

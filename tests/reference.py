@@ -11,7 +11,7 @@ The semantics follow kernel_src/common/params.h and docs/design.md: bottom-right
 windows, softcap before ALiBi, lse = +inf and out = 0 for a row that sees no key, dropout applied
 to the normalised probabilities and scaled by 1/(1-p).
 
-The tolerance rule (DEVELOPERS.md, FA2/FA3): ours passes iff
+The tolerance rule (docs/testing.md, after FA2/FA3): ours passes iff
     max|ours - ref| <= factor * max|pt - ref| + eps(dtype) * max|ref|
 with factor 2 for outputs and LSE and 3 for gradients (fp64: see error_ratio).
 """

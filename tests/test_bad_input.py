@@ -197,6 +197,20 @@ def test_bad_window_below_minus_one(flash, device):
 
 @pytest.mark.fast
 @pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("window", [128, (None, 0), (0, None), (64,), (1, 2, 3), (1.5, 0)],
+                         ids=["int", "none-left", "none-right", "one", "three", "float"])
+def test_bad_window_not_a_pair_of_ints(flash, device, window):
+    """Regression: window_size=128 raised "TypeError: object of type 'int' has no len()" and
+    (None, 0) a TypeError from int(); both must be a flash_attn: error naming window_size."""
+    q, k, v = _qkv(device)
+    with pytest.raises(RuntimeError, match=r"^flash_attn: window_size") as info:
+        flash.flash_attn_func(q, k, v, window_size=window)
+    if window == 128:
+        assert "(left, right)" in str(info.value)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("device", device_params())
 def test_bad_negative_softcap(flash, device):
     q, k, v = _qkv(device)
     raises_naming(lambda: flash.flash_attn_func(q, k, v, softcap=-1.0), "softcap")

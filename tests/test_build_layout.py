@@ -39,7 +39,7 @@ ALLOWED_NEEDED = {"libtorch_cpu.so", "libc10.so", "libtorch_cuda.so", "libgomp.s
                   "libstdc++.so.6", "libgcc_s.so.1", "libm.so.6", "libc.so.6",
                   "ld-linux-x86-64.so.2", "libdl.so.2", "librt.so.1", "libpthread.so.0"}
 # Symbol-version ceilings: glibc 2.34 (Ubuntu 22.04, RHEL 9) and gcc 12's libstdc++. Stricter
-# manylinux_2_28 needs kernel-builder's toolchain (README, "Building").
+# manylinux_2_28 needs kernel-builder's toolchain (docs/building.md, "Build settings").
 MAX_VERSIONS = {"GLIBC": (2, 34), "GLIBCXX": (3, 4, 30), "CXXABI": (1, 3, 13)}
 
 
@@ -186,7 +186,7 @@ def test_dynamic_dependencies_are_torch_and_the_c_runtime_only(variant):
     needed = set(re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]",
                             _readelf("-d", str(the_so(path)))))
     # The stable shims live in libtorch_cpu/libc10 (and libtorch_cuda for CUDA): without these
-    # entries dlopen fails with "undefined symbol: aoti_torch_..." (hub-conventions.md).
+    # entries dlopen fails with "undefined symbol: aoti_torch_..." (docs/building.md).
     required = {"libtorch_cpu.so", "libc10.so"} | ({"libtorch_cuda.so"} if backend == "cuda" else set())
     assert required <= needed, needed
     assert needed <= ALLOWED_NEEDED, f"unexpected dependencies: {sorted(needed - ALLOWED_NEEDED)}"

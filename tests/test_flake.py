@@ -41,7 +41,8 @@ def test_flake_parses(nix_instantiate):
 
 def test_flake_input_is_the_kernels_monorepo(nix_instantiate):
     url = nix_eval(nix_instantiate, "(import ./flake.nix).inputs.kernel-builder.url")
-    # The old huggingface/kernel-builder repository is outdated (hub-conventions.md).
+    # kernel-builder now lives in the huggingface/kernels monorepo; the old
+    # huggingface/kernel-builder repository is outdated.
     assert url == "github:huggingface/kernels"
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 COMPILED_SUFFIXES = (".cpp", ".cc", ".cxx", ".cu")
-# Head dims with compiled CUDA instantiations, and the dtypes (style.md, "build-trimming switches").
+# Head dims with compiled CUDA instantiations, and the dtypes (the build-trimming axes, docs/building.md).
 COMPILED_HDIMS = (32, 64, 96, 128, 192, 256)
 COMPILED_DTYPES = ("fp16", "bf16")
 
@@ -98,7 +98,7 @@ def section_disable_macro(section: str) -> str:
 
 
 def _instantiation_kept(path: str, trim: Trim) -> bool:
-    """Instantiation files are named fwd_sm80_hdim<H>_<fp16|bf16>.cu (style.md: arch x direction
+    """Instantiation files are named fwd_sm80_hdim<H>_<fp16|bf16>.cu (one file per arch x direction
     x hdim x dtype); trimming keeps those whose hdim and dtype are both kept."""
     if not path.startswith("kernel_src/instantiations/"):
         return True

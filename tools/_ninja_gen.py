@@ -4,7 +4,7 @@ Ninja gives the incremental (header dependencies through depfiles, command-line 
 .ninja_log) and parallel build; this module only turns the resolved settings into a ninja file.
 
 The link recipe is what lets a .so built here, against the CPU-only torch wheel and without a GPU,
-load on any torch >= 2.10 with the stable ABI (hub-conventions.md, "Stable ABI"):
+load on any torch >= 2.10 with the stable ABI (docs/building.md, "Stable ABI"):
   * DT_NEEDED libtorch_cpu.so and libc10.so (kept with --no-as-needed): the stable C shims live
     there; at run time `import torch` has loaded them already and the dynamic linker reuses them
     by soname.

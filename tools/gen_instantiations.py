@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Generate kernel_src/instantiations/: one translation unit per arch x direction x head dim x
-dtype (style.md), so the build parallelises and a trimmed build skips whole files.
+dtype, so the build parallelises and a trimmed build skips whole files.
 
 Each file explicitly instantiates run_fwd_sm80<Element, kHeadDim> (kernel_src/launch/
 fwd_launch_sm80.h), which compiles every variant that head dim and dtype need (fast/general x

@@ -1,6 +1,6 @@
 // Owns: the switch macros that turn runtime values into compile-time constants (FA2's
 // static_switch.h, FlashInfer's DISPATCH_*). Every switch without a matching case throws a
-// std::runtime_error naming the value: no silent fall-through (style.md).
+// std::runtime_error naming the value: no silent fall-through.
 //
 // Build trimming (FA3's FLASHATTENTION_DISABLE_*): -DFLASH_DISABLE_HDIM<H> removes head dim H,
 // -DFLASH_DISABLE_FP16 / -DFLASH_DISABLE_BF16 remove a dtype. The generator

@@ -2,7 +2,7 @@
 // (sequence, head), streaming K/V tiles through shared memory (FA2's algorithm, Dao 2023,
 // "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning").
 //
-// Structure (style.md): fwd_row_block is the row-block function with labelled phases; the loop
+// Structure: fwd_row_block is the row-block function with labelled phases; the loop
 // body is made of the named device functions of gemm_sm80.h and softmax_sm80.h.
 //
 // Template flags (the launch code, kernel_src/launch/, turns runtime values into them):

@@ -14,6 +14,8 @@ applies ``softcap * tanh(scores / softcap)``; ``alibi_slopes`` is fp32 (nheads,)
 (batch, nheads). Gradients flow to q, k, v (to the packed tensor for the packed variants).
 """
 
+import operator
+
 import torch
 
 from . import _checks
@@ -43,11 +45,21 @@ def _softmax_scale(softmax_scale, q):
 
 
 def _window(window_size):
+    """(left, right) as two ints; like FA2, an entry means "unbounded" only as -1, never None, and
+    a bare int is an error rather than a guess at which side it bounds."""
     if window_size is None:
         return -1, -1
-    if len(window_size) != 2:
-        _checks.fail(f"window_size must be a pair (left, right), got {window_size!r}")
-    return int(window_size[0]), int(window_size[1])
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        _checks.fail(
+            f"window_size must be a pair (left, right) of ints, -1 meaning unbounded, e.g. (128, 0) "
+            f"for a causal sliding window; got {window_size!r}"
+        )
+    try:
+        return operator.index(window_size[0]), operator.index(window_size[1])
+    except TypeError:
+        _checks.fail(
+            f"window_size entries must be ints (-1 means unbounded, not None); got {window_size!r}"
+        )
 
 
 def _max_seqlen(value, name):

@@ -6,9 +6,13 @@
 //   * page ids outside [0, kv_num_blocks) read page 0: same bits as a table with 0 there;
 //   * cache_batch_idx outside [0, kv_num_blocks): the sequence sees no key (O = 0, lse = +inf);
 //   * cu_seqlens_k past total_k: clamped to [0, total_k], the rest of the batch sees no key.
-// Build and run (GPU machine):
+// Why a harness and not a pytest case: cache_batch_idx reaches the kernel only through
+// run_fwd_cuda (flash_attn_with_kvcache does not serve CUDA tensors yet), and memcheck sees a
+// read past an allocation only when allocations have their exact sizes, as cudaMalloc gives them
+// here; under torch's caching allocator such a read usually lands in a neighbouring block.
+// Build and run (GPU machine, from the repository root):
 //   nvcc -O2 -std=c++17 --expt-relaxed-constexpr -arch=sm_90 -I. \
-//     benchmarks/check_fwd_bad_index.cu kernel_src/launch/flash_api_cuda.cu \
+//     tests/cuda_harness/check_fwd_bad_index.cu kernel_src/launch/flash_api_cuda.cu \
 //     kernel_src/sm90/dispatch_sm90.cu kernel_src/instantiations/fwd_sm80_hdim64_bf16.cu \
 //     -DFLASH_DISABLE_FP16 -DFLASH_DISABLE_HDIM32 -DFLASH_DISABLE_HDIM96 -DFLASH_DISABLE_HDIM128 \
 //     -DFLASH_DISABLE_HDIM192 -DFLASH_DISABLE_HDIM256 -o /tmp/bad_index &&
@@ -22,7 +26,7 @@
 #include <cstring>
 #include <vector>
 
-#include "../kernel_src/launch/flash_api_cuda.h"
+#include "kernel_src/launch/flash_api_cuda.h"
 
 using namespace FLASH_NAMESPACE;
 

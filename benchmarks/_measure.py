@@ -1,0 +1,101 @@
+"""How the benchmark tools measure: the one timer of kernel calls, the one wall-clock timer of
+end-to-end steps, the one FLOP count, and the run metadata every result file records.
+
+The rules behind them (exact attended area, medians over CUDA events, peers in the same run) are
+written out in docs/benchmarking.md; a tool that needs another kind of number adds it here.
+"""
+import os
+import statistics
+import subprocess
+import time
+
+import torch
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+# ---- FLOP count ---------------------------------------------------------------------------------
+
+
+def visible_pairs(seqlen_q, seqlen_k, causal):
+    """(query, key) pairs one head attends to; causal is bottom-right aligned, so row i sees keys
+    [0, i + seqlen_k - seqlen_q] (none when that is negative)."""
+    if not causal:
+        return seqlen_q * seqlen_k
+    return sum(min(seqlen_k, max(0, i + seqlen_k - seqlen_q + 1)) for i in range(seqlen_q))
+
+
+def fwd_flops(batch, nheads, hdim, seqlen_q, seqlen_k, causal):
+    """Forward FLOPs over the exact attended area: two matmuls (QK^T and PV) of 2*d FLOPs per
+    visible pair. Masked-out pairs are not counted, so causal at seqlen_q == seqlen_k is about half
+    of the full square."""
+    return 4 * batch * nheads * hdim * visible_pairs(seqlen_q, seqlen_k, causal)
+
+
+def tflops(flops, ms):
+    return flops / (ms * 1e-3) / 1e12 if ms and ms > 0 else None
+
+
+# ---- timers -------------------------------------------------------------------------------------
+
+
+def kernel_ms(fn):
+    """Median milliseconds of fn() on the current CUDA stream: triton's do_bench (CUDA events,
+    25 ms of warm-up, 100 ms of repetitions, the L2 cache flushed before each repetition), after
+    one untimed call that absorbs lazy initialisation."""
+    from triton.testing import do_bench
+
+    fn()
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def wall_s(fn):
+    """Seconds of one call of fn(), the device synchronised before and after: the end-to-end
+    timer, where host work between kernels is part of what is measured."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def median_wall_s(fn, reps):
+    """Median of `reps` wall_s timings after one untimed warm-up call."""
+    fn()
+    return statistics.median(wall_s(fn) for _ in range(reps))
+
+
+# ---- run metadata -------------------------------------------------------------------------------
+
+
+def git_sha():
+    """HEAD of this checkout. FLASH_GIT_SHA (or GIT_SHA) names it where the tree travelled without
+    its .git: git there may answer for an enclosing repository, so its answer counts only when its
+    top level is this tree."""
+    named = os.environ.get("FLASH_GIT_SHA") or os.environ.get("GIT_SHA")
+    if named:
+        return named
+    try:
+        top, sha = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=ROOT,
+                                  capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return "unknown"
+    return sha if os.path.realpath(top) == os.path.realpath(ROOT) else "unknown"
+
+
+def clocks():
+    """nvidia-smi's SM/memory clocks, power and temperature (CSV), or why they are unavailable."""
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,clocks.max.sm,"
+                               "power.draw,temperature.gpu", "--format=csv"],
+                              capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as e:  # no driver tools on this machine: record why
+        return str(e)
+
+
+def repo_relative(path):
+    """A path as result files record it: relative to the repository root."""
+    return os.path.relpath(os.path.abspath(path), ROOT)
