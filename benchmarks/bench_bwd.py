@@ -4,9 +4,9 @@ PyTorch SDPA (flash = FlashAttention-2's kernels, and cuDNN), measured in the sa
 Points: the forward sweep's (bf16 and fp16; head dim 64/128/256; seqlen 512..16k with batch =
 16384 / seqlen and heads = 2048 / hdim; causal and not), GQA 32/8 query/KV heads at head dim 128,
 and a varlen batch of mixed lengths. `ours_det` is forward+backward with deterministic=True.
-FLOPs (docs/benchmarking.md): forward 4 * d * (visible (query, key) pairs) per head, backward
-2.5x that, forward+backward 3.5x. Times are medians of triton.testing.do_bench (CUDA events) on
-random inputs; the backward alone is timed by re-running autograd on a retained graph.
+FLOPs and timing as docs/benchmarking.md says (benchmarks/_measure.py): backward 2.5x the
+forward's FLOPs over the exact attended area, forward+backward 3.5x; the backward alone is timed by
+re-running autograd on a retained graph.
 
 The kernel is loaded as users load it (kernels.get_local_kernel on build/). Usage:
   python benchmarks/bench_bwd.py [--out PATH] [--quick] [--build DIR]
@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_fwd import bench, clocks, tflops, try_bench, visible_pairs  # noqa: E402
+from _measure import clocks, fwd_flops, git_sha, kernel_ms, tflops  # noqa: E402
 
 BWD_FACTOR, FWDBWD_FACTOR = 2.5, 3.5
 
@@ -51,7 +51,7 @@ def time_pair(fwd):
     def bwd():
         torch.autograd.grad(out, inputs, dout, retain_graph=True)
 
-    return bench(fwdbwd), bench(bwd)
+    return kernel_ms(fwdbwd), kernel_ms(bwd)
 
 
 def try_pair(fwd):
@@ -82,7 +82,7 @@ def batched_points(flash, dtype, hdim, seqlen, causal, nheads=None, nheads_k=Non
     mk = lambda n: torch.randn(b, seqlen, n, hdim, device="cuda", dtype=dtype,  # noqa: E731
                                requires_grad=True)
     q, k, v = mk(h), mk(hk), mk(hk)
-    flops = 4 * b * h * hdim * visible_pairs(seqlen, seqlen, causal)
+    flops = fwd_flops(b, h, hdim, seqlen, seqlen, causal)
     qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
     gqa = hk != h
 
@@ -110,7 +110,7 @@ def varlen_points(flash, dtype, hdim, causal, lens):
     total, mx = int(cu[-1]), max(lens)
     mk = lambda: torch.randn(total, h, hdim, device="cuda", dtype=dtype, requires_grad=True)  # noqa: E731
     q, k, v = mk(), mk(), mk()
-    flops = 4 * h * hdim * sum(visible_pairs(n, n, causal) for n in lens)
+    flops = sum(fwd_flops(1, h, hdim, n, n, causal) for n in lens)
     times = {
         "ours": time_pair(closure(lambda: flash.flash_attn_varlen_func(
             q, k, v, cu, cu, mx, mx, causal=causal), (q, k, v))),
@@ -169,7 +169,7 @@ def main():
             for causal in (False, True):
                 emit(varlen_points(flash, dtype, 128, causal, lens))
     result = dict(gpu=gpu, torch=torch.__version__, cuda=torch.version.cuda,
-                  git_sha=os.environ.get("GIT_SHA", "unknown"), clocks_after=clocks(),
+                  git_sha=git_sha(), clocks_after=clocks(),
                   sm90_disabled=os.environ.get("FLASH_ATTN_DISABLE_SM90", "0") not in ("", "0"),
                   rows=rows)
     if args.out:
