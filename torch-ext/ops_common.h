@@ -404,7 +404,7 @@ inline void run_bwd(BwdParams& p, const Tensor& q, const Tensor& lse) {
 #ifdef CUDA_KERNEL
   const torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   const int64_t rows = p.cu_seqlens_q != nullptr ? int64_t(p.total_q) : int64_t(p.batch) * p.seqlen_q;
-  Tensor dq_accum = alloc_zeros(q, {rows, p.nheads, p.head_dim}, ScalarType::Float);
+  Tensor dq_accum = alloc_zeros(q, {rows, p.nheads, dq_accum_width(p.head_dim)}, ScalarType::Float);
   std::vector<int64_t> lse_sizes(lse.sizes().begin(), lse.sizes().end());
   Tensor dsum = torch::stable::new_empty(q, lse_sizes, ScalarType::Float);
   p.dq_accum_ptr = dq_accum.mutable_data_ptr<float>();

@@ -110,11 +110,16 @@ struct BwdParams : FwdParams {
   bool deterministic = false;
   // Workspace of the CUDA backward, allocated and zero-filled by the binding (the CPU backend
   // ignores it): linear in the number of query rows, never in seqlen_q x seqlen_k.
-  float* dq_accum_ptr = nullptr;      // fp32 dQ accumulator: rows of q x nheads x head_dim,
-                                      //   contiguous (row = packed varlen row or b * seqlen_q + i)
+  float* dq_accum_ptr = nullptr;      // fp32 dQ accumulator: rows of q x nheads x
+                                      //   dq_accum_width(head_dim), contiguous (row = packed
+                                      //   varlen row or b * seqlen_q + i)
   float* dsoftmax_sum_ptr = nullptr;  // D_i = dO_i . O_i, laid out like softmax_lse
   int32_t* dq_semaphore = nullptr;    // deterministic: nheads x bwd_semaphores_per_head counters
 };
+
+// Columns per (row, head) of BwdParams::dq_accum_ptr: head_dim rounded up to a multiple of 8, so
+// that kernels may add column pairs (and 32-byte pieces) without a ragged end.
+FLASH_HOST_DEVICE int dq_accum_width(int head_dim) { return (head_dim + 7) / 8 * 8; }
 
 // In-place KV-cache update of flash_attn_with_kvcache, run before the attention.
 struct KvAppendParams {

@@ -46,48 +46,86 @@ struct SmemTile {
 
 namespace warp {
 
-// The lane's row and column inside a 16 x 16 block for ldmatrix pattern A / pattern B.
-__device__ __forceinline__ int ldsm_row(int lane, bool pattern_b) {
-  return (lane & 7) + 8 * (pattern_b ? (lane >> 4) : ((lane >> 3) & 1));
-}
-__device__ __forceinline__ int ldsm_col(int lane, bool pattern_b) {
-  return 8 * (pattern_b ? ((lane >> 3) & 1) : (lane >> 4));
-}
+// Byte offsets of the lane's ldmatrix row pieces in a tile, computed once per GEMM (from a lane
+// index the compiler cannot hoist), so that every ldmatrix in the unrolled loops is a register
+// plus an immediate: the per-call integer work of the swizzle would otherwise outweigh the MMAs.
+// The swizzle phase of a 16-row-aligned block depends only on the lane's row inside it, so:
+//  * stored columns at compile-time multiples of 16 (the reduction dimension of an M/N-major
+//    operand): kPairs offsets, one per 16-column pair of a swizzle block (fixed()),
+//  * stored columns at a warp-dependent base c0 + 16 i (the M/N dimension of a K-major operand):
+//    one offset per i (at()).
+template <int kSw>
+struct LaneOffsets {
+  static constexpr int kPairs = kSw / 16;
+  int lane_row, lane_col;  // inside the 16 x 16 block, per the lane pattern
 
-// acc[kM16][kN8][4] += A[m0 : m0 + 16 kM16, k0 : k0 + 16 kK16] * B[k0 :, n0 : n0 + 8 kN8].
-// kATrans: A is stored K-major (the tile holds A^T); kBTrans: B is stored K-major. m0/n0/k0 are
-// the logical coordinates of the warp's block in A (rows m) and B (columns n) and the start of
-// the reduction.
+  __device__ __forceinline__ LaneOffsets(int lane, bool pattern_b)
+      : lane_row((lane & 7) + 8 * (pattern_b ? (lane >> 4) : ((lane >> 3) & 1))),
+        lane_col(8 * (pattern_b ? ((lane >> 3) & 1) : (lane >> 4))) {}
+
+  // Element offset of (row0 + lane_row, col0 + lane_col) in a tile of `rows` rows, for row0 a
+  // multiple of 8 and col0 a multiple of 16.
+  __device__ __forceinline__ int at(int rows, int row0, int col0) const {
+    const SmemTile<kSw> t{0, rows};
+    return t.offset(row0 + lane_row, col0 + lane_col);
+  }
+};
+
+// acc[kM16][kN8][4] += A[m0 : m0 + 16 kM16, 0 : 16 kK16] * B[0 : 16 kK16, n0 : n0 + 8 kN8].
+// kATrans: A is stored K-major (the tile holds A^T); kBTrans: B is stored K-major. m0/n0 are the
+// warp's block in A (rows m) and B (columns n), multiples of 16.
 template <typename Element, int kM16, int kN8, int kK16, bool kATrans, bool kBTrans, int kSwA,
           int kSwB>
 __device__ __forceinline__ void gemm_ss(float (&acc)[kM16][kN8][4], const SmemTile<kSwA>& a,
-                                        int m0, const SmemTile<kSwB>& b, int n0, int k0) {
-  const int lane = thread_index_in_block() & 31;
+                                        int m0, const SmemTile<kSwB>& b, int n0) {
   static_assert(kN8 % 2 == 0, "B fragments come in pairs of 8-column tiles");
+  const int lane = thread_index_in_block() & 31;
   // Pattern per operand (header comment): A M-major and B K-major use A, the others B.
-  const int ar = ldsm_row(lane, kATrans), ac = ldsm_col(lane, kATrans);
-  const int br = ldsm_row(lane, !kBTrans), bc = ldsm_col(lane, !kBTrans);
+  const LaneOffsets<kSwA> la(lane, kATrans);
+  const LaneOffsets<kSwB> lb(lane, !kBTrans);
+  // Offsets of the warp's blocks without the reduction coordinate k, which adds a compile-time
+  // amount: k rows (K-major: 16 k * kSw elements) or k columns (M/N-major: the pair's offset).
+  int a_off[kATrans ? kM16 : LaneOffsets<kSwA>::kPairs];
+  int b_off[kBTrans ? kN8 / 2 : LaneOffsets<kSwB>::kPairs];
+  if constexpr (kATrans) {
+#pragma unroll
+    for (int mi = 0; mi < kM16; ++mi) a_off[mi] = la.at(a.rows, 0, m0 + 16 * mi);
+  } else {
+#pragma unroll
+    for (int p = 0; p < LaneOffsets<kSwA>::kPairs; ++p) a_off[p] = la.at(a.rows, m0, 16 * p);
+  }
+  if constexpr (kBTrans) {
+#pragma unroll
+    for (int np = 0; np < kN8 / 2; ++np) b_off[np] = lb.at(b.rows, 0, n0 + 16 * np);
+  } else {
+#pragma unroll
+    for (int p = 0; p < LaneOffsets<kSwB>::kPairs; ++p) b_off[p] = lb.at(b.rows, n0, 16 * p);
+  }
+  // k's contribution to an M/N-major operand's offset: its swizzle block (the pair is in *_off).
+  auto block_of = [](int k, int rows, int sw) { return (k / sw) * rows * sw; };
 #pragma unroll
   for (int kk = 0; kk < kK16; ++kk) {
-    const int k = k0 + 16 * kk;
+    const int k = 16 * kk;
     uint32_t af[kM16][4];
 #pragma unroll
     for (int mi = 0; mi < kM16; ++mi) {
-      const int m = m0 + 16 * mi;
       if constexpr (kATrans) {
-        ldmatrix_x4_trans(af[mi], a.addr(k + ar, m + ac));
+        ldmatrix_x4_trans(af[mi], a.base + 2 * (a_off[mi] + k * kSwA));
       } else {
-        ldmatrix_x4(af[mi], a.addr(m + ar, k + ac));
+        constexpr int kP = LaneOffsets<kSwA>::kPairs;
+        ldmatrix_x4(af[mi], a.base + 2 * (a_off[kk % kP] + block_of(k, a.rows, kSwA) +
+                                           16 * mi * kSwA));
       }
     }
 #pragma unroll
     for (int np = 0; np < kN8 / 2; ++np) {
-      const int n = n0 + 16 * np;
       uint32_t bf[4];
       if constexpr (kBTrans) {
-        ldmatrix_x4_trans(bf, b.addr(k + br, n + bc));
+        ldmatrix_x4_trans(bf, b.base + 2 * (b_off[np] + k * kSwB));
       } else {
-        ldmatrix_x4(bf, b.addr(n + br, k + bc));
+        constexpr int kP = LaneOffsets<kSwB>::kPairs;
+        ldmatrix_x4(bf, b.base + 2 * (b_off[kk % kP] + block_of(k, b.rows, kSwB) +
+                                      16 * np * kSwB));
       }
 #pragma unroll
       for (int mi = 0; mi < kM16; ++mi) {

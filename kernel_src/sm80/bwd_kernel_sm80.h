@@ -95,6 +95,7 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dot_do_o_kernel(const __grid_
 template <typename Element>
 __global__ void bwd_convert_dq_kernel(const __grid_constant__ BwdParams p) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int width = dq_accum_width(p.head_dim);
   const int64_t per_row = int64_t(p.nheads) * p.head_dim;
   if (idx >= q_rows(p) * per_row) return;
   const int64_t row = idx / per_row;
@@ -102,7 +103,19 @@ __global__ void bwd_convert_dq_kernel(const __grid_constant__ BwdParams p) {
   const int c = static_cast<int>(idx % p.head_dim);
   Element* dq = static_cast<Element*>(p.dq_ptr) +
                 q_like_offset(p, row, h, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
-  dq[c] = Element(p.dq_accum_ptr[idx] * static_cast<float>(p.softmax_scale));
+  const float acc = p.dq_accum_ptr[(row * p.nheads + h) * width + c];
+  dq[c] = Element(acc * static_cast<float>(p.softmax_scale));
+}
+
+// dst[0] += a, dst[1] += b for an 8-byte aligned dst: one vector reduction on sm90 (red.v2.f32),
+// two scalar ones before.
+__device__ __forceinline__ void atomic_add2(float* dst, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(a, b));
+#else
+  atomicAdd(dst, a);
+  atomicAdd(dst + 1, b);
+#endif
 }
 
 // Per-sequence places the main kernel needs beyond SeqInfo.
@@ -158,10 +171,9 @@ __device__ __forceinline__ void bwd_scores(const BwdParams& params, const SeqInf
   float acc_s[kM16][kN8][4], acc_dp[kM16][kN8][4];
   warp::zero(acc_s);
   warp::zero(acc_dp);
-  warp::gemm_ss<Element, kM16, kN8, Traits::kHeadDim / 16, false, false>(acc_s, tk, key0, tq, q0,
-                                                                         0);
+  warp::gemm_ss<Element, kM16, kN8, Traits::kHeadDim / 16, false, false>(acc_s, tk, key0, tq, q0);
   warp::gemm_ss<Element, kM16, kN8, Traits::kHeadDim / 16, false, false>(acc_dp, tv, key0, tdo,
-                                                                         q0, 0);
+                                                                         q0);
 
   // P, dropout, dS, element by element (row = key, column = query)
   const float scale = static_cast<float>(params.softmax_scale);
@@ -266,7 +278,8 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
   const int group = params.nheads / params.nheads_k;
   const int m_blocks = m_block_max - m_block_min;
   const int n_items = group * m_blocks;
-  const int64_t dq_row_stride = int64_t(params.nheads) * head_dim;
+  const int dq_width = dq_accum_width(head_dim);  // a multiple of 8: column pairs stay aligned
+  const int64_t dq_row_stride = int64_t(params.nheads) * dq_width;
   const int64_t sems_per_head = bwd_semaphores_per_head(params, kBlockM);
   auto item_head = [&](int item) { return bidh_kv * group + item / m_blocks; };
   auto item_m0 = [&](int item) { return (m_block_min + item % m_blocks) * kBlockM; };
@@ -337,15 +350,15 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
     const SmemTile<Traits::kSwizzleCols> tdo{smem_u32(smem + Traits::kSmemDO + stage_off),
                                              kBlockM};
     warp::gemm_ss<Element, kKV16, kKV8, kBlockM / 16, false, true>(acc_dv, tpt, kv_key0, tdo,
-                                                                   kv_d0, 0);
+                                                                   kv_d0);
     warp::gemm_ss<Element, kKV16, kKV8, kBlockM / 16, false, true>(acc_dk, tdst, kv_key0, tq,
-                                                                   kv_d0, 0);
+                                                                   kv_d0);
 
     // ---- dQ-phase: dQ += dS K -----------------------------------------------------------
     float acc_dq[kQ16][kQ8][4];
     warp::zero(acc_dq);
-    warp::gemm_ss<Element, kQ16, kQ8, kBlockN / 16, true, true>(acc_dq, tdst, dq_row0, tk, dq_d0,
-                                                                0);
+    warp::gemm_ss<Element, kQ16, kQ8, kBlockN / 16, true, true>(acc_dq, tdst, dq_row0, tk,
+                                                                dq_d0);
     int* sem = nullptr;
     int turn = 0;
     if (params.deterministic) {
@@ -360,18 +373,19 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
       __syncthreads();
       __threadfence();
     }
-    float* dq_rows = params.dq_accum_ptr + (bs.q_row_global + m0) * dq_row_stride + bidh * head_dim;
+    float* dq_rows = params.dq_accum_ptr + (bs.q_row_global + m0) * dq_row_stride + bidh * dq_width;
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int mi = 0; mi < kQ16; ++mi)
 #pragma unroll
       for (int nj = 0; nj < kQ8; ++nj)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = dq_row0 + 16 * mi + g + 8 * (e / 2);
-          const int c = dq_d0 + 8 * nj + 2 * t + (e & 1);
-          if (r < valid_q && c < head_dim) {
-            atomicAdd(dq_rows + int64_t(r) * dq_row_stride + c, acc_dq[mi][nj][e]);
+        for (int h = 0; h < 2; ++h) {
+          const int r = dq_row0 + 16 * mi + g + 8 * h;
+          const int c = dq_d0 + 8 * nj + 2 * t;  // even, and c + 1 < dq_width when c < dq_width
+          if (r < valid_q && c < dq_width) {
+            atomic_add2(dq_rows + int64_t(r) * dq_row_stride + c, acc_dq[mi][nj][2 * h],
+                        acc_dq[mi][nj][2 * h + 1]);
           }
         }
     if (params.deterministic) {
