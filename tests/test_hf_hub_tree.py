@@ -178,4 +178,4 @@ def test_kernels_benchmark_runs_from_offline_hub_cache(tree, tmp_path):
     rc, payload, stderr = run_kernels_benchmark(f"{REPO_ID}@v{version}", tmp_path / "cwd", env,
                                                 iterations=1, warmup=0)
     assert rc == 0, stderr[-3000:]
-    assert_all_verified(payload, tree)
+    assert_all_verified(payload, stderr, tree)

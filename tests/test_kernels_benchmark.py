@@ -1,13 +1,15 @@
 """`kernels benchmark` (the Hub's benchmark command, kernels 0.17) on our repository: it finds
-benchmarks/benchmark*.py, every workload runs on the local CPU build and passes its verification,
-and a workload whose operation the backend does not implement is skipped with its reason instead
-of failing the whole run (the runner itself has no skip).
+benchmarks/benchmark*.py, every workload runs on the local build and passes its verification (on
+the CPU in CI; on a GPU machine the runner takes the CUDA variant and the real shapes), and a
+workload whose operation the backend does not implement is skipped with its reason instead of
+failing the whole run (the runner itself has no skip).
 """
 
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -32,7 +34,7 @@ def benchmark_scripts(root: Path) -> list[Path]:
 
 
 def load_script(path: Path):
-    """Import a benchmark script as the runner does (a fresh module, not the source tree's)."""
+    """Import a benchmark script by its path, as the runner does."""
     spec = importlib.util.spec_from_file_location(f"_bench_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -75,10 +77,21 @@ def run_kernels_benchmark(target: str, cwd: Path, env: dict | None = None, *, it
     return out.returncode, payload, out.stderr
 
 
-def assert_all_verified(payload, root: Path):
+def skipped_workloads(stderr: str) -> set[str]:
+    """`<Class>.<workload>` of the workloads the scripts reported as not implemented."""
+    return set(re.findall(r"^  skipped (\S+): \S", stderr, flags=re.MULTILINE))
+
+
+def assert_all_verified(payload, stderr, root: Path):
+    """Every workload of the scripts ran and verified, except those skipped with a reason (they
+    carry no verification at all). The CPU backend implements everything: nothing is skipped."""
     results = {r["workload"]: r for r in payload["results"]}
     assert sorted(results) == expected_workloads(root)
-    unverified = [name for name, r in results.items() if r.get("verified") is not True]
+    skipped = skipped_workloads(stderr)
+    if payload["machineInfo"]["backend"] == "CPU":
+        assert not skipped
+    unverified = [name for name, r in results.items()
+                  if r.get("verified") is not (None if name in skipped else True)]
     assert not unverified, f"not verified: {unverified}"
     assert payload["benchmarkScriptSha"] == scripts_sha(root)
 
@@ -95,16 +108,21 @@ def local_run():
 def test_local_checkout_runs_every_workload_and_all_verify(local_run):
     root, (rc, payload, stderr) = local_run
     assert rc == 0, stderr[-3000:]
-    assert payload["machineInfo"]["backend"] == "CPU"
-    assert_all_verified(payload, root)
-    assert "skipped" not in stderr  # the CPU backend implements every operation
+    on_gpu = torch.cuda.is_available()  # then the runner takes CUDA and its shapes
+    assert payload["machineInfo"]["backend"] == (f"CUDA {torch.version.cuda}" if on_gpu else "CPU")
+    assert_all_verified(payload, stderr, root)
     for r in payload["results"]:
         assert r["timingResults"]["iterations"] == 2 and r["timingResults"]["min_ms"] > 0
 
 
+@pytest.mark.fast
 def test_scripts_define_workloads_the_runner_can_find():
+    """Every benchmark*.py defines Benchmark classes (the runner fails the whole run on a script
+    without one), and the workload families of benchmark_attention.py are all there."""
     scripts = benchmark_scripts(ROOT)
-    assert [s.name for s in scripts] == ["benchmark_attention.py"]
+    assert "benchmark_attention.py" in [s.name for s in scripts]
+    for script in scripts:
+        assert benchmark_classes(load_script(script)), f"{script.name} defines no Benchmark"
     workloads = expected_workloads(ROOT)
     # Every family is there, each with this kernel's workload, and the SDPA twins where they exist.
     for family in ("Fwd", "FwdBwd", "Varlen", "Decode"):
@@ -154,6 +172,7 @@ def test_unimplemented_workload_is_skipped_with_its_reason(monkeypatch, capsys):
     assert results["sdpa"].verified is True
     err = capsys.readouterr().err
     assert f"skipped FwdBwdHdim64.flash: {NOT_IMPLEMENTED}" in err
+    assert skipped_workloads(err) == {"FwdBwdHdim64.flash"}
     assert "FwdBwdHdim64.sdpa" in err and "skipped FwdBwdHdim64.sdpa" not in err
 
 
