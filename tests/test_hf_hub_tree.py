@@ -162,3 +162,20 @@ def test_load_kernel_with_lock_file_from_offline_cache(tree, tmp_path):
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert Path(res["file"]).resolve().is_relative_to(snapshot.resolve())
     assert res["diff"] < 1e-5
+
+
+def test_kernels_benchmark_runs_from_offline_hub_cache(tree, tmp_path):
+    """`kernels benchmark <repo-id>@v1` as a user runs it against the Hub: the scripts and the
+    kernel both come from the shipped tree in an HF cache (run from an empty directory, no
+    network), and every workload verifies."""
+    from test_kernels_benchmark import assert_all_verified, run_kernels_benchmark
+
+    version = hub_tree.version_of(ROOT)
+    hub_tree.install_offline_cache(tree, tmp_path / "cache", REPO_ID, version)
+    (tmp_path / "cwd").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_KERNELS", "KERNELS_CACHE")}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "cache"))
+    rc, payload, stderr = run_kernels_benchmark(f"{REPO_ID}@v{version}", tmp_path / "cwd", env,
+                                                iterations=1, warmup=0)
+    assert rc == 0, stderr[-3000:]
+    assert_all_verified(payload, stderr, tree)

@@ -5,7 +5,8 @@ Layout written to OUT (what `kernels` and the Hub expect of a kernel repository)
 
     OUT/README.md                      kernel card (front matter `library_name: kernels`)
     OUT/build/<variant>/...            every variant found under <repo>/build/, copied as is
-    OUT/benchmarks/*.py                the benchmark scripts
+    OUT/benchmarks/*.py                the benchmark scripts; benchmark*.py are the ones
+                                       `kernels benchmark <repo-id>@v<version>` runs
     OUT/benchmarks/results/*.json      the results they wrote
 
 The offline-cache test fixture is built from this same tree (`install_offline_cache`), so what
@@ -147,9 +148,11 @@ def install_offline_cache(tree: Path, cache_dir: Path, repo_id: str = DEFAULT_RE
 
     Writes `cache_dir/kernels--<org>--<name>/{refs/v<version>, snapshots/<commit>/...}`, which is
     what `kernels.get_kernel(repo_id, version=...)` reads with `HF_HUB_OFFLINE=1` and
-    `HF_HUB_CACHE=cache_dir` (a `models--` folder is not what the loader looks up first). Returns
-    the snapshot directory. Files are copied, not linked to blobs: the loader only needs them to
-    exist, and copies keep the fixture independent of the tree.
+    `HF_HUB_CACHE=cache_dir` (the loader looks up `kernels--` first). `models--<org>--<name>` is
+    a link to the same folder: `kernels benchmark <repo_id>@v<version>` (kernels 0.17.2) fetches
+    the repository's scripts with a plain `snapshot_download`, whose default repo type is
+    "model". Returns the snapshot directory. Files are copied, not linked to blobs: the loader
+    only needs them to exist, and copies keep the fixture independent of the tree.
     """
     org, name = repo_id.split("/", 1)
     repo_dir = Path(cache_dir) / f"kernels--{org}--{name}"
@@ -160,6 +163,9 @@ def install_offline_cache(tree: Path, cache_dir: Path, repo_id: str = DEFAULT_RE
     shutil.copytree(tree, snapshot, ignore=_IGNORE)
     (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
     (repo_dir / "refs" / f"v{version}").write_text(commit)
+    model_alias = Path(cache_dir) / f"models--{org}--{name}"
+    if not (model_alias.is_symlink() or model_alias.exists()):
+        model_alias.symlink_to(repo_dir.name, target_is_directory=True)
     return snapshot
 
 
