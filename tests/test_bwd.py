@@ -181,3 +181,67 @@ def test_gradcheck_fp64_varlen(flash):
                                             causal=True, softcap=2.0)
 
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA only
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", grid.DTYPES_CUDA, ids=grid.dtype_name)
+@pytest.mark.parametrize("mask", grid.MASKS)
+def test_bwd_cuda_agrees_with_cpu_backend(flash, tol, dtype, mask):
+    """Same inputs and dout through both backends of one loaded kernel (GQA, softcap, ALiBi):
+    each backend's gradients within the 3x rule of the fp64 reference, and the two within the
+    rule of each other."""
+    b, sq, sk, h, hk, d = 2, 200, 333, 6, 2, 128
+    q, k, v = qkv(b, sq, sk, h, hk, d, dtype=dtype, device="cpu", requires_grad=True)
+    causal, window = window_for(mask, sq, sk)
+    slopes = alibi_for("bh", b, h, "cpu")
+    kw = dict(causal=causal, window_size=window, softcap=3.0)
+    out_cpu = flash.flash_attn_func(q, k, v, alibi_slopes=slopes, **kw)
+    dout = torch.randn_like(out_cpu, dtype=torch.float32).to(dtype)
+    grads_cpu = torch.autograd.grad(out_cpu, (q, k, v), dout)
+    qc, kc, vc = (t.detach().cuda().requires_grad_() for t in (q, k, v))
+    out_gpu = flash.flash_attn_func(qc, kc, vc, alibi_slopes=slopes.cuda(), **kw)
+    grads_gpu = torch.autograd.grad(out_gpu, (qc, kc, vc), dout.cuda())
+
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    grads_ref = torch.autograd.grad(attention_ref(*ref_in, alibi_slopes=slopes, upcast=True,
+                                                  **kw)[0], ref_in, dout.double())
+    pt_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    grads_pt = torch.autograd.grad(attention_ref(*pt_in, alibi_slopes=slopes, **kw,
+                                                 **pt_options(dtype))[0], pt_in, dout)
+    gscale = max_abs(*grads_ref)
+    ctx = case_context(window=window)
+    for name, g_gpu, g_cpu, g_ref, g_pt in zip(("dq", "dk", "dv"), grads_gpu, grads_cpu,
+                                               grads_ref, grads_pt):
+        tol.check(name + " cuda", g_gpu, g_ref, g_pt, dtype, 3.0, ctx, scale=gscale)
+        tol.check(name + " cpu", g_cpu, g_ref, g_pt, dtype, 3.0, ctx, scale=gscale)
+        tol.check(name + " cuda vs cpu", g_gpu, g_cpu.double(), g_pt, dtype, 3.0, ctx,
+                  scale=gscale)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("causal", [False, True])
+def test_bwd_cuda_memory_is_linear_at_16k(flash, causal):
+    """Beyond the gradients the backward allocates only linear workspace (the fp32 dQ
+    accumulator and one fp32 per row and head): at 16k tokens the peak stays within a small
+    multiple of q's size, where one head's score matrix alone would be 16k^2 x 2 bytes."""
+    s, h, d = 16384, 8, 128
+    q, k, v = qkv(1, s, s, h, h, d, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    out = flash.flash_attn_func(q, k, v, causal=causal)
+    dout = torch.randn_like(out)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    qkv_bytes = q.numel() * q.element_size()
+    # dq, dk, dv (3x) + fp32 dQ accumulator (2x) + LSE-sized D + allocator rounding.
+    assert extra <= 6 * qkv_bytes, (extra, qkv_bytes)
+    assert extra < s * s * 2  # far below a single head's score matrix
+    assert all(torch.isfinite(g).all() for g in grads)
