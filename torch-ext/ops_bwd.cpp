@@ -1,8 +1,9 @@
-// Owns: the backward ops `bwd` and `varlen_bwd`: argument checks -> BwdParams -> the CPU backend
-// (the CUDA backward is not there yet and fails with a clear error). dq/dk/dv are allocated here,
-// contiguous, with the shapes of q/k/v (GQA: dk/dv have nheads_k heads), and zero-filled: rows
-// no query sees (masked keys, keys past seqused_k) then read 0 without the backend visiting them,
-// and a backend may accumulate into them. The fill is O(N d) against the O(N^2 d) backward.
+// Owns: the backward ops `bwd` and `varlen_bwd`: argument checks -> BwdParams -> the backend of
+// the tensors' device (run_bwd; the CUDA backward fails with a clear error until its kernel
+// lands). dq/dk/dv are allocated here, contiguous, with the shapes of q/k/v (GQA: dk/dv have
+// nheads_k heads), and zero-filled: rows no query sees (masked keys, keys past seqused_k) then
+// read 0 without the backend visiting them, and a backend may accumulate into them. The fill is
+// O(N d) against the O(N^2 d) backward.
 #include <vector>
 
 #include "ops_common.h"
@@ -61,7 +62,6 @@ std::tuple<Tensor, Tensor, Tensor> mha_bwd(
     const Tensor& softmax_lse, const OptTensor& alibi_slopes, double dropout_p,
     double softmax_scale, bool is_causal, int64_t window_size_left, int64_t window_size_right,
     double softcap, bool deterministic, const OptTensor& rng_state) {
-  check_cpu_only(q, "bwd");
   // Tensor checks.
   const BatchedQkv d = check_batched_qkv(q, k, v);
   const int64_t batch = d.batch, seqlen_q = d.seqlen_q, nheads = d.nheads;
@@ -87,7 +87,7 @@ std::tuple<Tensor, Tensor, Tensor> mha_bwd(
   set_alibi(p, alibi_slopes, q, batch, nheads);
   p.deterministic = deterministic;
 
-  run_bwd_cpu(p);
+  run_bwd(p, q);
   return {dq, dk, dv};
 }
 
@@ -98,7 +98,6 @@ std::tuple<Tensor, Tensor, Tensor> mha_varlen_bwd(
     int64_t max_seqlen_k, double dropout_p, double softmax_scale, bool is_causal,
     int64_t window_size_left, int64_t window_size_right, double softcap, bool deterministic,
     const OptTensor& rng_state) {
-  check_cpu_only(q, "varlen_bwd");
   // Tensor checks.
   check_rank(q, "q", 3, "(total_q, nheads, head_dim)");
   check_rank(k, "k", 3, "(total_k, nheads_k, head_dim)");
@@ -139,7 +138,7 @@ std::tuple<Tensor, Tensor, Tensor> mha_varlen_bwd(
   set_alibi(p, alibi_slopes, q, ix.batch, nheads);
   p.deterministic = deterministic;
 
-  run_bwd_cpu(p);
+  run_bwd(p, q);
   return {dq, dk, dv};
 }
 

@@ -380,17 +380,35 @@ inline cudaStream_t current_stream(const Tensor& t) {
 }
 #endif
 
-inline void run_fwd(const FwdParams& p, const Tensor& q) {
-  if (q.is_cpu()) {
-    run_fwd_cpu(p);
-    return;
-  }
 #ifdef CUDA_KERNEL
+// Runs a CUDA entry point (flash_api_cuda.h) with q's device current, on its current stream.
+template <typename Params>
+void run_cuda(void (*entry)(const Params&, cudaStream_t), const Params& p, const Tensor& q) {
   const torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
-  run_fwd_cuda(p, current_stream(q));
+  entry(p, current_stream(q));
+}
+#define FLASH_RUN_CUDA(entry, p, q) run_cuda(entry, p, q)
 #else
-  fail("q is on ", device_str(q), " but this build of flash_attn has no CUDA backend");
+#define FLASH_RUN_CUDA(entry, p, q) \
+  fail("q is on ", device_str(q), " but this build of flash_attn has no CUDA backend")
 #endif
+
+// The hand-offs to the backend of q's device (the ops checked that all tensors share it).
+inline void run_fwd(const FwdParams& p, const Tensor& q) {
+  if (q.is_cpu()) return run_fwd_cpu(p);
+  FLASH_RUN_CUDA(run_fwd_cuda, p, q);
+}
+
+inline void run_bwd(const BwdParams& p, const Tensor& q) {
+  if (q.is_cpu()) return run_bwd_cpu(p);
+  FLASH_RUN_CUDA(run_bwd_cuda, p, q);
+}
+
+// The attention step of fwd_kvcache. The CPU forward serves the cache layouts (paging,
+// cache_batch_idx, leftpad, seqused_k) itself; CUDA has an entry point of its own for decode.
+inline void run_fwd_kvcache(const FwdParams& p, const Tensor& q) {
+  if (q.is_cpu()) return run_fwd_cpu(p);
+  FLASH_RUN_CUDA(run_fwd_kvcache_cuda, p, q);
 }
 
 // Ops that the CUDA backend does not have yet fail before touching any data.
