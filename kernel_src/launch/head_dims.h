@@ -6,93 +6,61 @@
 
 #include "../common/namespace.h"
 
+// Per head dim H: FLASH_KEPT_HDIM<H> is H, or 0 where trimmed; FLASH_HDIM_CASE_<H> is its
+// case of a head-dim switch, or nothing where trimmed.
+#ifndef FLASH_DISABLE_HDIM32
+#define FLASH_KEPT_HDIM32 32
+#define FLASH_HDIM_CASE_32(...) FLASH_HDIM_CASE(32, __VA_ARGS__)
+#else
+#define FLASH_KEPT_HDIM32 0
+#define FLASH_HDIM_CASE_32(...)
+#endif
+#ifndef FLASH_DISABLE_HDIM64
+#define FLASH_KEPT_HDIM64 64
+#define FLASH_HDIM_CASE_64(...) FLASH_HDIM_CASE(64, __VA_ARGS__)
+#else
+#define FLASH_KEPT_HDIM64 0
+#define FLASH_HDIM_CASE_64(...)
+#endif
+#ifndef FLASH_DISABLE_HDIM96
+#define FLASH_KEPT_HDIM96 96
+#define FLASH_HDIM_CASE_96(...) FLASH_HDIM_CASE(96, __VA_ARGS__)
+#else
+#define FLASH_KEPT_HDIM96 0
+#define FLASH_HDIM_CASE_96(...)
+#endif
+#ifndef FLASH_DISABLE_HDIM128
+#define FLASH_KEPT_HDIM128 128
+#define FLASH_HDIM_CASE_128(...) FLASH_HDIM_CASE(128, __VA_ARGS__)
+#else
+#define FLASH_KEPT_HDIM128 0
+#define FLASH_HDIM_CASE_128(...)
+#endif
+#ifndef FLASH_DISABLE_HDIM192
+#define FLASH_KEPT_HDIM192 192
+#define FLASH_HDIM_CASE_192(...) FLASH_HDIM_CASE(192, __VA_ARGS__)
+#else
+#define FLASH_KEPT_HDIM192 0
+#define FLASH_HDIM_CASE_192(...)
+#endif
+#ifndef FLASH_DISABLE_HDIM256
+#define FLASH_KEPT_HDIM256 256
+#define FLASH_HDIM_CASE_256(...) FLASH_HDIM_CASE(256, __VA_ARGS__)
+#else
+#define FLASH_KEPT_HDIM256 0
+#define FLASH_HDIM_CASE_256(...)
+#endif
+
 FLASH_NAMESPACE_BEGIN
 
 // The largest compiled head dim: every head dim up to it is served.
 constexpr int kMaxHeadDim = 256;
 // The head dims of the sm80 kernels (every call can fall back to them), ascending.
-constexpr int kCompiledHeadDims[] = {
-#ifndef FLASH_DISABLE_HDIM32
-    32,
-#else
-    0,
-#endif
-#ifndef FLASH_DISABLE_HDIM64
-    64,
-#else
-    0,
-#endif
-#ifndef FLASH_DISABLE_HDIM96
-    96,
-#else
-    0,
-#endif
-#ifndef FLASH_DISABLE_HDIM128
-    128,
-#else
-    0,
-#endif
-#ifndef FLASH_DISABLE_HDIM192
-    192,
-#else
-    0,
-#endif
-#ifndef FLASH_DISABLE_HDIM256
-    256,
-#else
-    0,
-#endif
-};
+constexpr int kCompiledHeadDims[] = {FLASH_KEPT_HDIM32, FLASH_KEPT_HDIM64, FLASH_KEPT_HDIM96, FLASH_KEPT_HDIM128, FLASH_KEPT_HDIM192, FLASH_KEPT_HDIM256};
 // The head dims of the Hopper forward.
-constexpr int kSm90HeadDims[] = {
-#ifndef FLASH_DISABLE_HDIM64
-    64,
-#else
-    0,
-#endif
-#ifndef FLASH_DISABLE_HDIM128
-    128,
-#else
-    0,
-#endif
-#ifndef FLASH_DISABLE_HDIM256
-    256,
-#else
-    0,
-#endif
-};
+constexpr int kSm90HeadDims[] = {FLASH_KEPT_HDIM64, FLASH_KEPT_HDIM128, FLASH_KEPT_HDIM256};
 
 FLASH_NAMESPACE_END
 
-#ifndef FLASH_DISABLE_HDIM32
-#define FLASH_HDIM_CASE_32(...) FLASH_HDIM_CASE(32, __VA_ARGS__)
-#else
-#define FLASH_HDIM_CASE_32(...)
-#endif
-#ifndef FLASH_DISABLE_HDIM64
-#define FLASH_HDIM_CASE_64(...) FLASH_HDIM_CASE(64, __VA_ARGS__)
-#else
-#define FLASH_HDIM_CASE_64(...)
-#endif
-#ifndef FLASH_DISABLE_HDIM96
-#define FLASH_HDIM_CASE_96(...) FLASH_HDIM_CASE(96, __VA_ARGS__)
-#else
-#define FLASH_HDIM_CASE_96(...)
-#endif
-#ifndef FLASH_DISABLE_HDIM128
-#define FLASH_HDIM_CASE_128(...) FLASH_HDIM_CASE(128, __VA_ARGS__)
-#else
-#define FLASH_HDIM_CASE_128(...)
-#endif
-#ifndef FLASH_DISABLE_HDIM192
-#define FLASH_HDIM_CASE_192(...) FLASH_HDIM_CASE(192, __VA_ARGS__)
-#else
-#define FLASH_HDIM_CASE_192(...)
-#endif
-#ifndef FLASH_DISABLE_HDIM256
-#define FLASH_HDIM_CASE_256(...) FLASH_HDIM_CASE(256, __VA_ARGS__)
-#else
-#define FLASH_HDIM_CASE_256(...)
-#endif
 #define FLASH_HDIM_CASES(...) FLASH_HDIM_CASE_32(__VA_ARGS__) FLASH_HDIM_CASE_64(__VA_ARGS__) FLASH_HDIM_CASE_96(__VA_ARGS__) FLASH_HDIM_CASE_128(__VA_ARGS__) FLASH_HDIM_CASE_192(__VA_ARGS__) FLASH_HDIM_CASE_256(__VA_ARGS__)
 #define FLASH_SM90_HDIM_CASES(...) FLASH_HDIM_CASE_64(__VA_ARGS__) FLASH_HDIM_CASE_128(__VA_ARGS__) FLASH_HDIM_CASE_256(__VA_ARGS__)
