@@ -7,12 +7,18 @@ and CUDA always runs the full product. Cases are generated deterministically so 
 are stable across runs; the tensors inside each case are fresh random numbers (see conftest).
 """
 import itertools
+import tomllib
+from pathlib import Path
 
 import torch
 
 DTYPES_CPU = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DTYPES_CUDA = [torch.float16, torch.bfloat16]
-HDIMS = [32, 64, 96, 128, 192, 256, 40, 59, 111]
+# The compiled head dims (the one list, tools/kernel_axes.toml) plus odd ones that run padded.
+KERNEL_AXES = tomllib.loads(
+    (Path(__file__).resolve().parent.parent / "tools" / "kernel_axes.toml").read_text())
+HDIMS = KERNEL_AXES["head_dims"] + [40, 59, 111]
+SM90_HDIMS = KERNEL_AXES["sm90"]["head_dims"]
 MASKS = ["none", "causal", "local"]
 HEADS = ["MHA", "GQA", "MQA"]
 SEQLENS = [(1, 1), (113, 203), (239, 1), (799, 3), (1023, 1024), (1024, 1023)]

@@ -226,7 +226,10 @@ SYNTH = {
                     "kernel_src/instantiations/fwd_sm80_hdim128_fp16.cu",
                     "kernel_src/instantiations/fwd_sm80_hdim128_bf16.cu"]},
         "flash_attn_sm90": {"backend": "cuda", "cuda-capabilities": ["9.0a"],
-                            "cuda-flags": ["-O3"], "src": ["kernel_src/sm90/h.cu"]},
+                            "cuda-flags": ["-O3"],
+                            "src": ["kernel_src/sm90/h.cu",
+                                    "kernel_src/instantiations/fwd_sm90_hdim64_bf16.cu",
+                                    "kernel_src/instantiations/fwd_sm90_hdim128_bf16.cu"]},
     },
 }
 
@@ -257,12 +260,13 @@ def test_trimming_drops_instantiations_and_defines_the_disable_macros():
     trim = bc.Trim(archs={"9.0"}, hdims={128}, dtypes={"bf16"})
     sources, archs, defines = bc.select_sources(SYNTH, "cuda", trim)
     assert [p for p in _paths(sources) if "instantiations" in p] == [
-        "kernel_src/instantiations/fwd_sm80_hdim128_bf16.cu"]
+        "kernel_src/instantiations/fwd_sm80_hdim128_bf16.cu",
+        "kernel_src/instantiations/fwd_sm90_hdim128_bf16.cu"]
     assert archs == ["9.0+PTX", "9.0a"]
     assert set(defines) == {"FLASH_DISABLE_HDIM32", "FLASH_DISABLE_HDIM64", "FLASH_DISABLE_HDIM96",
                             "FLASH_DISABLE_HDIM192", "FLASH_DISABLE_HDIM256", "FLASH_DISABLE_FP16"}
     sources, archs, defines = bc.select_sources(SYNTH, "cuda", bc.Trim(archs={"8.0"}))
-    assert "kernel_src/sm90/h.cu" not in _paths(sources)
+    assert not [p for p in _paths(sources) if "sm90" in p]
     assert "FLASH_DISABLE_SM90" in defines and archs == ["8.0"]
     with pytest.raises(bc.BuildConfigError, match="7.5"):
         bc.select_sources(SYNTH, "cuda", bc.Trim(archs={"7.5"}))

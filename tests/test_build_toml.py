@@ -2,12 +2,16 @@
 
 * drift: tools/gen_build_toml.py --check passes (the committed file is what the tree generates);
 * completeness: every file under kernel_src/ and every torch-ext/*.{h,cpp} is listed, found here
-  by an independent directory walk, in the sections docs/design.md assigns it to;
+  by an independent directory walk, in the sections docs/design.md assigns it to (instantiation
+  files by the arch in their name);
+* generated sources: the instantiation files and launch/head_dims.h are what
+  tools/gen_instantiations.py writes from tools/kernel_axes.toml;
 * schema: the parser that ships in kernels 0.17.2 (`kernels._rust.Build.open`, the monorepo's
   kernels_data config with unknown keys rejected) accepts it, and the values are the ones the
   Foundation issue asks for.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 import gen_build_toml  # noqa: E402
+import gen_instantiations  # noqa: E402
 
 pytestmark = pytest.mark.fast
 
@@ -92,15 +97,57 @@ def test_sources_sit_in_the_sections_design_md_assigns(config):
     expect_dirs = {
         "flash_attn_cpu": {"cpu", "common"},
         # The CUDA variant serves CPU tensors too, so the Ampere section compiles the CPU backend.
-        "flash_attn_sm80": {"sm80", "launch", "instantiations", "common", "cpu"},
+        "flash_attn_sm80": {"sm80", "launch", "common", "cpu"},
         "flash_attn_sm90": {"sm90", "common"},
     }
     files = walk("kernel_src")
+    launch_headers = {f for f in files if f.startswith("kernel_src/launch/") and f.endswith(".h")}
     for name, dirs in expect_dirs.items():
         want = {f for f in files if f.split("/")[1] in dirs}
+        arch = name.removeprefix("flash_attn_")
+        want |= {f for f in files
+                 if re.fullmatch(rf"kernel_src/instantiations/[a-z_]+_{arch}_hdim\d+_\w+\.cu", f)}
+        if name == "flash_attn_sm90":
+            want |= launch_headers  # what its instantiation files include
         assert set(kernel[name]["src"]) == want, name
     assert set(config["torch"]["src"]) == {
         f for f in walk("torch-ext") if f.count("/") == 1 and f.endswith((".h", ".cpp"))}
+
+
+def test_instantiations_and_head_dim_header_are_not_stale():
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "gen_instantiations.py"), "--check"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_every_arch_and_direction_has_its_instantiation_files():
+    names = {p.name for p in (REPO / "kernel_src" / "instantiations").glob("*.cu")}
+    axes = tomllib.loads((REPO / "tools" / "kernel_axes.toml").read_text())
+    for (direction, arch), row in gen_instantiations.KERNELS.items():
+        assert set(row.head_dims) <= set(axes["head_dims"]), (direction, arch)
+        for hdim in row.head_dims:
+            for dtype in axes["dtypes"]:
+                assert f"{direction}_{arch}_hdim{hdim}_{dtype}.cu" in names
+    assert gen_instantiations.KERNELS[("fwd", "sm90")].head_dims == tuple(axes["sm90"]["head_dims"])
+
+
+def test_instantiation_files_go_to_the_section_of_their_arch(tmp_path):
+    _copy_tree(tmp_path)
+    inst = tmp_path / "kernel_src" / "instantiations"
+    (inst / "bwd_sm80_hdim64_fp16.cu").write_text("// a new direction\n")
+    (inst / "fwd_sm90_hdim64_bf16.cu").write_text("// an existing sm90 file\n")
+    kernel = gen_build_toml.collect(tmp_path)["kernel"]
+    assert "kernel_src/instantiations/bwd_sm80_hdim64_fp16.cu" in kernel["flash_attn_sm80"]["src"]
+    assert "kernel_src/instantiations/fwd_sm90_hdim64_bf16.cu" in kernel["flash_attn_sm90"]["src"]
+    assert "kernel_src/instantiations/fwd_sm90_hdim64_bf16.cu" not in kernel["flash_attn_sm80"]["src"]
+
+
+@pytest.mark.parametrize("name", ["fwd_sm75_hdim64_fp16.cu", "helper.cu", "fwd_sm80_fp16.cu"])
+def test_instantiation_file_without_a_known_arch_is_refused(tmp_path, capsys, name):
+    _copy_tree(tmp_path)
+    (tmp_path / "kernel_src" / "instantiations" / name).write_text("// no section takes this\n")
+    assert gen_build_toml.main(["--check", "--repo", str(tmp_path)]) == 2
+    assert f"kernel_src/instantiations/{name}" in capsys.readouterr().err
 
 
 def test_backends_capabilities_and_flags(config):

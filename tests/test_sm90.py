@@ -1,8 +1,8 @@
 """The Hopper (sm90a) forward: shapes that exercise its persistent grid, its pipeline across row
 blocks and its tile edges, and agreement with the sm80 kernels on the same GPU.
 
-The grid tests (test_fwd.py) already run every served case through it on an H100/H200 (head dim
-64/128/256, fp16/bf16, no mask or causal); these add what small grids do not reach: more row
+The grid tests (test_fwd.py) already run every served case through it on an H100/H200 (its head
+dims, fp16/bf16, no mask or causal); these add what small grids do not reach: more row
 blocks than SMs (each CTA walks several, the K/V ring carries over), seqlen_q != seqlen_k around
 the tile sizes (192 or 128 rows, 128 or 64 keys), causal row blocks anchored at the last row (the
 first block starts above row 0: its missing rows must be neither computed into O nor written),
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import grid
 from helpers import cu_seqlens, qkv, randn
 from reference import attention_ref, pt_options, varlen_ref
 
@@ -45,7 +46,7 @@ SHAPES = [  # (batch, seqlen_q, seqlen_k, nheads, nheads_k)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("hdim", [64, 128, 256])
+@pytest.mark.parametrize("hdim", grid.SM90_HDIMS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_sm90_matches_reference(flash, tol, shape, causal, hdim, dtype):
@@ -97,7 +98,7 @@ VARLEN_LENS = [  # (lens_q, lens_k): empty and 1-row sequences, tile edges, one 
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("hdim", [64, 128, 256])
+@pytest.mark.parametrize("hdim", grid.SM90_HDIMS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("kv", ["packed", "seqused_k"])
 def test_sm90_varlen_matches_reference(flash, tol, kv, causal, hdim, dtype):

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 COMPILED_SUFFIXES = (".cpp", ".cc", ".cxx", ".cu")
-# Head dims with compiled CUDA instantiations, and the dtypes (the build-trimming axes, docs/building.md).
-COMPILED_HDIMS = (32, 64, 96, 128, 192, 256)
-COMPILED_DTYPES = ("fp16", "bf16")
+# Head dims and dtypes with compiled CUDA instantiations: what --hdims and --dtypes may keep.
+_AXES = tomllib.loads((Path(__file__).resolve().parent / "kernel_axes.toml").read_text())
+COMPILED_HDIMS = tuple(_AXES["head_dims"])
+COMPILED_DTYPES = tuple(_AXES["dtypes"])
 
 
 class BuildConfigError(RuntimeError):
@@ -98,8 +99,9 @@ def section_disable_macro(section: str) -> str:
 
 
 def _instantiation_kept(path: str, trim: Trim) -> bool:
-    """Instantiation files are named fwd_sm80_hdim<H>_<fp16|bf16>.cu (one file per arch x direction
-    x hdim x dtype); trimming keeps those whose hdim and dtype are both kept."""
+    """Instantiation files are named <direction>_<arch>_hdim<H>_<dtype>.cu (one per direction x
+    arch x hdim x dtype); trimming keeps those whose hdim and dtype are both kept (their arch is
+    trimmed with their section's capabilities)."""
     if not path.startswith("kernel_src/instantiations/"):
         return True
     name = path.rsplit("/", 1)[-1]

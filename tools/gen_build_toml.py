@@ -9,13 +9,19 @@ scans the tree instead, and `--check` (run by tests/test_build_toml.py in CI) fa
 Which directory feeds which section (docs/design.md, "Layers and ownership"):
 
   [kernel.flash_attn_cpu]   backend cpu   kernel_src/cpu/**  + kernel_src/common/**
-  [kernel.flash_attn_sm80]  backend cuda  kernel_src/sm80/** + launch/** + instantiations/**
-                                          + common/** + cpu/**  (the CUDA variant also serves
-                                          CPU tensors, so it compiles the CPU backend too)
-  [kernel.flash_attn_sm90]  backend cuda  kernel_src/sm90/** + kernel_src/common/**
+  [kernel.flash_attn_sm80]  backend cuda  kernel_src/sm80/** + launch/** + common/** + cpu/**
+                                          + instantiations/*_sm80_*  (the CUDA variant also
+                                          serves CPU tensors, so it compiles the CPU backend too)
+  [kernel.flash_attn_sm90]  backend cuda  kernel_src/sm90/** + common/** + instantiations/*_sm90_*
+                                          + launch/*.h  (the launch headers its instantiation
+                                          files include)
   [torch]                                 torch-ext/*.cpp + torch-ext/*.h
 
-A file under kernel_src/ outside these directories is an error: the layout is the architecture.
+Instantiation files are named <direction>_<arch>_hdim<H>_<dtype>.cu (tools/gen_instantiations.py)
+and go to the section of their arch, as gen_instantiations.KERNELS says.
+
+A file under kernel_src/ outside these directories, or an instantiation file whose name names no
+known arch, is an error: the layout is the architecture.
 
 Usage:
   python tools/gen_build_toml.py           # rewrite build.toml
@@ -26,9 +32,13 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gen_instantiations import arch_sections  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_TOML = "build.toml"
@@ -66,7 +76,8 @@ SM80_CAPABILITIES = ["8.0", "8.6", "8.9", "9.0+PTX"]
 # wgmma and setmaxnreg exist only on the arch-specific target, which runs on 9.0 devices only.
 SM90_CAPABILITIES = ["9.0a"]
 
-# kernel section name -> (backend, source directories under kernel_src/, extra settings)
+# kernel section name -> (backend, source directories under kernel_src/, extra settings); the
+# instantiation files are routed by name (instantiation_section).
 KERNEL_SECTIONS = {
     "flash_attn_cpu": {
         "backend": "cpu",
@@ -75,7 +86,7 @@ KERNEL_SECTIONS = {
     },
     "flash_attn_sm80": {
         "backend": "cuda",
-        "dirs": ["sm80", "launch", "instantiations", "common", "cpu"],
+        "dirs": ["sm80", "launch", "common", "cpu"],
         "cuda-capabilities": SM80_CAPABILITIES,
         "cuda-flags": CUDA_FLAGS,
         "cxx-flags": CXX_FLAGS_WITH_CPU,
@@ -83,11 +94,13 @@ KERNEL_SECTIONS = {
     "flash_attn_sm90": {
         "backend": "cuda",
         "dirs": ["sm90", "common"],
+        "header_dirs": ["launch"],
         "cuda-capabilities": SM90_CAPABILITIES,
         "cuda-flags": CUDA_FLAGS,
     },
 }
-KNOWN_DIRS = sorted({d for s in KERNEL_SECTIONS.values() for d in s["dirs"]})
+KNOWN_DIRS = sorted({d for s in KERNEL_SECTIONS.values() for d in s["dirs"]} | {"instantiations"})
+INSTANTIATION_NAME = re.compile(r"[a-z_]+?_(sm\d+)_hdim\d+_[a-z0-9]+\.cu")
 
 # Never listed: editor leftovers and bytecode are not sources.
 IGNORED_SUFFIXES = (".pyc", ".pyo", "~", ".swp", ".orig", ".rej")
@@ -125,14 +138,28 @@ def list_files(repo: Path, top: str) -> list[str]:
     return sorted(r for r in rels if (repo / r).is_file() and _is_source(r))
 
 
+def instantiation_section(rel: str) -> str | None:
+    """The section of kernel_src/instantiations/<direction>_<arch>_hdim<H>_<dtype>.cu, by its arch;
+    None when the name does not follow that pattern or names an arch without a section."""
+    m = INSTANTIATION_NAME.fullmatch(rel.rsplit("/", 1)[-1])
+    return arch_sections().get(m.group(1)) if m else None
+
+
 def collect(repo: Path = REPO) -> dict:
     """The build configuration as plain data (the order of keys is the order written)."""
     kernel_files = list_files(repo, "kernel_src")
     by_dir: dict[str, list[str]] = {d: [] for d in KNOWN_DIRS}
+    by_section: dict[str, list[str]] = {name: [] for name in KERNEL_SECTIONS}
     stray = []
     for rel in kernel_files:
         parts = rel.split("/")
-        if len(parts) >= 3 and parts[1] in by_dir:
+        if len(parts) == 3 and parts[1] == "instantiations":
+            section = instantiation_section(rel)
+            if section in by_section:
+                by_section[section].append(rel)
+            else:
+                stray.append(rel)
+        elif len(parts) >= 3 and parts[1] in by_dir:
             by_dir[parts[1]].append(rel)
         else:
             stray.append(rel)
@@ -140,7 +167,9 @@ def collect(repo: Path = REPO) -> dict:
         raise LayoutError(
             "files under kernel_src/ outside the known directories "
             f"({', '.join(d + '/' for d in KNOWN_DIRS)}): {', '.join(stray)}; "
-            "move them into one of those (see docs/design.md) or extend tools/gen_build_toml.py"
+            "move them into one of those (see docs/design.md) or extend tools/gen_build_toml.py; "
+            "instantiations/ holds only <direction>_<arch>_hdim<H>_<dtype>.cu files of an arch "
+            "that tools/gen_instantiations.py knows"
         )
 
     torch_src = [
@@ -155,7 +184,9 @@ def collect(repo: Path = REPO) -> dict:
             if key in spec:
                 section[key] = list(spec[key])
         section["include"] = ["."]
-        section["src"] = sorted(f for d in spec["dirs"] for f in by_dir[d])
+        headers = [f for d in spec.get("header_dirs", []) for f in by_dir[d] if f.endswith(".h")]
+        section["src"] = sorted([f for d in spec["dirs"] for f in by_dir[d]] + headers +
+                                by_section[name])
         kernels[name] = section
 
     return {

@@ -1,8 +1,9 @@
 // Owns: the backward ops `bwd` and `varlen_bwd`: argument checks -> BwdParams -> the backend of
-// q's device (run_bwd, ops_common.h, which also allocates the CUDA backward's workspace). dq/dk/dv are allocated here,
-// contiguous, with the shapes of q/k/v (GQA: dk/dv have nheads_k heads), and zero-filled: rows
-// no query sees (masked keys, keys past seqused_k) then read 0 without the backend visiting them,
-// and a backend may accumulate into them. The fill is O(N d) against the O(N^2 d) backward.
+// q's device (run_bwd, ops_common.h, which also allocates the CUDA backward's workspace).
+// dq/dk/dv are allocated here, contiguous, with the shapes of q/k/v (GQA: dk/dv have nheads_k
+// heads), and zero-filled: rows no query sees (masked keys, keys past seqused_k) then read 0
+// without the backend visiting them, and a backend may accumulate into them. The fill is O(N d)
+// against the O(N^2 d) backward.
 #include <vector>
 
 #include "ops_common.h"

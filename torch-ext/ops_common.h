@@ -380,29 +380,38 @@ inline cudaStream_t current_stream(const Tensor& t) {
 }
 #endif
 
-inline void run_fwd(const FwdParams& p, const Tensor& q) {
-  if (q.is_cpu()) {
-    run_fwd_cpu(p);
-    return;
-  }
 #ifdef CUDA_KERNEL
+// Runs a CUDA entry point (flash_api_cuda.h) with q's device current, on its current stream.
+template <typename Params>
+void run_cuda(void (*entry)(const Params&, cudaStream_t), const Params& p, const Tensor& q) {
   const torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
-  run_fwd_cuda(p, current_stream(q));
+  entry(p, current_stream(q));
+}
+#define FLASH_RUN_CUDA(entry, p, q) run_cuda(entry, p, q)
 #else
-  fail("q is on ", device_str(q), " but this build of flash_attn has no CUDA backend");
+#define FLASH_RUN_CUDA(entry, p, q) \
+  fail("q is on ", device_str(q), " but this build of flash_attn has no CUDA backend")
 #endif
+
+// The hand-offs to the backend of q's device (the ops checked that all tensors share it).
+inline void run_fwd(const FwdParams& p, const Tensor& q) {
+  if (q.is_cpu()) return run_fwd_cpu(p);
+  FLASH_RUN_CUDA(run_fwd_cuda, p, q);
 }
 
-// The backward; on CUDA also its workspace (BwdParams): the fp32 dQ accumulator and D, shaped
-// like q and the LSE, and the deterministic mode's counters. `lse` is the LSE tensor the params
-// point at (its shape is D's).
+// The attention step of fwd_kvcache. The CPU forward serves the cache layouts (paging,
+// cache_batch_idx, leftpad, seqused_k) itself; CUDA has an entry point of its own for decode.
+inline void run_fwd_kvcache(const FwdParams& p, const Tensor& q) {
+  if (q.is_cpu()) return run_fwd_cpu(p);
+  FLASH_RUN_CUDA(run_fwd_kvcache_cuda, p, q);
+}
+
+// The backward; on CUDA also its workspace (BwdParams), alive until the call returns (the
+// caching allocator orders its reuse on the stream): the fp32 dQ accumulator, D shaped like the
+// LSE tensor `lse`, and the deterministic mode's counters.
 inline void run_bwd(BwdParams& p, const Tensor& q, const Tensor& lse) {
-  if (q.is_cpu()) {
-    run_bwd_cpu(p);
-    return;
-  }
+  if (q.is_cpu()) return run_bwd_cpu(p);
 #ifdef CUDA_KERNEL
-  const torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   const int64_t rows = p.cu_seqlens_q != nullptr ? int64_t(p.total_q) : int64_t(p.batch) * p.seqlen_q;
   Tensor dq_accum = alloc_zeros(q, {rows, p.nheads, dq_accum_width(p.head_dim)}, ScalarType::Float);
   std::vector<int64_t> lse_sizes(lse.sizes().begin(), lse.sizes().end());
@@ -415,11 +424,10 @@ inline void run_bwd(BwdParams& p, const Tensor& q, const Tensor& lse) {
                              ScalarType::Int);
     p.dq_semaphore = semaphores.mutable_data_ptr<int32_t>();
   }
-  run_bwd_cuda(p, current_stream(q));
 #else
   (void)lse;
-  fail("q is on ", device_str(q), " but this build of flash_attn has no CUDA backend");
 #endif
+  FLASH_RUN_CUDA(run_bwd_cuda, p, q);
 }
 
 // Ops that the CUDA backend does not have yet fail before touching any data.

@@ -1,7 +1,9 @@
 // Owns: the decode op `fwd_kvcache` (flash_attn_with_kvcache): argument checks, then three backend
 // steps in order: append the new k/v to the cache in place (rotating k when rotary tables are
-// given), rotate q out of place, and attend over the updated cache. CPU only for now: the CUDA
-// path fails with a clear error until its kernels land.
+// given), rotate q out of place, and attend over the updated cache. CPU only for now: the index
+// tensors' contents are checked on the host and the append and rotary steps have only a CPU
+// backend, so CUDA tensors fail with a clear error first; the attention step already goes through
+// the run_fwd_kvcache hand-off, where the CUDA decode kernel will plug in.
 #include <algorithm>
 #include <vector>
 
@@ -254,7 +256,7 @@ std::tuple<Tensor, Tensor> mha_fwd_kvcache(
   if (k_cache.numel() == 0) {
     fill_no_keys(out, lse);
   } else {
-    run_fwd(p, q);
+    run_fwd_kvcache(p, q);
   }
   return {out, lse};
 }

@@ -1,67 +1,60 @@
-// Owns: run_fwd_cuda, the CUDA forward entry point the binding calls (flash_api_cuda.h): checks
-// that the device is served, routes to the Hopper path when it takes the call, else turns dtype
-// and head dim into template arguments (static_switch.h) and hands over to the sm80 launch.
+// Owns: the CUDA entry points (flash_api_cuda.h): the device and size checks they share, the
+// choice of path (the Hopper forward when it takes the call, else the sm80 kernels), and the
+// switches that turn dtype and head dim into template arguments (static_switch.h).
 #include <cuda_runtime_api.h>
 
 #include <stdexcept>
 #include <string>
 
 #include "../common/cuda_primitives.h"  // cuda_check
-#include "../sm90/dispatch_sm90.h"
-#include "flash_api_cuda.h"
-#include "bwd_dispatch_sm80.h"
-#include "fwd_dispatch_sm80.h"
-#include "static_switch.h"
 #include "../sm80/bwd_traits_sm80.h"
+#include "bwd_dispatch_sm80.h"
+#include "flash_api_cuda.h"
+#include "fwd_dispatch_sm80.h"
+#include "fwd_dispatch_sm90.h"
+#include "static_switch.h"
 
 FLASH_NAMESPACE_BEGIN
 
 namespace {
 
-// What the entry point needs to know about the current device.
+// What the entry points need to know about the current device.
 struct DeviceCaps {
   int device = 0;
   int major = 0, minor = 0;
-  int sms = 0;  // multiprocessors (the Hopper kernel's persistent grid)
+  int sms = 0;  // multiprocessors (grid sizes: L2 sections, the Hopper kernel's persistent grid)
 };
-
-// Device attributes are cheap driver queries (no synchronisation), so they are read per call
-// rather than cached: the current device can change between calls.
-DeviceCaps current_device_caps() {
-  DeviceCaps caps;
-  cuda_check(cudaGetDevice(&caps.device), "cudaGetDevice");
-  cuda_check(cudaDeviceGetAttribute(&caps.major, cudaDevAttrComputeCapabilityMajor, caps.device),
-        "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
-  cuda_check(cudaDeviceGetAttribute(&caps.minor, cudaDevAttrComputeCapabilityMinor, caps.device),
-        "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
-  cuda_check(cudaDeviceGetAttribute(&caps.sms, cudaDevAttrMultiProcessorCount, caps.device),
-             "cudaDeviceGetAttribute(MultiProcessorCount)");
-  return caps;
-}
-
-void require_sm80(const DeviceCaps& caps) {
-  if (caps.major >= 8) return;
-  cudaDeviceProp prop{};
-  const std::string name =
-      cudaGetDeviceProperties(&prop, caps.device) == cudaSuccess ? prop.name : "unknown";
-  throw std::runtime_error(
-      "flash_attn CUDA: device " + std::to_string(caps.device) + " ('" + name +
-      "') has compute capability " + std::to_string(caps.major) + "." +
-      std::to_string(caps.minor) +
-      "; the CUDA kernels need compute capability 8.0 or newer (Ampere, Ada, Hopper)");
-}
 
 void require(bool ok, const std::string& msg) {
   if (!ok) throw std::runtime_error("flash_attn CUDA: " + msg);
 }
 
-}  // namespace
-
-void run_fwd_cuda(const FwdParams& params, cudaStream_t stream) {
-  const DeviceCaps caps = current_device_caps();
-  require_sm80(caps);
-  require(params.head_dim >= 1 && params.head_dim <= 256,
-          "head_dim = " + std::to_string(params.head_dim) + " must be in [1, 256]");
+// The checks every entry point runs before anything else: the current device is one the
+// kernels were built for (sm80 or newer), and the sizes are ones the kernels can index. Device
+// attributes are cheap driver queries (no synchronisation), so they are read per call rather
+// than cached: the current device can change between calls.
+DeviceCaps check_device_and_sizes(const FwdParams& params) {
+  DeviceCaps caps;
+  cuda_check(cudaGetDevice(&caps.device), "cudaGetDevice");
+  cuda_check(cudaDeviceGetAttribute(&caps.major, cudaDevAttrComputeCapabilityMajor, caps.device),
+             "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
+  cuda_check(cudaDeviceGetAttribute(&caps.minor, cudaDevAttrComputeCapabilityMinor, caps.device),
+             "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
+  cuda_check(cudaDeviceGetAttribute(&caps.sms, cudaDevAttrMultiProcessorCount, caps.device),
+             "cudaDeviceGetAttribute(MultiProcessorCount)");
+  if (caps.major < 8) {
+    cudaDeviceProp prop{};
+    const std::string name =
+        cudaGetDeviceProperties(&prop, caps.device) == cudaSuccess ? prop.name : "unknown";
+    throw std::runtime_error(
+        "flash_attn CUDA: device " + std::to_string(caps.device) + " ('" + name +
+        "') has compute capability " + std::to_string(caps.major) + "." +
+        std::to_string(caps.minor) +
+        "; the CUDA kernels need compute capability 8.0 or newer (Ampere, Ada, Hopper)");
+  }
+  require(params.head_dim >= 1 && params.head_dim <= kMaxHeadDim,
+          "head_dim = " + std::to_string(params.head_dim) + " must be in [1, " +
+              std::to_string(kMaxHeadDim) + "]");
   require(params.nheads_k >= 1 && params.nheads % params.nheads_k == 0,
           "nheads = " + std::to_string(params.nheads) + " must be a multiple of nheads_k = " +
               std::to_string(params.nheads_k));
@@ -69,16 +62,35 @@ void run_fwd_cuda(const FwdParams& params, cudaStream_t stream) {
           "page_block_size must be positive with a block_table");
   require(params.batch >= 0 && params.nheads >= 0 && params.seqlen_k >= 0,
           "batch, nheads and seqlen_k must be non-negative");
-  const bool varlen = params.cu_seqlens_q != nullptr;
-  if (params.batch == 0 || params.nheads == 0) return;
-  if (varlen ? params.total_q <= 0 : params.seqlen_q <= 0) return;  // no query rows: nothing to write
+  return caps;
+}
 
+// No query rows: nothing to write.
+bool no_rows(const FwdParams& params) {
+  if (params.batch == 0 || params.nheads == 0) return true;
+  return params.cu_seqlens_q != nullptr ? params.total_q <= 0 : params.seqlen_q <= 0;
+}
+
+}  // namespace
+
+void run_fwd_cuda(const FwdParams& params, cudaStream_t stream) {
+  const DeviceCaps caps = check_device_and_sizes(params);
+  if (no_rows(params)) return;
 #ifndef FLASH_DISABLE_SM90  // a build without 9.0 (tools/build_local.py --archs) has no sm90 code
   // sm_90a code runs on exactly compute capability 9.0.
-  if (caps.major == 9 && caps.minor == 0 && try_run_fwd_sm90(params, caps.sms, stream)) return;
+  if (caps.major == 9 && caps.minor == 0 && sm90::serves(params)) {
+    DTYPE_SWITCH(params.dtype, [&] {
+      SM90_HDIM_SWITCH(params.head_dim, [&] {
+        run_fwd_sm90<elem_type, kHeadDim>(params, caps.sms, stream);
+      });
+    });
+    return;
+  }
 #endif
   DTYPE_SWITCH(params.dtype, [&] {
-    HDIM_SWITCH(params.head_dim, [&] { run_fwd_sm80<elem_type, kHeadDim>(params, caps.sms, stream); });
+    HDIM_SWITCH(params.head_dim, [&] {
+      run_fwd_sm80<elem_type, kHeadDim>(params, caps.sms, stream);
+    });
   });
 }
 
@@ -91,19 +103,19 @@ int64_t bwd_cuda_semaphore_count(const BwdParams& params) {
 }
 
 void run_bwd_cuda(const BwdParams& params, cudaStream_t stream) {
-  const DeviceCaps caps = current_device_caps();
-  require_sm80(caps);
-  require(params.head_dim >= 1 && params.head_dim <= 256,
-          "head_dim = " + std::to_string(params.head_dim) + " must be in [1, 256]");
-  require(params.nheads_k >= 1 && params.nheads % params.nheads_k == 0,
-          "nheads = " + std::to_string(params.nheads) + " must be a multiple of nheads_k = " +
-              std::to_string(params.nheads_k));
+  check_device_and_sizes(params);
   require(params.block_table == nullptr, "the backward does not take a paged K/V (block_table)");
-  if (params.batch == 0 || params.nheads == 0) return;
-  if (params.cu_seqlens_q != nullptr ? params.total_q <= 0 : params.seqlen_q <= 0) return;
+  if (no_rows(params)) return;
   DTYPE_SWITCH(params.dtype, [&] {
     HDIM_SWITCH(params.head_dim, [&] { run_bwd_sm80<elem_type, kHeadDim>(params, stream); });
   });
+}
+
+void run_fwd_kvcache_cuda(const FwdParams& params, cudaStream_t /*stream*/) {
+  check_device_and_sizes(params);
+  throw std::runtime_error(
+      "flash_attn: fwd_kvcache (flash_attn_with_kvcache) is not implemented for CUDA yet; use "
+      "CPU tensors for it");
 }
 
 FLASH_NAMESPACE_END

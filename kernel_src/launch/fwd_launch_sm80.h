@@ -20,6 +20,7 @@
 #include "../sm80/kernel_traits_sm80.h"
 #include "../sm80/tile_size.h"
 #include "fwd_dispatch_sm80.h"
+#include "l2_sections.h"
 #include "static_switch.h"
 
 FLASH_NAMESPACE_BEGIN
@@ -47,37 +48,6 @@ inline int grid_row_blocks(const FwdParams& p, int block_m) {
   return static_cast<int>(std::max<int64_t>(1, ceil_div(std::max<int64_t>(rows, 1), block_m)));
 }
 
-// L2 sections of the masked grid (GridOrder, fwd_kernel_sm80.h): as many (sequence, head) pairs
-// per section as have their K/V within FLASH_SM80_L2_SECTION_MB (two thirds of the H100/H200's
-// 50 MB L2; q heads of one GQA group share their K/V), but at least FLASH_SM80_L2_MIN_WAVES
-// waves of one CTA per SM, so a section fills the GPU; the pairs are then spread evenly over the
-// sections. 0 MB: one section (the plain longest-first order). The macros exist for
-// benchmarks/tune_fwd.py; docs/tuning.md has the measurements behind the defaults.
-#ifndef FLASH_SM80_L2_SECTION_MB
-#define FLASH_SM80_L2_SECTION_MB 32
-#endif
-#ifndef FLASH_SM80_L2_MIN_WAVES
-#define FLASH_SM80_L2_MIN_WAVES 4
-#endif
-inline int l2_section_pairs(const FwdParams& p, int head_dim, int row_blocks, int num_sms) {
-  const int64_t pairs = std::max<int64_t>(1, int64_t(p.nheads) * p.batch);
-  int64_t per_section = pairs;
-  if (FLASH_SM80_L2_SECTION_MB > 0) {
-    const int sms = std::max(1, num_sms);
-    const int group = std::max(1, p.nheads / std::max(1, p.nheads_k));  // q heads per K/V head
-    const int64_t kv_bytes = std::max<int64_t>(1, int64_t(4) * p.seqlen_k * head_dim / group);
-    const int64_t min_pairs = (int64_t(FLASH_SM80_L2_MIN_WAVES) * sms + row_blocks - 1) / row_blocks;
-    per_section = std::clamp((int64_t(FLASH_SM80_L2_SECTION_MB) << 20) / kv_bytes, min_pairs, pairs);
-  }
-  const int64_t sections = std::min<int64_t>((pairs + per_section - 1) / per_section, 65535);
-  per_section = (pairs + sections - 1) / sections;  // even sections; grid z holds <= 65535
-  if (per_section > INT32_MAX) {
-    throw std::runtime_error("flash_attn CUDA: batch x nheads = " + std::to_string(pairs) +
-                             " exceeds what the grid can address");
-  }
-  return static_cast<int>(per_section);
-}
-
 template <typename Traits, bool Is_masked, bool Is_general, bool Is_dropout>
 void launch_fwd_sm80(const FwdParams& params, int num_sms, cudaStream_t stream) {
   auto kernel = &sm80::fwd_kernel_sm80<Traits, Is_masked, Is_general, Is_dropout>;
@@ -92,8 +62,12 @@ void launch_fwd_sm80(const FwdParams& params, int num_sms, cudaStream_t stream) 
   dim3 grid;
   if constexpr (Is_masked) {
     const int rb = std::min(row_blocks, 65535);
-    grid = sm80::GridOrder::masked(rb, int64_t(params.nheads) * params.batch,
-                                   l2_section_pairs(params, Traits::kHeadDim, rb, num_sms));
+    const int64_t pairs = int64_t(params.nheads) * params.batch;
+    // The q heads of one GQA group share their K/V in L2; grid z holds at most 65535 sections.
+    const int group = std::max(1, params.nheads / std::max(1, params.nheads_k));
+    const int64_t kv_bytes = l2_kv_bytes(params.seqlen_k, Traits::kHeadDim, group);
+    grid = sm80::GridOrder::masked(
+        rb, pairs, l2_section_pairs(pairs, kv_bytes, rb, num_sms, /*max_sections=*/65535));
   } else {
     if (params.nheads > 65535) {
       throw std::runtime_error("flash_attn CUDA: nheads = " + std::to_string(params.nheads) +

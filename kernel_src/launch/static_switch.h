@@ -1,12 +1,13 @@
 // Owns: the switch macros that turn runtime values into compile-time constants (FA2's
 // static_switch.h, FlashInfer's DISPATCH_*). Every switch without a matching case throws a
-// std::runtime_error naming the value: no silent fall-through.
+// std::runtime_error naming the value: a silent fall-through would run the wrong kernel or none.
+// The head dims come from tools/kernel_axes.toml through the generated head_dims.h.
 //
 // Build trimming (FA3's FLASHATTENTION_DISABLE_*): -DFLASH_DISABLE_HDIM<H> removes head dim H,
 // -DFLASH_DISABLE_FP16 / -DFLASH_DISABLE_BF16 remove a dtype. The generator
 // (tools/gen_instantiations.py) guards each instantiation with the same macros, so a trimmed
 // build links; a trimmed-away head dim falls through to the next compiled one (padding by
-// predication), a trimmed-away dtype raises.
+// predication) on the sm80 path and to the sm80 path on Hopper, a trimmed-away dtype raises.
 #pragma once
 #include <stdexcept>
 #include <string>
@@ -15,6 +16,7 @@
 #include <cuda_fp16.h>
 
 #include "../common/params.h"
+#include "head_dims.h"
 
 // BOOL_SWITCH(cond, Name, ...): runs the body with `static constexpr bool Name` = cond.
 #define BOOL_SWITCH(COND, CONST_NAME, ...)      \
@@ -63,40 +65,6 @@
 
 FLASH_NAMESPACE_BEGIN
 
-// The compiled head dims, ascending; 0 where trimmed away.
-constexpr int kCompiledHeadDims[] = {
-#ifndef FLASH_DISABLE_HDIM32
-    32,
-#else
-    0,
-#endif
-#ifndef FLASH_DISABLE_HDIM64
-    64,
-#else
-    0,
-#endif
-#ifndef FLASH_DISABLE_HDIM96
-    96,
-#else
-    0,
-#endif
-#ifndef FLASH_DISABLE_HDIM128
-    128,
-#else
-    0,
-#endif
-#ifndef FLASH_DISABLE_HDIM192
-    192,
-#else
-    0,
-#endif
-#ifndef FLASH_DISABLE_HDIM256
-    256,
-#else
-    0,
-#endif
-};
-
 // The smallest compiled head dim >= d (kernels predicate the columns past d), or 0 if none.
 inline int compiled_head_dim_for(int d) {
   for (int h : kCompiledHeadDims) {
@@ -105,44 +73,23 @@ inline int compiled_head_dim_for(int d) {
   return 0;
 }
 
+// Whether the Hopper forward has a kernel for exactly head dim d in this build.
+inline bool sm90_head_dim_compiled(int d) {
+  for (int h : kSm90HeadDims) {
+    if (h != 0 && h == d) return true;
+  }
+  return false;
+}
+
 FLASH_NAMESPACE_END
 
+// One case per compiled head dim (head_dims.h expands FLASH_HDIM_CASE_<H> into this, or into
+// nothing where the head dim is trimmed).
 #define FLASH_HDIM_CASE(H, ...)        \
   case H: {                            \
     static constexpr int kHeadDim = H; \
     return __VA_ARGS__();              \
   }
-// A trimmed head dim has no case at all, so its (absent) instantiation is never referenced.
-#ifndef FLASH_DISABLE_HDIM32
-#define FLASH_HDIM_CASE_32(...) FLASH_HDIM_CASE(32, __VA_ARGS__)
-#else
-#define FLASH_HDIM_CASE_32(...)
-#endif
-#ifndef FLASH_DISABLE_HDIM64
-#define FLASH_HDIM_CASE_64(...) FLASH_HDIM_CASE(64, __VA_ARGS__)
-#else
-#define FLASH_HDIM_CASE_64(...)
-#endif
-#ifndef FLASH_DISABLE_HDIM96
-#define FLASH_HDIM_CASE_96(...) FLASH_HDIM_CASE(96, __VA_ARGS__)
-#else
-#define FLASH_HDIM_CASE_96(...)
-#endif
-#ifndef FLASH_DISABLE_HDIM128
-#define FLASH_HDIM_CASE_128(...) FLASH_HDIM_CASE(128, __VA_ARGS__)
-#else
-#define FLASH_HDIM_CASE_128(...)
-#endif
-#ifndef FLASH_DISABLE_HDIM192
-#define FLASH_HDIM_CASE_192(...) FLASH_HDIM_CASE(192, __VA_ARGS__)
-#else
-#define FLASH_HDIM_CASE_192(...)
-#endif
-#ifndef FLASH_DISABLE_HDIM256
-#define FLASH_HDIM_CASE_256(...) FLASH_HDIM_CASE(256, __VA_ARGS__)
-#else
-#define FLASH_HDIM_CASE_256(...)
-#endif
 
 // HDIM_SWITCH(d, ...): runs the body with `static constexpr int kHeadDim` = the smallest compiled
 // head dim >= d.
@@ -150,16 +97,25 @@ FLASH_NAMESPACE_END
   [&] {                                                                                     \
     const int flash_hdim_ = ::FLASH_NAMESPACE::compiled_head_dim_for(HEAD_DIM);             \
     switch (flash_hdim_) {                                                                  \
-      FLASH_HDIM_CASE_32(__VA_ARGS__)                                                       \
-      FLASH_HDIM_CASE_64(__VA_ARGS__)                                                       \
-      FLASH_HDIM_CASE_96(__VA_ARGS__)                                                       \
-      FLASH_HDIM_CASE_128(__VA_ARGS__)                                                      \
-      FLASH_HDIM_CASE_192(__VA_ARGS__)                                                      \
-      FLASH_HDIM_CASE_256(__VA_ARGS__)                                                      \
+      FLASH_HDIM_CASES(__VA_ARGS__)                                                         \
       default:                                                                              \
         throw std::runtime_error("flash_attn CUDA: head dimension " +                      \
                                  std::to_string(HEAD_DIM) +                                 \
-                                 " has no compiled kernel in this build (compiled: up to " \
-                                 "256 unless trimmed with FLASH_DISABLE_HDIM*)");           \
+                                 " has no compiled kernel in this build (compiled: up to " + \
+                                 std::to_string(::FLASH_NAMESPACE::kMaxHeadDim) +           \
+                                 " unless trimmed with FLASH_DISABLE_HDIM*)");              \
+    }                                                                                       \
+  }()
+
+// SM90_HDIM_SWITCH(d, ...): runs the body with `static constexpr int kHeadDim` = d, a head dim
+// of the Hopper forward (the caller checks sm90_head_dim_compiled(d) first).
+#define SM90_HDIM_SWITCH(HEAD_DIM, ...)                                                     \
+  [&] {                                                                                     \
+    switch (HEAD_DIM) {                                                                     \
+      FLASH_SM90_HDIM_CASES(__VA_ARGS__)                                                    \
+      default:                                                                              \
+        throw std::runtime_error("flash_attn CUDA: head dimension " +                      \
+                                 std::to_string(HEAD_DIM) +                                 \
+                                 " has no Hopper kernel in this build");                    \
     }                                                                                       \
   }()

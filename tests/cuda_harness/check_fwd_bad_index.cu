@@ -13,7 +13,7 @@
 // Build and run (GPU machine, from the repository root):
 //   nvcc -O2 -std=c++17 --expt-relaxed-constexpr -arch=sm_90 -I. \
 //     tests/cuda_harness/check_fwd_bad_index.cu kernel_src/launch/flash_api_cuda.cu \
-//     kernel_src/sm90/dispatch_sm90.cu kernel_src/instantiations/fwd_sm80_hdim64_bf16.cu \
+//     kernel_src/instantiations/fwd_sm80_hdim64_bf16.cu -DFLASH_DISABLE_SM90 \
 //     -DFLASH_DISABLE_FP16 -DFLASH_DISABLE_HDIM32 -DFLASH_DISABLE_HDIM96 -DFLASH_DISABLE_HDIM128 \
 //     -DFLASH_DISABLE_HDIM192 -DFLASH_DISABLE_HDIM256 -o /tmp/bad_index &&
 //   compute-sanitizer --tool memcheck --error-exitcode 3 /tmp/bad_index

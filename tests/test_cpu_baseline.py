@@ -1,0 +1,81 @@
+"""FLASH_ATTN_CPU_BASELINE=1 forces the CPU backend's baseline (SSE2) variant, the one machines
+without AVX2+FMA run, so that it stays tested on the machines that have them. The switch is read
+once per process, so the baseline runs in a subprocess on the same inputs as the default variant
+here. Both must pass the error rule against the fp64 reference (2x for out and LSE, 3x for the
+gradients), and they must differ (FMA rounds differently), which shows that the switch really
+changed the code path."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import qkv
+from reference import attention_ref, max_abs, pt_options
+
+pytestmark = pytest.mark.fast
+
+
+def _has_avx2_fma():
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+# Runs the forward (with the LSE) and the backward with a given dout; saves the results.
+_SUBPROCESS = """
+import sys, torch, kernels
+from pathlib import Path
+flash = kernels.get_local_kernel(Path(sys.argv[1]))
+q, k, v, dout = torch.load(sys.argv[2])
+q, k, v = (t.requires_grad_() for t in (q, k, v))
+out, lse, _ = flash.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+grads = torch.autograd.grad(out, (q, k, v), dout)
+torch.save((out.detach(), lse, *grads), sys.argv[3])
+"""
+
+
+def _run(flash, q, k, v, dout):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse, _ = flash.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    return (out.detach(), lse, *torch.autograd.grad(out, (q, k, v), dout))
+
+
+# fp16 computes in fp32 (the float primitives), fp64 in fp64 (the double ones). fp32 computes in
+# fp64 too, where the variants' difference rarely survives the rounding of the output to fp32.
+@pytest.mark.skipif(not _has_avx2_fma(), reason="without AVX2+FMA the default is the baseline")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
+def test_baseline_cpu_variant_matches_reference_and_differs_from_avx2(flash, tol, tmp_path, dtype):
+    from kernel_loader import BUILD_DIR
+
+    q, k, v = qkv(2, 150, 170, 4, 2, 64, dtype=dtype, device="cpu")
+    dout = torch.randn(q.shape).to(dtype)
+    torch.save((q, k, v, dout), tmp_path / "in.pt")
+    env = dict(os.environ, FLASH_ATTN_CPU_BASELINE="1")
+    subprocess.run([sys.executable, "-c", _SUBPROCESS, str(BUILD_DIR), str(tmp_path / "in.pt"),
+                    str(tmp_path / "out.pt")], env=env, check=True,
+                   cwd=Path(__file__).resolve().parent)
+    baseline = torch.load(tmp_path / "out.pt")
+    default = _run(flash, q, k, v, dout)
+
+    def reference(**opts):
+        ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        if opts.get("upcast", True):
+            ins = [t.detach().double().requires_grad_() for t in ins]
+        out, lse, _ = attention_ref(*ins, causal=True, **opts)
+        grads = torch.autograd.grad(out, ins, dout.to(out.dtype))
+        return (out.detach(), lse.detach(), *grads)
+
+    ref, pt = reference(), reference(**pt_options(dtype))
+    gscale = max_abs(*ref[2:])
+    names = ("out", "lse", "dq", "dk", "dv")
+    for variant, results in (("baseline", baseline), ("avx2", default)):
+        for i, name in enumerate(names):
+            factor, scale = (2.0, None) if i < 2 else (3.0, gscale)
+            tol.check(f"{variant} {name}", results[i], ref[i], pt[i], dtype, factor, scale=scale)
+    assert any(not torch.equal(a, b) for a, b in zip(baseline, default)), \
+        "FLASH_ATTN_CPU_BASELINE=1 did not change the CPU variant"
