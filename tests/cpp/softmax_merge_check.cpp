@@ -1,4 +1,4 @@
-// Driver for tests/test_softmax_merge.py: runs common/softmax_state.h's online softmax, merge()
+// Driver for tests/test_common_numerics.py: runs common/softmax_state.h's online softmax, merge()
 // and merge_lse() on the cases read from stdin and prints the results; the test compares them
 // with an fp64 reference computed in Python (so the check does not share code with the header).
 //

@@ -1,10 +1,14 @@
-"""merge() and merge_lse() of kernel_src/common/softmax_state.h, the combine primitives of
-split-KV decode, against an fp64 reference: two partial softmax results over disjoint key sets
-(either or both empty, or with every key masked) must combine into the softmax over the union.
+"""The shared numerics of kernel_src/common/ (used by the CPU backend and both CUDA paths),
+compiled with g++ into small drivers under tests/cpp/:
 
-The header is compiled with g++ into a small driver (tests/cpp/softmax_merge_check.cpp), fed
-fresh random cases; it also runs the online softmax that produces the partials (eager and lazy
-rescale), so those are checked on the CPU as well.
+* merge() and merge_lse() of softmax_state.h, the combine primitives of split-KV decode, against
+  an fp64 reference: two partial softmax results over disjoint key sets (either or both empty,
+  or with every key masked) must combine into the softmax over the union. The driver also runs
+  the online softmax that produces the partials (eager and lazy rescale), fed fresh random
+  cases, so those are checked on the CPU as well.
+* mask.h's block-level answers (full_tiles, the GPU loops' closed form of tile_is_full, and
+  kv_range with a split range) against its element-wise definition, exhaustively on small
+  shapes.
 """
 import math
 import shutil
@@ -15,7 +19,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-DRIVER = REPO / "tests" / "cpp" / "softmax_merge_check.cpp"
+CPP = REPO / "tests" / "cpp"
 
 # (keys in part A, keys in part B, masked keys in A): empty parts, one key, uneven splits, and
 # a part whose keys are all masked (an empty state that still saw keys).
@@ -26,14 +30,18 @@ D = 3
 TOL = {"f32": 1e-5, "f32_base2_lazy": 1e-5, "f64": 1e-12}
 
 
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
+def build_driver(tmp_path_factory, name):
     cxx = shutil.which("g++") or shutil.which("c++")
     assert cxx, "a C++ compiler is needed (the CPU backend builds with one)"
-    exe = tmp_path_factory.mktemp("merge") / "softmax_merge_check"
-    subprocess.run([cxx, "-O2", "-std=c++17", f"-I{REPO}", str(DRIVER), "-o", str(exe)],
-                   check=True)
+    exe = tmp_path_factory.mktemp(name) / name
+    subprocess.run([cxx, "-O2", "-std=c++17", f"-I{REPO}", str(CPP / f"{name}.cpp"), "-o",
+                    str(exe)], check=True)
     return exe
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    return build_driver(tmp_path_factory, "softmax_merge_check")
 
 
 def make_part(n, masked, scale):
@@ -79,3 +87,11 @@ def test_merge_matches_softmax_over_union(driver, scale):
                 tol = TOL[variant]
                 assert abs(lse - lse_ref) <= tol * (1 + abs(lse_ref)), (case, lse, lse_ref)
                 assert torch.allclose(o, o_ref, rtol=tol, atol=tol), (case, o, o_ref)
+
+
+@pytest.mark.fast
+def test_mask_block_ranges_match_elementwise_mask(tmp_path_factory):
+    exe = build_driver(tmp_path_factory, "mask_check")
+    r = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert " 0 failures" in r.stdout
