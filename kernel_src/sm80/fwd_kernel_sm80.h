@@ -151,11 +151,16 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
   mask.kv_range(m0, m0 + kBlockM, &col_begin, &col_end);
   const int n_block_min = col_begin / kBlockN;
   const int n_block_max = col_end > col_begin ? (col_end + kBlockN - 1) / kBlockN : n_block_min;
-  // Tiles [n_full_begin, n_full_end) are fully visible from every row of the block
-  // (Mask::full_tiles), so the per-warp classification runs on boundary tiles only.
-  int n_full_begin = 0, n_full_end = 0;
+  // Tiles [n_full_begin, n_full_last] are fully visible from every row of the block
+  // (Mask::full_tiles), so the per-warp classification runs on boundary tiles only. (The
+  // inclusive last index measured one spill reload fewer in the sm_90 build of the fast kernel
+  // at head dim 128 than comparing against the end: nvcc shares its `- 1` with the copies of
+  // tile n - 1.)
+  int n_full_begin = 0, n_full_last = -1;
   if (Is_masked && col_end > col_begin) {
+    int n_full_end;
     mask.full_tiles(m0, m0 + kBlockM, kBlockN, &n_full_begin, &n_full_end);
+    n_full_last = n_full_end - 1;
   }
 
   // ---- tile loaders ------------------------------------------------------------------------
@@ -273,7 +278,7 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
       const uint32_t k_tile = smem_k_u32 + stage * Traits::kTileKVElems * 2;
       const uint32_t v_tile = smem_v_u32 + stage * Traits::kTileKVElems * 2;
       const WarpTile cls =
-          Is_masked && n >= n_full_begin && n < n_full_end && warp_rows_end > warp_rows_begin
+          Is_masked && n >= n_full_begin && n <= n_full_last && warp_rows_end > warp_rows_begin
               ? WarpTile::kFull
               : classify_warp_tile<Is_masked>(mask, warp_rows_begin, warp_rows_end, n0, kBlockN);
       // Tile n landed (this thread's copies, then everyone's), and every warp is done with the
