@@ -106,9 +106,14 @@ void run_bwd_cuda(const BwdParams& params, cudaStream_t stream) {
   check_device_and_sizes(params);
   require(params.block_table == nullptr, "the backward does not take a paged K/V (block_table)");
   if (no_rows(params)) return;
+#ifdef FLASH_DISABLE_BACKWARD  // a forward-only build (benchmarks/build_harness.sh)
+  (void)stream;
+  throw std::runtime_error("flash_attn CUDA: this build has no backward (FLASH_DISABLE_BACKWARD)");
+#else
   DTYPE_SWITCH(params.dtype, [&] {
     HDIM_SWITCH(params.head_dim, [&] { run_bwd_sm80<elem_type, kHeadDim>(params, stream); });
   });
+#endif
 }
 
 void run_fwd_kvcache_cuda(const FwdParams& params, cudaStream_t /*stream*/) {
