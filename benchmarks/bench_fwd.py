@@ -9,7 +9,7 @@ inputs are random (never zeros).
 
 Usage: python benchmarks/bench_fwd.py [--out PATH] [--quick] [--hdims 64,128] [--dtypes bf16] [--seqlens 1024,4096]
 "ours" is what run_fwd_cuda dispatches to: the Hopper kernel where it serves the call (H100/H200,
-see kernel_src/sm90/dispatch_sm90.cu), else the sm80 kernels; FLASH_ATTN_DISABLE_SM90=1 measures
+see sm90::serves in kernel_src/launch/fwd_dispatch_sm90.h), else the sm80 kernels; FLASH_ATTN_DISABLE_SM90=1 measures
 the sm80 kernels alone (the JSON records which, as `sm90_disabled`).
 Writes JSON {gpu, torch, cuda, git_sha, clocks, rows: [...]} and prints a ratio table last.
 """

@@ -8,7 +8,7 @@
 // 2024), with its intra-warpgroup overlap of softmax and MMAs and the ping-pong of the two
 // consumer warpgroups (consumer(), docs/cuda_fwd_sm90.md).
 //
-// Serves (dispatch_sm90.cu checks): fp16/bf16, head dim 64, 128 or 256, batched or varlen (with
+// Serves (sm90::serves in launch/fwd_dispatch_sm90.h checks): fp16/bf16, head dim 64, 128 or 256, batched or varlen (with
 // seqused_k; no paging or cache indirection), no mask or causal (bottom-right), no
 // dropout/softcap/ALiBi/S_dmask.
 //
@@ -50,7 +50,7 @@ struct FwdTraits {
   using Element = Element_;
   static constexpr bool kBf16 = std::is_same_v<Element, __nv_bfloat16>;
   static constexpr bool kCausal = kCausal_;
-  static constexpr bool kLocal = false;  // a left window bound (not served yet: dispatch_sm90.cu)
+  static constexpr bool kLocal = false;  // a left window bound (not served yet: sm90::serves)
   static constexpr int kHeadDim = kHeadDim_;
   // Consumer warpgroups (64 rows each). Head dim 64 takes three (FA3's 192-row tile): each K/V
   // tile then feeds 192 rows, and the softmax of one warpgroup hides under the MMAs of two.
