@@ -41,13 +41,8 @@ using cuda::SeqInfo;  // (common/seq_info_cuda.h)
 
 // Whether the tensors the main kernel copies allow 16-byte cp.async.
 FLASH_HOST_DEVICE bool bwd_tensors_aligned(const BwdParams& p) {
-  auto ptr_ok = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; };
-  auto strides_ok = [](int64_t a, int64_t b, int64_t c) { return ((a | b | c) & 7) == 0; };
-  return ptr_ok(p.q_ptr) && ptr_ok(p.k_ptr) && ptr_ok(p.v_ptr) && ptr_ok(p.do_ptr) &&
-         strides_ok(p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
-         strides_ok(p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
-         strides_ok(p.v_batch_stride, p.v_row_stride, p.v_head_stride) &&
-         strides_ok(p.do_batch_stride, p.do_row_stride, p.do_head_stride) && (p.head_dim & 7) == 0;
+  return qkv_aligned16(p) &&
+         tensor_aligned16(p.do_ptr, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
 }
 
 // Query row `row` (a packed varlen row, or batch * seqlen_q + position) of head h: the element

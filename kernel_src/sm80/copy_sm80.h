@@ -13,11 +13,28 @@
 #pragma once
 #include <cstdint>
 
+#include "../common/params.h"
 #include "kernel_traits_sm80.h"
 #include "primitives.h"
 
 FLASH_NAMESPACE_BEGIN
 namespace sm80 {
+
+// Whether a tensor allows the 16-byte copies (kAligned below): base pointer 16-byte aligned and
+// strides multiples of 8 elements.
+FLASH_HOST_DEVICE bool tensor_aligned16(const void* ptr, int64_t batch_stride, int64_t row_stride,
+                                        int64_t head_stride) {
+  return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0 &&
+         ((batch_stride | row_stride | head_stride) & 7) == 0;
+}
+
+// Q, K and V all allow them, and the head dim is a multiple of 8 elements.
+FLASH_HOST_DEVICE bool qkv_aligned16(const FwdParams& p) {
+  return tensor_aligned16(p.q_ptr, p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
+         tensor_aligned16(p.k_ptr, p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
+         tensor_aligned16(p.v_ptr, p.v_batch_stride, p.v_row_stride, p.v_head_stride) &&
+         (p.head_dim & 7) == 0;
+}
 
 // Key position `pos0 + row` of a paged sequence: page block_table[pos / page], row pos % page.
 template <typename Element>

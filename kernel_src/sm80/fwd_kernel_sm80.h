@@ -40,13 +40,8 @@ using cuda::SeqInfo;
 // and head_dim multiples of 8 elements. Shared by the launch code (fast path only when true) and
 // the general kernel (scalar fallback when false).
 FLASH_HOST_DEVICE bool tensors_aligned(const FwdParams& p) {
-  auto ptr_ok = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; };
-  auto strides_ok = [](int64_t a, int64_t b, int64_t c) { return ((a | b | c) & 7) == 0; };
-  return ptr_ok(p.q_ptr) && ptr_ok(p.k_ptr) && ptr_ok(p.v_ptr) && ptr_ok(p.o_ptr) &&
-         strides_ok(p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
-         strides_ok(p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
-         strides_ok(p.v_batch_stride, p.v_row_stride, p.v_head_stride) &&
-         strides_ok(p.o_batch_stride, p.o_row_stride, p.o_head_stride) && (p.head_dim & 7) == 0;
+  return qkv_aligned16(p) &&
+         tensor_aligned16(p.o_ptr, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
 }
 
 // S_dmask (params.p_ptr, general kernel only): P normalised with the final LSE, negated where
