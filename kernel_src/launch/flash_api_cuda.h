@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include "../common/params.h"
+#include "../common/rotary.h"
 
 FLASH_NAMESPACE_BEGIN
 
@@ -16,5 +17,8 @@ void run_fwd_cuda(const FwdParams& params, cudaStream_t stream);
 // counters in dq_semaphore).
 void run_bwd_cuda(const BwdParams& params, cudaStream_t stream);
 int64_t bwd_cuda_semaphore_count(const BwdParams& params);
+
+// The rotary op (common/rotary.h), an elementwise kernel (rotary_cuda.cu).
+void run_rotary_cuda(const RotaryParams& params, cudaStream_t stream);
 
 FLASH_NAMESPACE_END
