@@ -195,22 +195,43 @@ def test_mha_unsupported_options_raise_clearly(flash):
                                         key_padding_mask=torch.ones(1, 3, dtype=torch.bool))
 
 
-def test_flash_self_attention_projection_form_as_in_drop_in_tutorials(flash, tol):
-    """FlashSelfAttention(embed_dim=..., num_heads=..., use_bias=...) called as attn(x,
-    causal=True) on batch-first (batch, seq, embed) owns its projections: values and gradients
-    against the projections + causal attention written out in fp64."""
-    embed_dim, num_heads, batch, seq = 48, 6, 3, 10
-    attn = flash.FlashSelfAttention(embed_dim=embed_dim, num_heads=num_heads, use_bias=True)
-    x = torch.randn(batch, seq, embed_dim, requires_grad=True)
-    y = attn(x, causal=True)
-    assert y.shape == (batch, seq, embed_dim)
+class TutorialStyleBlock(torch.nn.Module):
+    """The drop-in tutorial's shape of use, in our own words: a seq-first (seq, batch, embed)
+    input turned batch-first, FlashSelfAttention(embed_dim=..., num_heads=..., use_bias=...)
+    called as attention(x, causal=True), a linear layer and a residual, back to seq-first."""
+
+    def __init__(self, flash, embed_dim, num_heads, use_bias=False):
+        super().__init__()
+        self.attention = flash.FlashSelfAttention(embed_dim=embed_dim, num_heads=num_heads,
+                                                  use_bias=use_bias)
+        self.linear = torch.nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x):
+        x = x.permute(1, 0, 2)
+        return (self.linear(self.attention(x, causal=True)) + x).permute(1, 0, 2)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_flash_self_attention_projection_form_as_in_drop_in_tutorials(flash, tol, use_bias):
+    """The projection-owning form: values and gradients of the tutorial-style block against the
+    projections + causal attention written out in fp64."""
+    embed_dim, num_heads, seq, batch = 512, 8, 40, 2
+    block = TutorialStyleBlock(flash, embed_dim, num_heads, use_bias)
+    attn = block.attention
+    x = torch.randn(seq, batch, embed_dim, requires_grad=True)
+    y = block(x)
+    assert y.shape == (seq, batch, embed_dim)
 
     def ref_fn(upcast):
         dt = torch.float64 if upcast else torch.float32
-        qkv = F.linear(x.to(dt), attn.Wqkv.weight.to(dt), attn.Wqkv.bias.to(dt))
+        bias = lambda lin: None if lin.bias is None else lin.bias.to(dt)  # noqa: E731
+        xb = x.to(dt).permute(1, 0, 2)
+        qkv = F.linear(xb, attn.Wqkv.weight.to(dt), bias(attn.Wqkv))
         q, k, v = qkv.unflatten(-1, (3, num_heads, embed_dim // num_heads)).unbind(2)
         o = attention_ref(q, k, v, causal=True, **({} if upcast else pt_options(dt)))[0]
-        return F.linear(o.flatten(-2), attn.out_proj.weight.to(dt), attn.out_proj.bias.to(dt))
+        o = F.linear(o.flatten(-2), attn.out_proj.weight.to(dt), bias(attn.out_proj))
+        return (F.linear(o, block.linear.weight.to(dt), block.linear.bias.to(dt))
+                + xb).permute(1, 0, 2)
 
     ref, pt = ref_fn(True), ref_fn(False)
     tol.check("out", y, ref, pt, torch.float32)
@@ -219,3 +240,5 @@ def test_flash_self_attention_projection_form_as_in_drop_in_tutorials(flash, tol
                       ((y, dout), (ref, dout.double()), (pt, dout))], torch.float32, factor=3.0)
     # the FlashAttention-2.8 form still takes packed qkv
     assert flash.FlashSelfAttention(causal=True)(torch.randn(1, 4, 3, 2, 8)).shape == (1, 4, 2, 8)
+    with pytest.raises(ValueError, match="needs embed_dim"):
+        flash.FlashSelfAttention(num_heads=4)
