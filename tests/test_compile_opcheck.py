@@ -177,3 +177,38 @@ def test_compile_flash_attn_with_kvcache_fullgraph(flash, device):
     torch.testing.assert_close(out_c, out_e, rtol=0, atol=0)
     torch.testing.assert_close(kc_c, kc, rtol=0, atol=0)
     torch.testing.assert_close(vc_c, vc, rtol=0, atol=0)
+
+
+def _rotary_args(device, *, varlen, grad):
+    dtype = _dtype(device)
+    angle = torch.rand(16, 8, device=device)
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    if varlen:
+        x = randn(10, 3, 24, dtype=dtype, device=device, requires_grad=grad)
+        return (x, cos, sin, torch.tensor([1, 0, 4], dtype=torch.int32, device=device),
+                cu_seqlens([4, 0, 6], device), 0, 6, True, False)
+    x = randn(2, 7, 3, 24, dtype=dtype, device=device, requires_grad=grad)
+    return (x, cos, sin, None, None, 3, -1, False, False)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("varlen", [False, True])
+def test_opcheck_rotary(ops, device, varlen):
+    torch.library.opcheck(ops.rotary.default, _rotary_args(device, varlen=varlen, grad=True))
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("device", device_params())
+def test_compile_apply_rotary_emb_fullgraph_fwd_bwd(flash, device):
+    x, cos, sin, offsets, cu, *_ = _rotary_args(device, varlen=True, grad=True)
+
+    def fn(x, cos, sin, offsets, cu):
+        out = flash.layers.rotary.apply_rotary_emb(x, cos, sin, interleaved=True,
+                                                   seqlen_offsets=offsets, cu_seqlens=cu,
+                                                   max_seqlen=6)
+        return out.float().square().sum()
+
+    compiled, counter = _compile(fn)
+    _check_compiled_equals_eager(compiled, fn, counter, (x, cos, sin, offsets, cu), True,
+                                 inputs=1)

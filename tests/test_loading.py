@@ -107,6 +107,10 @@ def _call_on_cuda(flash, op):
         q = torch.randn(1, 1, 2, 64, device=dev, dtype=torch.float16)
         kc = torch.randn(1, 8, 2, 64, device=dev, dtype=torch.float16)
         flash.flash_attn_with_kvcache(q, kc, kc.clone())
+    elif op == "rotary":
+        x = torch.randn(1, 4, 2, 16, device=dev, dtype=torch.float16)
+        cos = torch.ones(8, 4, device=dev, dtype=torch.float16)
+        flash.layers.rotary.apply_rotary_emb(x, cos, torch.zeros_like(cos))
     else:
         raise AssertionError(op)
     torch.cuda.synchronize()

@@ -40,6 +40,9 @@ STABLE_TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "Tensor? cache_leftpad, Tensor? block_table, Tensor? alibi_slopes, float softmax_scale, "
       "bool is_causal, int window_size_left, int window_size_right, float softcap, "
       "bool rotary_interleaved, int num_splits) -> (Tensor out, Tensor softmax_lse)");
+  ops.def(
+      "rotary(Tensor x, Tensor cos, Tensor sin, Tensor? seqlen_offsets, Tensor? cu_seqlens, "
+      "int seqlen_offset, SymInt max_seqlen, bool interleaved, bool conjugate) -> Tensor");
 }
 
 // One implementation per op serves both devices: it checks the device itself and calls the
@@ -50,6 +53,7 @@ STABLE_TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, CPU, ops) {
   ops.impl("bwd", TORCH_BOX(&FLASH_NAMESPACE::mha_bwd));
   ops.impl("varlen_bwd", TORCH_BOX(&FLASH_NAMESPACE::mha_varlen_bwd));
   ops.impl("fwd_kvcache", TORCH_BOX(&FLASH_NAMESPACE::mha_fwd_kvcache));
+  ops.impl("rotary", TORCH_BOX(&FLASH_NAMESPACE::rotary));
 }
 
 #ifdef CUDA_KERNEL
@@ -59,6 +63,7 @@ STABLE_TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, CUDA, ops) {
   ops.impl("bwd", TORCH_BOX(&FLASH_NAMESPACE::mha_bwd));
   ops.impl("varlen_bwd", TORCH_BOX(&FLASH_NAMESPACE::mha_varlen_bwd));
   ops.impl("fwd_kvcache", TORCH_BOX(&FLASH_NAMESPACE::mha_fwd_kvcache));
+  ops.impl("rotary", TORCH_BOX(&FLASH_NAMESPACE::rotary));
 }
 #endif
 

@@ -1,4 +1,4 @@
-// Owns: the C++ signatures of the five custom ops (schemas in torch_binding.cpp and
+// Owns: the C++ signatures of the custom ops (schemas in torch_binding.cpp and
 // docs/design.md). Each op checks its arguments (checks.h), fills the params struct of
 // kernel_src/common/params.h by named assignment, and calls the backend of the tensors' device.
 // Stable ABI only: no ATen/c10 types, so one build serves every torch >= 2.10.
@@ -56,5 +56,10 @@ std::tuple<Tensor, Tensor> mha_fwd_kvcache(
     const OptTensor& block_table, const OptTensor& alibi_slopes, double softmax_scale,
     bool is_causal, int64_t window_size_left, int64_t window_size_right, double softcap,
     bool rotary_interleaved, int64_t num_splits);
+
+// x with the first 2 * cos.size(1) dims of every head rotated (common/rotary.h); a new tensor.
+Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin,
+              const OptTensor& seqlen_offsets, const OptTensor& cu_seqlens,
+              int64_t seqlen_offset, int64_t max_seqlen, bool interleaved, bool conjugate);
 
 FLASH_NAMESPACE_END

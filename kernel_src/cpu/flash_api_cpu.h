@@ -4,6 +4,7 @@
 // cannot serve.
 #pragma once
 #include "../common/params.h"
+#include "../common/rotary.h"
 
 FLASH_NAMESPACE_BEGIN
 
@@ -11,5 +12,6 @@ void run_fwd_cpu(const FwdParams& params);
 void run_bwd_cpu(const BwdParams& params);
 void run_kv_append_cpu(const KvAppendParams& params);
 void run_rotary_q_cpu(const RotaryQParams& params);
+void run_rotary_cpu(const RotaryParams& params);  // common/rotary.h
 
 FLASH_NAMESPACE_END

@@ -2,35 +2,18 @@
 // rotating the new keys) and run_rotary_q_cpu (the rotated copy of the queries). Conventions:
 // params.h (KvAppendParams, RotaryQParams) and docs/design.md (KV cache).
 //
-// Rotary (Su et al. 2021, RoFormer): the pair (x0, x1) of rotary index m becomes
-// (x0 cos - x1 sin, x0 sin + x1 cos) with cos/sin from table row = the token's position; pairs
-// are (2m, 2m+1) when interleaved (GPT-J) and (m, m + rotary_dim/2) otherwise (GPT-NeoX); the
-// dims past rotary_dim are copied. Computed in fp32 (fp64 for fp64) and rounded once, like FA2.
+// Rotary: rotate_row (rotary_cpu.h, the pair rotation of common/rotary.h) with cos/sin from table
+// row = the token's position; the dims past rotary_dim are copied.
 // Every task writes distinct rows, so the result does not depend on the thread count.
 #include "dtype_cpu.h"
 #include "flash_api_cpu.h"
 #include "layout_cpu.h"
 #include "parallel_cpu.h"
+#include "rotary_cpu.h"
 
 FLASH_NAMESPACE_BEGIN
 namespace cpu {
 namespace {
-
-template <typename T>
-void rotate_row(const T* src, T* dst, int d, int rotary_dim, bool interleaved, const T* cos_row,
-                const T* sin_row) {
-  using Acc = acc_t<T>;
-  const int half = rotary_dim / 2;
-  for (int m = 0; m < half; ++m) {
-    const int i0 = interleaved ? 2 * m : m;
-    const int i1 = interleaved ? 2 * m + 1 : m + half;
-    const Acc x0 = Traits<T>::load(src[i0]), x1 = Traits<T>::load(src[i1]);
-    const Acc c = Traits<T>::load(cos_row[m]), s = Traits<T>::load(sin_row[m]);
-    dst[i0] = Traits<T>::store(x0 * c - x1 * s);
-    dst[i1] = Traits<T>::store(x0 * s + x1 * c);
-  }
-  for (int col = rotary_dim; col < d; ++col) dst[col] = src[col];
-}
 
 void check_rotary(int rotary_dim, int head_dim, const void* cos, const void* sin) {
   if (rotary_dim < 0 || rotary_dim > head_dim || rotary_dim % 2 != 0)

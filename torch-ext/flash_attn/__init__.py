@@ -1,10 +1,13 @@
 """FlashAttention-2 compatible attention for the Hugging Face kernel hub (CPU and CUDA).
 
 The public functions carry FlashAttention-2's names and keyword arguments, so Transformers and
-existing callers can use this package as a drop-in (see flash_attn_interface.py).
+existing callers can use this package as a drop-in (see flash_attn_interface.py). The toolkit
+around them keeps FlashAttention-2's module paths: ``flash_attn.bert_padding``,
+``flash_attn.layers.rotary`` and ``flash_attn.modules.mha``. ``layers`` also holds this
+repository's kernel-hub layers for ``kernels.kernelize``.
 """
 
-from . import bert_padding, flash_attn_interface
+from . import bert_padding, flash_attn_interface, layers, modules
 from .flash_attn_interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -14,5 +17,8 @@ from .flash_attn_interface import (
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
 )
+from .modules import mha
+from .modules.mha import FlashCrossAttention, FlashSelfAttention
 
-__all__ = ["bert_padding", *flash_attn_interface.__all__]
+__all__ = ["bert_padding", "layers", "modules", "FlashCrossAttention", "FlashSelfAttention",
+           *flash_attn_interface.__all__]

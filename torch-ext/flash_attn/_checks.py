@@ -313,3 +313,34 @@ def fwd_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin
     if num_splits < 0:
         fail(f"num_splits must be >= 0 (0: the backend chooses), got {num_splits}")
     alibi(alibi_slopes, q, b, h)
+
+
+def rotary(x, cos, sin, seqlen_offsets, cu_seqlens):
+    """The `rotary` op: x (batch, seqlen, nheads, headdim), or (total, nheads, headdim) with
+    cu_seqlens; cos/sin (seqlen_ro, rotary_dim / 2) in x's dtype with rotary_dim <= headdim."""
+    varlen = cu_seqlens is not None
+    if varlen:
+        rank(x, "x", 3, "(total, nheads, headdim) since cu_seqlens is given")
+    else:
+        rank(x, "x", 4, "(batch, seqlen, nheads, headdim)")
+    if x.dtype not in _CPU_DTYPES:
+        fail(f"x has dtype {x.dtype}; rotary supports {', '.join(map(str, _CPU_DTYPES))}")
+    last_dim_contiguous(x, "x")
+    for t, name in ((cos, "cos"), (sin, "sin")):
+        if t.device != x.device:
+            fail(f"{name} is on {t.device} but x is on {x.device}; all tensors must be on the "
+                 f"same device")
+        if t.dtype != x.dtype:
+            fail(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; cos/sin must have x's "
+                 f"dtype")
+        rank(t, name, 2, "(seqlen_ro, rotary_dim / 2)")
+    if tuple(sin.shape) != tuple(cos.shape):
+        fail(f"sin must have shape {tuple(cos.shape)} matching cos, got {tuple(sin.shape)}")
+    if 2 * cos.shape[1] > x.shape[-1]:
+        fail(f"cos/sin have {cos.shape[1]} columns, so rotary_dim = {2 * cos.shape[1]} exceeds "
+             f"the head dimension {x.shape[-1]} of x")
+    batch = cu_seqlens.shape[0] - 1 if varlen else x.shape[0]
+    if varlen:
+        index_vector(cu_seqlens, "cu_seqlens", batch + 1, x, "(batch + 1)")
+    if seqlen_offsets is not None:
+        index_vector(seqlen_offsets, "seqlen_offsets", batch, x, "(batch)")

@@ -1,4 +1,4 @@
-"""Fake (meta) implementations of the five custom ops, and their autograd, registered once.
+"""Fake (meta) implementations of the custom ops, and their autograd, registered once.
 
 The fakes give ``torch.compile`` / ``torch.export`` the output shapes, dtypes and devices without
 running a kernel; they repeat the static argument checks (``_checks``) so that a traced call fails
@@ -164,3 +164,37 @@ torch.library.register_autograd(
 )
 torch.library.register_autograd(add_op_namespace_prefix("bwd"), _no_double_backward)
 torch.library.register_autograd(add_op_namespace_prefix("varlen_bwd"), _no_double_backward)
+
+
+# ---- rotary -------------------------------------------------------------------------------------
+# The rotation is linear and orthogonal in x, so its backward is the conjugate rotation (by -theta)
+# of the incoming gradient: the same op with `conjugate` flipped. cos/sin get no gradient, as in
+# FlashAttention-2.
+
+
+@torch.library.register_fake(add_op_namespace_prefix("rotary"))
+def _rotary_fake(x, cos, sin, seqlen_offsets, cu_seqlens, seqlen_offset, max_seqlen, interleaved,
+                 conjugate):
+    _checks.rotary(x, cos, sin, seqlen_offsets, cu_seqlens)
+    return x.new_empty(x.shape)
+
+
+def _rotary_setup_context(ctx, inputs, output):
+    x, cos, sin, seqlen_offsets, cu_seqlens, seqlen_offset, max_seqlen, interleaved, conjugate = (
+        inputs
+    )
+    ctx.save_for_backward(cos, sin, seqlen_offsets, cu_seqlens)
+    ctx.scalars = (seqlen_offset, max_seqlen, interleaved, conjugate)
+
+
+def _rotary_backward(ctx, dout):
+    cos, sin, seqlen_offsets, cu_seqlens = ctx.saved_tensors
+    seqlen_offset, max_seqlen, interleaved, conjugate = ctx.scalars
+    dx = ops.rotary(_contiguous_last(dout), cos, sin, seqlen_offsets, cu_seqlens, seqlen_offset,
+                    max_seqlen, interleaved, not conjugate)
+    return (dx,) + (None,) * 8
+
+
+torch.library.register_autograd(
+    add_op_namespace_prefix("rotary"), _rotary_backward, setup_context=_rotary_setup_context
+)

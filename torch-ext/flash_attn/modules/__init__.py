@@ -1,0 +1,1 @@
+"""FlashAttention-2's module wrappers (``flash_attn.modules.mha``)."""
