@@ -24,11 +24,13 @@ namespace {
 
 template <typename T>
 struct BwdScratch {
+  using Tile = tile_t<T>;
   using Acc = acc_t<T>;
   // Tiles (thread-local, reused across calls).
-  std::vector<Acc> qs, dout, kt, ks, vt, s, tanh_s, dp, pt, dst, dk, dv;
+  std::vector<Tile> qs, dout, kt, ks, vt, s, tanh_s, dp, pt, dst, prod;
+  std::vector<Acc> dk, dv;
   std::vector<uint8_t> keep;
-  TileRows<Acc> rows;
+  TileRows<Tile> rows;
   KvTileRows kv;
   // Per task, (seqlen_q * group) rows: pointers into the task's own buffers (not kept across
   // calls, since their size follows the sequence length).
@@ -49,6 +51,7 @@ struct BwdScratch {
     grow_to(dst, kBlockN * kBlockM);
     grow_to(dk, kBlockN * dpad);
     grow_to(dv, kBlockN * dpad);
+    grow_to(prod, (kBlockM > kBlockN ? kBlockM : kBlockN) * dpad);
     grow_to(keep, kBlockM * kBlockN);
   }
 };
@@ -87,6 +90,7 @@ BwdOffsets bwd_offsets(const BwdParams& p, int b) {
 template <typename T>
 void recompute_lse(const AttnCtx<T>& c, const SeqInfo& s, const Mask& mask, int b, int hk,
                    BwdScratch<T>& sc) {
+  using Tile = tile_t<T>;
   using Acc = acc_t<T>;
   const int packed = s.seqlen_q * c.pr.group;
   for (int pr0 = 0; pr0 < packed; pr0 += kBlockM) {
@@ -103,14 +107,14 @@ void recompute_lse(const AttnCtx<T>& c, const SeqInfo& s, const Mask& mask, int 
       kv_row_offsets(c.p, s, n0, n, sc.kv.k, sc.kv.v);
       load_k_transposed(c, sc.kv, hk, n, sc.kt.data());
       compute_scores(c, mask, sc.rows, sc.qs.data(), sc.kt.data(), n0, n, sc.s.data(),
-                     static_cast<Acc*>(nullptr));
+                     static_cast<Tile*>(nullptr));
       for (int r = 0; r < nrows; ++r) {
-        Acc* srow = sc.s.data() + r * kBlockN;
-        Acc mx = -static_cast<Acc>(INFINITY);
+        Tile* srow = sc.s.data() + r * kBlockN;
+        Tile mx = -static_cast<Tile>(INFINITY);
         for (int j = 0; j < n; ++j) mx = srow[j] > mx ? srow[j] : mx;
         state[r].rescale(mx);
-        for (int j = n; j < pad_up(n); ++j) srow[j] = -static_cast<Acc>(INFINITY);
-        state[r].add(exp_row(srow, pad_up(n), state[r].offset()));
+        for (int j = n; j < pad_up(n); ++j) srow[j] = -static_cast<Tile>(INFINITY);
+        state[r].add(exp_row(srow, pad_up(n), static_cast<Tile>(state[r].offset())));
       }
     }
     for (int r = 0; r < nrows; ++r) sc.lse[pr0 + r] = state[r].lse();
@@ -119,6 +123,7 @@ void recompute_lse(const AttnCtx<T>& c, const SeqInfo& s, const Mask& mask, int 
 
 template <typename T>
 void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch<T>& sc) {
+  using Tile = tile_t<T>;
   using Acc = acc_t<T>;
   const SeqInfo& s = c.pr.seqs[b];
   const BwdOffsets off = bwd_offsets(p, b);
@@ -141,19 +146,20 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
     const T* orow = out + i * p.o_row_stride + h * p.o_head_stride;
     Acc acc = Acc(0);
     for (int col = 0; col < d; ++col)
-      acc += Traits<T>::load(dorow[col]) * Traits<T>::load(orow[col]);
+      acc += Acc(Traits<T>::load(dorow[col])) * Acc(Traits<T>::load(orow[col]));
     sc.dsum[pi] = acc;
     sc.lse[pi] = static_cast<Acc>(p.softmax_lse_ptr[s.lse_off + h * c.pr.lse_head_stride + i]);
   }
-  // fp32 and fp64 inputs (fp64 accumulation) recompute lse at that precision: the saved lse is
-  // fp32, and its rounding (~1e-7 relative in P) would be the largest error of their gradients.
-  if (sizeof(Acc) > sizeof(float)) recompute_lse(c, s, mask, b, hk, sc);
+  // fp64 inputs recompute lse at fp64: the saved lse is fp32, and its rounding (~1e-7 relative
+  // in P) would be the largest error of their gradients. fp32 inputs have fp32 tiles, whose
+  // logits carry that error anyway.
+  if (sizeof(Tile) > sizeof(float)) recompute_lse(c, s, mask, b, hk, sc);
 
   T* dk_out = static_cast<T*>(p.dk_ptr) + off.dk + hk * p.dk_head_stride;
   T* dv_out = static_cast<T*>(p.dv_ptr) + off.dv + hk * p.dv_head_stride;
   const T* kbase = c.k() + off.k + hk * p.k_head_stride;
   const T* vbase = c.v() + off.v + hk * p.v_head_stride;
-  const Acc ninf = -static_cast<Acc>(INFINITY);
+  const Tile ninf = -static_cast<Tile>(INFINITY);
 
   for (int n0 = 0; n0 < s.seqlen_k; n0 += kBlockN) {
     const int n = s.seqlen_k - n0 < kBlockN ? s.seqlen_k - n0 : kBlockN;
@@ -175,56 +181,58 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
     }
     for (int pr0 = ib * group; pr0 < ie * group; pr0 += kBlockM) {
       const int nrows = ie * group - pr0 < kBlockM ? ie * group - pr0 : kBlockM;
-      TileRows<Acc>& rows = sc.rows;
+      TileRows<Tile>& rows = sc.rows;
       make_tile_rows(c, b, hk, pr0, nrows, &rows);
       load_rows(c.q() + s.q_off, p.q_row_stride, p.q_head_stride, rows, d, dpad, c.scale,
                 sc.qs.data());
-      load_rows(dout, p.do_row_stride, p.do_head_stride, rows, d, dpad, Acc(1), sc.dout.data());
+      load_rows(dout, p.do_row_stride, p.do_head_stride, rows, d, dpad, Tile(1), sc.dout.data());
       // S = Q K^T, then P = exp(S - lse)
       compute_scores(c, mask, rows, sc.qs.data(), sc.kt.data(), n0, n, sc.s.data(),
-                     c.has_softcap ? sc.tanh_s.data() : static_cast<Acc*>(nullptr));
+                     c.has_softcap ? sc.tanh_s.data() : static_cast<Tile*>(nullptr));
       for (int r = 0; r < nrows; ++r) {
-        Acc* srow = sc.s.data() + r * kBlockN;
+        Tile* srow = sc.s.data() + r * kBlockN;
         for (int j = n; j < pad_up(n); ++j) srow[j] = ninf;
-        exp_row(srow, pad_up(n), sc.lse[pr0 + r]);  // masked -inf, and rows with lse = +inf, give 0
+        exp_row(srow, pad_up(n), static_cast<Tile>(sc.lse[pr0 + r]));  // masked -inf, and rows with lse = +inf, give 0
       }
       if (c.has_dropout) dropout_keep_tile(c, rows, n0, n, sc.keep.data());
       // dV += (P o Z)^T dO, with Z = keep * keep_scale
       for (int r = 0; r < nrows; ++r)
         for (int j = 0; j < n; ++j) {
-          Acc pz = sc.s[r * kBlockN + j];
-          if (c.has_dropout) pz = sc.keep[r * kBlockN + j] ? pz * c.keep_scale : Acc(0);
+          Tile pz = sc.s[r * kBlockN + j];
+          if (c.has_dropout)
+            pz = sc.keep[r * kBlockN + j] ? static_cast<Tile>(pz * c.keep_scale) : Tile(0);
           sc.pt[j * kBlockM + r] = pz;
         }
-      gemm(sc.pt.data(), kBlockM, sc.dout.data(), dpad, sc.dv.data(), dpad, n, nrows, dpad,
-           /*accumulate=*/true);
+      gemm_add(sc.pt.data(), kBlockM, sc.dout.data(), dpad, sc.dv.data(), dpad, sc.prod.data(), n,
+               nrows, dpad);
       // dP = (dO V^T) o Z
       gemm(sc.dout.data(), dpad, sc.vt.data(), kBlockN, sc.dp.data(), kBlockN, nrows, d,
            pad_up(n), /*accumulate=*/false);
       // dS = P o (dP - D), o (1 - tanh^2) under softcap; kept in dp
       for (int r = 0; r < nrows; ++r) {
-        const Acc dsum = sc.dsum[pr0 + r];
-        const Acc* prow = sc.s.data() + r * kBlockN;
-        Acc* dprow = sc.dp.data() + r * kBlockN;
+        const Tile dsum = static_cast<Tile>(sc.dsum[pr0 + r]);
+        const Tile* prow = sc.s.data() + r * kBlockN;
+        Tile* dprow = sc.dp.data() + r * kBlockN;
         for (int j = 0; j < n; ++j) {
-          Acc dpz = dprow[j];
-          if (c.has_dropout) dpz = sc.keep[r * kBlockN + j] ? dpz * c.keep_scale : Acc(0);
-          Acc ds = prow[j] * (dpz - dsum);
+          Tile dpz = dprow[j];
+          if (c.has_dropout)
+            dpz = sc.keep[r * kBlockN + j] ? static_cast<Tile>(dpz * c.keep_scale) : Tile(0);
+          Tile ds = prow[j] * (dpz - dsum);
           if (c.has_softcap) {
-            const Acc t = sc.tanh_s[r * kBlockN + j];
-            ds *= Acc(1) - t * t;
+            const Tile t = sc.tanh_s[r * kBlockN + j];
+            ds *= Tile(1) - t * t;
           }
           dprow[j] = ds;
         }
       }
       // dQ += dS K (softmax_scale applied once when dQ is written)
       Acc* dq_tile = sc.dq + static_cast<int64_t>(pr0) * dpad;
-      gemm(sc.dp.data(), kBlockN, sc.ks.data(), dpad, dq_tile, dpad, nrows, n, dpad,
-           /*accumulate=*/true);
+      gemm_add(sc.dp.data(), kBlockN, sc.ks.data(), dpad, dq_tile, dpad, sc.prod.data(), nrows, n,
+               dpad);
       // dK += dS^T (scale Q)
       transpose(sc.dp.data(), kBlockN, sc.dst.data(), kBlockM, nrows, n);
-      gemm(sc.dst.data(), kBlockM, sc.qs.data(), dpad, sc.dk.data(), dpad, n, nrows, dpad,
-           /*accumulate=*/true);
+      gemm_add(sc.dst.data(), kBlockM, sc.qs.data(), dpad, sc.dk.data(), dpad, sc.prod.data(), n,
+               nrows, dpad);
     }
     for (int j = 0; j < n; ++j) {
       T* dkrow = dk_out + static_cast<int64_t>(n0 + j) * p.dk_row_stride;

@@ -20,10 +20,12 @@ namespace {
 
 template <typename T>
 struct FwdScratch {
+  using Tile = tile_t<T>;
   using Acc = acc_t<T>;
-  std::vector<Acc> q, kt, v, s, o;
+  std::vector<Tile> q, kt, v, s, pv;
+  std::vector<Acc> o;
   std::vector<uint8_t> keep;
-  TileRows<Acc> rows;
+  TileRows<Tile> rows;
   KvTileRows kv;
   SoftmaxState<Acc> state[kBlockM];
 
@@ -33,6 +35,7 @@ struct FwdScratch {
     grow_to(v, kBlockN * dpad);
     grow_to(s, kBlockM * kBlockN);
     grow_to(o, kBlockM * dpad);
+    grow_to(pv, kBlockM * dpad);
     grow_to(keep, kBlockM * kBlockN);
   }
 };
@@ -42,25 +45,25 @@ struct FwdScratch {
 template <typename T>
 void write_dmask_tile(const AttnCtx<T>& c, const SeqInfo& s, const Mask& mask, int b, int hk,
                       int nb, int ne, FwdScratch<T>& sc, const acc_t<T>* lse) {
-  using Acc = acc_t<T>;
+  using Tile = tile_t<T>;
   T* p_out = static_cast<T*>(c.p.p_ptr);
-  const TileRows<Acc>& rows = sc.rows;
+  const TileRows<Tile>& rows = sc.rows;
   for (int n0 = nb; n0 < ne; n0 += kBlockN) {
     const int n = ne - n0 < kBlockN ? ne - n0 : kBlockN;
     kv_row_offsets(c.p, s, n0, n, sc.kv.k, sc.kv.v);
     load_k_transposed(c, sc.kv, hk, n, sc.kt.data());
     compute_scores(c, mask, rows, sc.q.data(), sc.kt.data(), n0, n, sc.s.data(),
-                   static_cast<Acc*>(nullptr));
+                   static_cast<Tile*>(nullptr));
     if (c.has_dropout) dropout_keep_tile(c, rows, n0, n, sc.keep.data());
     for (int r = 0; r < rows.n; ++r) {
-      Acc* srow = sc.s.data() + r * kBlockN;
-      for (int j = n; j < pad_up(n); ++j) srow[j] = -static_cast<Acc>(INFINITY);
-      exp_row(srow, pad_up(n), lse[r]);  // P = exp(S - lse); masked entries become 0
+      Tile* srow = sc.s.data() + r * kBlockN;
+      for (int j = n; j < pad_up(n); ++j) srow[j] = -static_cast<Tile>(INFINITY);
+      exp_row(srow, pad_up(n), static_cast<Tile>(lse[r]));  // P = exp(S - lse); masked: 0
       T* prow = p_out + ((static_cast<int64_t>(b) * c.pr.nheads + rows.h[r]) * c.p.seqlen_q +
                          rows.i[r]) * static_cast<int64_t>(c.p.seqlen_k) + n0;
       for (int j = 0; j < n; ++j) {
-        if (srow[j] == Acc(0)) continue;  // masked (or underflowed): keep the zero already there
-        const Acc prob = c.has_dropout && !sc.keep[r * kBlockN + j] ? -srow[j] : srow[j];
+        if (srow[j] == Tile(0)) continue;  // masked (or underflowed): keep the zero already there
+        const Tile prob = c.has_dropout && !sc.keep[r * kBlockN + j] ? -srow[j] : srow[j];
         prow[j] = Traits<T>::store(prob);
       }
     }
@@ -69,6 +72,7 @@ void write_dmask_tile(const AttnCtx<T>& c, const SeqInfo& s, const Mask& mask, i
 
 template <typename T>
 void fwd_tile(const AttnCtx<T>& c, int b, int hk, int m_block, FwdScratch<T>& sc) {
+  using Tile = tile_t<T>;
   using Acc = acc_t<T>;
   const FwdParams& p = c.p;
   const SeqInfo& s = c.pr.seqs[b];
@@ -76,7 +80,7 @@ void fwd_tile(const AttnCtx<T>& c, int b, int hk, int m_block, FwdScratch<T>& sc
   const int pr0 = m_block * kBlockM;
   const int packed = s.seqlen_q * c.pr.group;
   const int nrows = packed - pr0 < kBlockM ? packed - pr0 : kBlockM;
-  TileRows<Acc>& rows = sc.rows;
+  TileRows<Tile>& rows = sc.rows;
   make_tile_rows(c, b, hk, pr0, nrows, &rows);
   load_rows(c.q() + s.q_off, p.q_row_stride, p.q_head_stride, rows, d, dpad, c.scale,
             sc.q.data());
@@ -97,11 +101,11 @@ void fwd_tile(const AttnCtx<T>& c, int b, int hk, int m_block, FwdScratch<T>& sc
     load_kv_rows(vbase, sc.kv.v, n, d, dpad, sc.v.data());
     // S = Q K^T (scaled, softcapped, ALiBi, masked)
     compute_scores(c, mask, rows, sc.q.data(), sc.kt.data(), n0, n, sc.s.data(),
-                   static_cast<Acc*>(nullptr));
+                   static_cast<Tile*>(nullptr));
     // online softmax: P = exp(S - row_max), rescale O where row_max moved
     for (int r = 0; r < nrows; ++r) {
-      Acc* srow = sc.s.data() + r * kBlockN;
-      Acc block_max = -static_cast<Acc>(INFINITY);
+      Tile* srow = sc.s.data() + r * kBlockN;
+      Tile block_max = -static_cast<Tile>(INFINITY);
       for (int j = 0; j < n; ++j) block_max = srow[j] > block_max ? srow[j] : block_max;
       SoftmaxState<Acc>& st = sc.state[r];
       const Acc factor = st.rescale(block_max);
@@ -109,17 +113,18 @@ void fwd_tile(const AttnCtx<T>& c, int b, int hk, int m_block, FwdScratch<T>& sc
         Acc* orow = o + r * dpad;
         for (int col = 0; col < dpad; ++col) orow[col] *= factor;
       }
-      for (int j = n; j < pad_up(n); ++j) srow[j] = -static_cast<Acc>(INFINITY);
-      st.add(exp_row(srow, pad_up(n), st.offset()));  // the normaliser counts dropped ones too
+      for (int j = n; j < pad_up(n); ++j) srow[j] = -static_cast<Tile>(INFINITY);
+      // (the offset is a tile value or 0, so exact in Tile)
+      st.add(exp_row(srow, pad_up(n), static_cast<Tile>(st.offset())));  // counts dropped ones too
     }
     // dropout: zero the dropped probabilities (keep_scale is folded into the final division)
     if (c.has_dropout) {
       dropout_keep_tile(c, rows, n0, n, sc.keep.data());
       for (int e = 0; e < nrows * kBlockN; ++e)
-        if (!sc.keep[e]) sc.s[e] = Acc(0);
+        if (!sc.keep[e]) sc.s[e] = Tile(0);
     }
     // O += P V
-    gemm(sc.s.data(), kBlockN, sc.v.data(), dpad, o, dpad, nrows, n, dpad, /*accumulate=*/true);
+    gemm_add(sc.s.data(), kBlockN, sc.v.data(), dpad, o, dpad, sc.pv.data(), nrows, n, dpad);
   }
 
   // epilogue: O /= row_sum (x keep_scale), lse; rows that saw no key get O = 0, lse = +inf
