@@ -110,10 +110,8 @@ void recompute_lse(const AttnCtx<T>& c, const SeqInfo& s, const Mask& mask, int 
                      static_cast<Tile*>(nullptr));
       for (int r = 0; r < nrows; ++r) {
         Tile* srow = sc.s.data() + r * kBlockN;
-        Tile mx = -static_cast<Tile>(INFINITY);
-        for (int j = 0; j < n; ++j) mx = srow[j] > mx ? srow[j] : mx;
-        state[r].rescale(mx);
         for (int j = n; j < pad_up(n); ++j) srow[j] = -static_cast<Tile>(INFINITY);
+        state[r].rescale(row_max(srow, pad_up(n)));
         state[r].add(exp_row(srow, pad_up(n), static_cast<Tile>(state[r].offset())));
       }
     }

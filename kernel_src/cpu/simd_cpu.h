@@ -48,6 +48,11 @@ inline void gemm_add(const Tile* A, int lda, const Tile* B, int ldb, Acc* C, int
   }
 }
 
+// max of x[j] for j < n_pad (-inf when all are -inf; NaN entries are skipped, as the scalar
+// `x > m ? x : m` does).
+float row_max(const float* x, int n_pad);
+double row_max(const double* x, int n_pad);
+
 // dst[cols x rows] = src[rows x cols]^T (for the products that need a transposed operand).
 template <typename Acc>
 inline void transpose(const Acc* src, int lds, Acc* dst, int ldd, int rows, int cols) {
