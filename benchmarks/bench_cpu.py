@@ -135,10 +135,10 @@ def hf_checks(build, rounds):
 
     cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1024,
                       num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
-    ids = torch.randint(3, cfg.vocab_size, (2, 1024), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, cfg.vocab_size, (2, 512), generator=torch.Generator().manual_seed(0))
     for dtype in (torch.float32, torch.bfloat16):
         models = twin_models(cfg, (ours_name, "sdpa"), dtype=dtype)
-        record("Llama prefill 2x1024 (d 64, GQA 8/4)", dtype, ids.numel(), models,
+        record("Llama prefill 2x512 (d 64, GQA 8/4)", dtype, ids.numel(), models,
                lambda m: m(ids))
     return rows
 
