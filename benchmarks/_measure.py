@@ -118,4 +118,5 @@ def cpu_info():
         pass
     isa = [x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if x in flags]
     load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    return {"model": model, "cores": os.cpu_count(), "isa": isa, "loadavg": load}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"model": model, "cores": cores, "isa": isa, "loadavg": load}

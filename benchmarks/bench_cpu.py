@@ -4,8 +4,9 @@ Points: forward and forward+backward; fp32 and bf16; head dim 64/128; seqlen 512
 and not; at 2 threads and at every core of the machine (each thread count in its own process
 with OMP_NUM_THREADS and torch.set_num_threads set to it, so that our OpenMP team and torch's
 intra-op pool have the same size). batch x heads shrink with seqlen^2 and grow as 1/hdim so that
-each point is the same work (~4 GFLOP forward at 2k); 8k runs only with more than 2 threads or
---long (it takes seconds per call on 2 cores).
+each point is the same work per thread (~2 GFLOP forward per 2 threads), with at least one
+sequence x head per thread; 8k runs only with more than 2 threads or --long (it takes seconds per
+call on 2 cores).
 
 Layouts: each side gets its natural, fastest layout: ours takes (batch, seqlen, heads, dim)
 contiguous (the flash_attn_func layout), SDPA takes (batch, heads, seqlen, dim) contiguous
@@ -44,10 +45,12 @@ def load_flash(build):
     return kernels.get_local_kernel(variants[-1])
 
 
-def point_shape(seqlen, hdim):
-    """(batch, heads): batch * heads * seqlen^2 * hdim constant (2 x 2 heads at 1k, d 64), at least
-    2 sequences x heads so that the backward (one task per sequence and head) can use 2 threads."""
-    units = max(2, (4 * 1024 * 1024 * 64) // (seqlen * seqlen * hdim))
+def point_shape(seqlen, hdim, threads):
+    """(batch, heads): batch * heads * seqlen^2 * hdim constant per thread (2 x 2 heads at 1k,
+    d 64, for 2 threads), and at least one sequence x head per thread so that the backward (one
+    task per sequence and K/V head) can use every thread."""
+    scale = max(1, threads // 2)
+    units = max(2 * scale, (4 * 1024 * 1024 * 64 * scale) // (seqlen * seqlen * hdim))
     batch = 2 if units >= 2 else 1
     return batch, units // batch
 
@@ -67,7 +70,7 @@ def interleaved(fns, rounds):
 def attention_point(flash, dtype, hdim, seqlen, causal, mode, rounds):
     import torch
     import torch.nn.functional as F
-    batch, heads = point_shape(seqlen, hdim)
+    batch, heads = point_shape(seqlen, hdim, torch.get_num_threads())
     g = torch.Generator().manual_seed(seqlen + hdim)
     q, k, v = (torch.randn(batch, seqlen, heads, hdim, generator=g).to(dtype) for _ in range(3))
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
@@ -168,7 +171,12 @@ def cpu_sweep(args, threads):
                               f"  sdpa {row['sdpa_ms']:8.1f} ms  ratio {row['ratio']:.2f}",
                               flush=True)
                         rows.append(row)
-    hf = [] if args.no_hf else hf_checks(args.build, args.rounds)
+    hf = []
+    if not args.no_hf:
+        try:
+            hf = hf_checks(args.build, args.rounds)
+        except Exception as e:  # e.g. no MiniLM weights on this machine: keep the sweep, say why
+            hf = [{"model": "transformers checks", "error": f"{type(e).__name__}: {e}"[:300]}]
     return {"threads": threads, "torch_threads": torch.get_num_threads(),
             "loadavg_before": load_before, "loadavg_after": cpu_info()["loadavg"],
             "rows": rows, "hf": hf}
@@ -185,6 +193,9 @@ def print_table(result):
                   f"{int(r['causal']):7d}{r['batch']:>4d}x{r['heads']:<3d}{r['ours_ms']:10.1f}"
                   f"{r['sdpa_ms']:10.1f}{r['ratio']:7.2f}")
         for r in run["hf"]:
+            if "error" in r:
+                print(f"{r['model']}: {r['error']}")
+                continue
             print(f"{r['model']:40s}{r['dtype']:9s} ours {r['ours_tok_s']:9.0f} tok/s  sdpa "
                   f"{r['sdpa_tok_s']:9.0f} tok/s  ratio {r['ratio']:.2f}")
 
@@ -212,7 +223,7 @@ def main():
 
     import torch
     from _measure import cpu_info, git_sha
-    ncores = os.cpu_count()
+    ncores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     counts = []
     for t in args.threads.split(","):
         n = ncores if t == "all" else int(t)
