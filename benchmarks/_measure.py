@@ -5,7 +5,6 @@ The rules behind them (exact attended area, medians over CUDA events, peers in t
 written out in docs/benchmarking.md; a tool that needs another kind of number adds it here.
 """
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -100,23 +99,3 @@ def clocks():
 def repo_relative(path):
     """A path as result files record it: relative to the repository root."""
     return os.path.relpath(os.path.abspath(path), ROOT)
-
-
-def cpu_info():
-    """The CPU a run measured: model, core count, vector extensions, load average (the machine
-    may be shared: a load above the core count means the timings carry other work)."""
-    model, flags = platform.processor(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-    except OSError:
-        pass
-    isa = [x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if x in flags]
-    load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"model": model, "cores": cores, "isa": isa, "loadavg": load}

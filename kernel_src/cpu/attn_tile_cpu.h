@@ -22,25 +22,24 @@
 FLASH_NAMESPACE_BEGIN
 namespace cpu {
 
-// Per-call constants, converted once to the tile type (keep_scale to the accumulation type).
+// Per-call constants, converted once to the accumulation type.
 template <typename T>
 struct AttnCtx {
-  using Tile = tile_t<T>;
+  using Acc = acc_t<T>;
   const FwdParams& p;
   const Problem& pr;
-  Tile scale, softcap, inv_softcap;
-  acc_t<T> keep_scale;
+  Acc scale, softcap, inv_softcap, keep_scale;
   bool has_softcap, has_alibi, has_dropout;
   uint32_t threshold;
 
   AttnCtx(const FwdParams& params, const Problem& problem)
       : p(params),
         pr(problem),
-        scale(static_cast<Tile>(params.softmax_scale)),
-        softcap(static_cast<Tile>(params.softcap)),
-        inv_softcap(params.softcap > 0.f ? Tile(1) / static_cast<Tile>(params.softcap) : Tile(0)),
-        // In acc_t (not the float keep_scale field) so that fp32/fp64 keep fp64 accuracy.
-        keep_scale(acc_t<T>(1) / (acc_t<T>(1) - static_cast<acc_t<T>>(params.p_dropout))),
+        scale(static_cast<Acc>(params.softmax_scale)),
+        softcap(static_cast<Acc>(params.softcap)),
+        inv_softcap(params.softcap > 0.f ? Acc(1) / static_cast<Acc>(params.softcap) : Acc(0)),
+        // In Acc (not the float keep_scale field) so that fp64 keeps fp64 accuracy.
+        keep_scale(Acc(1) / (Acc(1) - static_cast<Acc>(params.p_dropout))),
         has_softcap(params.softcap > 0.f),
         has_alibi(params.alibi_slopes != nullptr),
         has_dropout(params.p_dropout > 0.f),
@@ -52,19 +51,19 @@ struct AttnCtx {
 };
 
 // What each packed row of a query tile is.
-template <typename Tile>
+template <typename Acc>
 struct TileRows {
   int n = 0;               // rows in the tile
   int i_first = 0, i_last = 0;  // query rows covered (inclusive)
   int i[kBlockM];          // query row within the sequence
   int h[kBlockM];          // query head
-  Tile slope[kBlockM];      // ALiBi slope of (b, h), 0 without ALiBi
+  Acc slope[kBlockM];      // ALiBi slope of (b, h), 0 without ALiBi
   uint64_t subseq[kBlockM];  // dropout subsequence of (b, h)
 };
 
 template <typename T>
 void make_tile_rows(const AttnCtx<T>& c, int b, int hk, int pr0, int n,
-                    TileRows<tile_t<T>>* rows) {
+                    TileRows<acc_t<T>>* rows) {
   const int group = c.pr.group;
   rows->n = n;
   for (int r = 0; r < n; ++r) {
@@ -73,9 +72,9 @@ void make_tile_rows(const AttnCtx<T>& c, int b, int hk, int pr0, int n,
     rows->i[r] = pi / group;
     rows->h[r] = h;
     rows->slope[r] =
-        c.has_alibi ? static_cast<tile_t<T>>(
+        c.has_alibi ? static_cast<acc_t<T>>(
                           c.p.alibi_slopes[static_cast<int64_t>(b) * c.p.alibi_batch_stride + h])
-                    : tile_t<T>(0);
+                    : acc_t<T>(0);
     rows->subseq[r] = c.p.offset + static_cast<uint64_t>(b) * c.pr.nheads + h;
   }
   rows->i_first = rows->i[0];
@@ -86,12 +85,12 @@ void make_tile_rows(const AttnCtx<T>& c, int b, int hk, int pr0, int n,
 // (row 0, head 0) of the sequence; rows live at src_base + i * row_stride + h * head_stride.
 template <typename T>
 void load_rows(const T* src_base, int64_t row_stride, int64_t head_stride,
-               const TileRows<tile_t<T>>& rows, int d, int dpad, tile_t<T> factor, tile_t<T>* dst) {
+               const TileRows<acc_t<T>>& rows, int d, int dpad, acc_t<T> factor, acc_t<T>* dst) {
   for (int r = 0; r < rows.n; ++r) {
     const T* src = src_base + rows.i[r] * row_stride + rows.h[r] * head_stride;
-    tile_t<T>* out = dst + r * dpad;
+    acc_t<T>* out = dst + r * dpad;
     for (int c = 0; c < d; ++c) out[c] = Traits<T>::load(src[c]) * factor;
-    for (int c = d; c < dpad; ++c) out[c] = tile_t<T>(0);
+    for (int c = d; c < dpad; ++c) out[c] = acc_t<T>(0);
   }
 }
 
@@ -104,7 +103,7 @@ struct KvTileRows {
 // kt[c][j] = K[n0 + j][c] (transposed, for S = Q K^T), for c < d, j < n.
 template <typename T>
 void load_k_transposed(const AttnCtx<T>& c, const KvTileRows& kv, int hk, int n,
-                       tile_t<T>* kt) {
+                       acc_t<T>* kt) {
   const T* kbase = c.k() + hk * c.p.k_head_stride;
   const int d = c.pr.d;
   for (int j = 0; j < n; ++j) {
@@ -116,12 +115,12 @@ void load_k_transposed(const AttnCtx<T>& c, const KvTileRows& kv, int hk, int n,
 // dst[j][c] = X[n0 + j][c] row-major (zero padded to dpad), X = K or V.
 template <typename T>
 void load_kv_rows(const T* base, const int64_t* row_off, int n, int d, int dpad,
-                  tile_t<T>* dst) {
+                  acc_t<T>* dst) {
   for (int j = 0; j < n; ++j) {
     const T* src = base + row_off[j];
-    tile_t<T>* out = dst + j * dpad;
+    acc_t<T>* out = dst + j * dpad;
     for (int col = 0; col < d; ++col) out[col] = Traits<T>::load(src[col]);
-    for (int col = d; col < dpad; ++col) out[col] = tile_t<T>(0);
+    for (int col = d; col < dpad; ++col) out[col] = acc_t<T>(0);
   }
 }
 
@@ -129,34 +128,34 @@ void load_kv_rows(const T* base, const int64_t* row_off, int n, int d, int dpad,
 // -inf where masked. qs holds the query tile pre-scaled by softmax_scale. When tanh_out is given
 // (backward with softcap) it receives tanh(scale * q.k / softcap) for the chain rule.
 template <typename T>
-void compute_scores(const AttnCtx<T>& c, const Mask& mask, const TileRows<tile_t<T>>& rows,
-                    const tile_t<T>* qs, const tile_t<T>* kt, int n0, int n, tile_t<T>* S,
-                    tile_t<T>* tanh_out) {
-  using Tile = tile_t<T>;
+void compute_scores(const AttnCtx<T>& c, const Mask& mask, const TileRows<acc_t<T>>& rows,
+                    const acc_t<T>* qs, const acc_t<T>* kt, int n0, int n, acc_t<T>* S,
+                    acc_t<T>* tanh_out) {
+  using Acc = acc_t<T>;
   const int nrows = rows.n;
   // S = Q K^T (columns past n up to the padding are computed and ignored)
   gemm(qs, c.pr.dpad, kt, kBlockN, S, kBlockN, nrows, c.pr.d, pad_up(n), /*accumulate=*/false);
   const bool full = mask.tile_is_full(rows.i_first, rows.i_last + 1, n0, n0 + n);
   const int shift = mask.seqlen_k - mask.seqlen_q;
   for (int r = 0; r < nrows; ++r) {
-    Tile* srow = S + r * kBlockN;
+    Acc* srow = S + r * kBlockN;
     if (c.has_softcap) {
-      Tile* trow = tanh_out != nullptr ? tanh_out + r * kBlockN : nullptr;
+      Acc* trow = tanh_out != nullptr ? tanh_out + r * kBlockN : nullptr;
       for (int j = 0; j < n; ++j) {
-        Tile t;
+        Acc t;
         srow[j] = softcap_apply(srow[j], c.softcap, c.inv_softcap, &t);
         if (trow != nullptr) trow[j] = t;
       }
     }
     if (c.has_alibi) {
-      const Tile slope = rows.slope[r];
+      const Acc slope = rows.slope[r];
       const int i = rows.i[r];
       for (int j = 0; j < n; ++j) srow[j] += alibi_bias(slope, i, n0 + j, shift);
     }
     if (!full) {
       int cb, ce;
       mask.col_limits(rows.i[r], &cb, &ce);
-      const Tile ninf = -static_cast<Tile>(INFINITY);
+      const Acc ninf = -static_cast<Acc>(INFINITY);
       for (int j = 0; j < n; ++j) {
         const int col = n0 + j;
         if (col < cb || col >= ce) srow[j] = ninf;
@@ -167,7 +166,7 @@ void compute_scores(const AttnCtx<T>& c, const Mask& mask, const TileRows<tile_t
 
 // keep[r][j] = 1 where element (row, key n0 + j) survives dropout, else 0 (philox.h spec).
 template <typename T>
-void dropout_keep_tile(const AttnCtx<T>& c, const TileRows<tile_t<T>>& rows, int n0, int n,
+void dropout_keep_tile(const AttnCtx<T>& c, const TileRows<acc_t<T>>& rows, int n0, int n,
                        uint8_t* keep) {
   for (int r = 0; r < rows.n; ++r) {
     uint8_t* krow = keep + r * kBlockN;

@@ -80,40 +80,34 @@ inline uint16_t float_to_bf16(float x) {
   return static_cast<uint16_t>((f + 0x7fffu + lsb) >> 16);  // overflow rounds to inf correctly
 }
 
-// Per storage type: the tile type (scratch tiles, GEMMs, exp: fp32 except for fp64 inputs), the
-// accumulation type (sums across tiles: O, the softmax normaliser, dQ/dK/dV) and the scalar
-// conversions.
+// Per storage type: the accumulation type and the scalar conversions.
 template <typename T>
 struct Traits;
 template <>
 struct Traits<Half> {
-  using Tile = float;
   using Acc = float;
   static float load(Half x) { return half_to_float(x.bits); }
   static Half store(float x) { return Half{float_to_half(x)}; }
 };
 template <>
 struct Traits<BFloat16> {
-  using Tile = float;
   using Acc = float;
   static float load(BFloat16 x) { return bf16_to_float(x.bits); }
   static BFloat16 store(float x) { return BFloat16{float_to_bf16(x)}; }
 };
-// fp32 inputs: fp32 tiles (GEMMs at the fp32 rate, as PyTorch's own attention) but fp64 sums
-// across tiles. Everything in fp32 failed the project's tolerance rule (max|ours - ref| <=
-// 2 max|torch_fp32 - ref| + 1 ulp) on long reductions: dK of MQA sums seqlen_q * group products
-// one after the other, while PyTorch's GEMMs sum in blocks. Summing each tile's fp32 product
-// (depth <= 64) into fp64 accumulators bounds that error by the in-tile part.
+// fp32 inputs accumulate in fp64. With fp32 accumulation our max error was of the same size as
+// PyTorch's own fp32 attention (oneDNN/MKL GEMMs with FMA), so the project's tolerance rule
+// max|ours - ref| <= 2 max|torch_fp32 - ref| + 1 ulp failed on a few percent of random small
+// cases; with fp64 accumulation the error is essentially the final rounding, far inside the rule
+// (docs/cpu_backend.md). The cost is the fp64 GEMM rate, about half the fp32 one.
 template <>
 struct Traits<float> {
-  using Tile = float;
   using Acc = double;
-  static float load(float x) { return x; }
+  static double load(float x) { return x; }
   static float store(double x) { return static_cast<float>(x); }
 };
 template <>
 struct Traits<double> {
-  using Tile = double;
   using Acc = double;
   static double load(double x) { return x; }
   static double store(double x) { return x; }
@@ -121,8 +115,6 @@ struct Traits<double> {
 
 template <typename T>
 using acc_t = typename Traits<T>::Acc;
-template <typename T>
-using tile_t = typename Traits<T>::Tile;
 
 // Runtime dtype -> storage type, the one switch of the CPU backend. The default branch throws:
 // an unknown dtype must never fall through to some other instantiation.

@@ -22,19 +22,13 @@ FLASH_NAMESPACE_BEGIN
 namespace cpu {
 namespace {
 
-// Key tiles per step of a task: each query tile (Q, dO) is loaded once for all of them.
-constexpr int kSpan = 4;
-
 template <typename T>
 struct BwdScratch {
-  using Tile = tile_t<T>;
   using Acc = acc_t<T>;
-  // Tiles (thread-local, reused across calls); one K/V/dK/dV set per key tile of a span.
-  std::vector<Tile> qs, dout, s, tanh_s, dp, pt, dst, prod;
-  std::vector<Tile> kt[kSpan], ks[kSpan], vt[kSpan];
-  std::vector<Acc> dk[kSpan], dv[kSpan];
+  // Tiles (thread-local, reused across calls).
+  std::vector<Acc> qs, dout, kt, ks, vt, s, tanh_s, dp, pt, dst, dk, dv;
   std::vector<uint8_t> keep;
-  TileRows<Tile> rows;
+  TileRows<Acc> rows;
   KvTileRows kv;
   // Per task, (seqlen_q * group) rows: pointers into the task's own buffers (not kept across
   // calls, since their size follows the sequence length).
@@ -45,19 +39,16 @@ struct BwdScratch {
   void ensure(int dpad) {
     grow_to(qs, kBlockM * dpad);
     grow_to(dout, kBlockM * dpad);
+    grow_to(kt, dpad * kBlockN);
+    grow_to(ks, kBlockN * dpad);
+    grow_to(vt, dpad * kBlockN);
     grow_to(s, kBlockM * kBlockN);
     grow_to(tanh_s, kBlockM * kBlockN);
     grow_to(dp, kBlockM * kBlockN);
     grow_to(pt, kBlockN * kBlockM);
     grow_to(dst, kBlockN * kBlockM);
-    for (int u = 0; u < kSpan; ++u) {
-      grow_to(kt[u], dpad * kBlockN);
-      grow_to(ks[u], kBlockN * dpad);
-      grow_to(vt[u], dpad * kBlockN);
-      grow_to(dk[u], kBlockN * dpad);
-      grow_to(dv[u], kBlockN * dpad);
-    }
-    grow_to(prod, (kBlockM > kBlockN ? kBlockM : kBlockN) * dpad);
+    grow_to(dk, kBlockN * dpad);
+    grow_to(dv, kBlockN * dpad);
     grow_to(keep, kBlockM * kBlockN);
   }
 };
@@ -96,7 +87,6 @@ BwdOffsets bwd_offsets(const BwdParams& p, int b) {
 template <typename T>
 void recompute_lse(const AttnCtx<T>& c, const SeqInfo& s, const Mask& mask, int b, int hk,
                    BwdScratch<T>& sc) {
-  using Tile = tile_t<T>;
   using Acc = acc_t<T>;
   const int packed = s.seqlen_q * c.pr.group;
   for (int pr0 = 0; pr0 < packed; pr0 += kBlockM) {
@@ -111,83 +101,24 @@ void recompute_lse(const AttnCtx<T>& c, const SeqInfo& s, const Mask& mask, int 
     for (int n0 = nb; n0 < ne; n0 += kBlockN) {
       const int n = ne - n0 < kBlockN ? ne - n0 : kBlockN;
       kv_row_offsets(c.p, s, n0, n, sc.kv.k, sc.kv.v);
-      load_k_transposed(c, sc.kv, hk, n, sc.kt[0].data());
-      compute_scores(c, mask, sc.rows, sc.qs.data(), sc.kt[0].data(), n0, n, sc.s.data(),
-                     static_cast<Tile*>(nullptr));
+      load_k_transposed(c, sc.kv, hk, n, sc.kt.data());
+      compute_scores(c, mask, sc.rows, sc.qs.data(), sc.kt.data(), n0, n, sc.s.data(),
+                     static_cast<Acc*>(nullptr));
       for (int r = 0; r < nrows; ++r) {
-        Tile* srow = sc.s.data() + r * kBlockN;
-        for (int j = n; j < pad_up(n); ++j) srow[j] = -static_cast<Tile>(INFINITY);
-        state[r].rescale(row_max(srow, pad_up(n)));
-        state[r].add(exp_row(srow, pad_up(n), static_cast<Tile>(state[r].offset())));
+        Acc* srow = sc.s.data() + r * kBlockN;
+        Acc mx = -static_cast<Acc>(INFINITY);
+        for (int j = 0; j < n; ++j) mx = srow[j] > mx ? srow[j] : mx;
+        state[r].rescale(mx);
+        for (int j = n; j < pad_up(n); ++j) srow[j] = -static_cast<Acc>(INFINITY);
+        state[r].add(exp_row(srow, pad_up(n), state[r].offset()));
       }
     }
     for (int r = 0; r < nrows; ++r) sc.lse[pr0 + r] = state[r].lse();
   }
 }
 
-// One (key tile u of the step, query tile at packed row pr0) pair: recompute S and P, then
-// dV_u += (P o Z)^T dO, dQ += dS K_u, dK_u += dS^T (scale Q), Q/dO already in sc.qs/sc.dout.
-template <typename T>
-void bwd_tile_pair(const AttnCtx<T>& c, const Mask& mask, BwdScratch<T>& sc, int u, int n0, int n,
-                   int pr0, int nrows) {
-  using Tile = tile_t<T>;
-  using Acc = acc_t<T>;
-  const int d = c.pr.d, dpad = c.pr.dpad;
-  const Tile ninf = -static_cast<Tile>(INFINITY);
-  const TileRows<Tile>& rows = sc.rows;
-  // S = Q K^T, then P = exp(S - lse)
-  compute_scores(c, mask, rows, sc.qs.data(), sc.kt[u].data(), n0, n, sc.s.data(),
-                 c.has_softcap ? sc.tanh_s.data() : static_cast<Tile*>(nullptr));
-  for (int r = 0; r < nrows; ++r) {
-    Tile* srow = sc.s.data() + r * kBlockN;
-    for (int j = n; j < pad_up(n); ++j) srow[j] = ninf;
-    // masked -inf, and rows with lse = +inf, give 0
-    exp_row(srow, pad_up(n), static_cast<Tile>(sc.lse[pr0 + r]));
-  }
-  if (c.has_dropout) dropout_keep_tile(c, rows, n0, n, sc.keep.data());
-  // dV += (P o Z)^T dO, with Z = keep * keep_scale
-  for (int r = 0; r < nrows; ++r)
-    for (int j = 0; j < n; ++j) {
-      Tile pz = sc.s[r * kBlockN + j];
-      if (c.has_dropout)
-        pz = sc.keep[r * kBlockN + j] ? static_cast<Tile>(pz * c.keep_scale) : Tile(0);
-      sc.pt[j * kBlockM + r] = pz;
-    }
-  gemm_add(sc.pt.data(), kBlockM, sc.dout.data(), dpad, sc.dv[u].data(), dpad, sc.prod.data(), n,
-           nrows, dpad);
-  // dP = (dO V^T) o Z
-  gemm(sc.dout.data(), dpad, sc.vt[u].data(), kBlockN, sc.dp.data(), kBlockN, nrows, d,
-       pad_up(n), /*accumulate=*/false);
-  // dS = P o (dP - D), o (1 - tanh^2) under softcap; kept in dp
-  for (int r = 0; r < nrows; ++r) {
-    const Tile dsum = static_cast<Tile>(sc.dsum[pr0 + r]);
-    const Tile* prow = sc.s.data() + r * kBlockN;
-    Tile* dprow = sc.dp.data() + r * kBlockN;
-    for (int j = 0; j < n; ++j) {
-      Tile dpz = dprow[j];
-      if (c.has_dropout)
-        dpz = sc.keep[r * kBlockN + j] ? static_cast<Tile>(dpz * c.keep_scale) : Tile(0);
-      Tile ds = prow[j] * (dpz - dsum);
-      if (c.has_softcap) {
-        const Tile t = sc.tanh_s[r * kBlockN + j];
-        ds *= Tile(1) - t * t;
-      }
-      dprow[j] = ds;
-    }
-  }
-  // dQ += dS K (softmax_scale applied once when dQ is written)
-  Acc* dq_tile = sc.dq + static_cast<int64_t>(pr0) * dpad;
-  gemm_add(sc.dp.data(), kBlockN, sc.ks[u].data(), dpad, dq_tile, dpad, sc.prod.data(), nrows, n,
-           dpad);
-  // dK += dS^T (scale Q)
-  transpose(sc.dp.data(), kBlockN, sc.dst.data(), kBlockM, nrows, n);
-  gemm_add(sc.dst.data(), kBlockM, sc.qs.data(), dpad, sc.dk[u].data(), dpad, sc.prod.data(), n,
-           nrows, dpad);
-}
-
 template <typename T>
 void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch<T>& sc) {
-  using Tile = tile_t<T>;
   using Acc = acc_t<T>;
   const SeqInfo& s = c.pr.seqs[b];
   const BwdOffsets off = bwd_offsets(p, b);
@@ -210,69 +141,97 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
     const T* orow = out + i * p.o_row_stride + h * p.o_head_stride;
     Acc acc = Acc(0);
     for (int col = 0; col < d; ++col)
-      acc += Acc(Traits<T>::load(dorow[col])) * Acc(Traits<T>::load(orow[col]));
+      acc += Traits<T>::load(dorow[col]) * Traits<T>::load(orow[col]);
     sc.dsum[pi] = acc;
     sc.lse[pi] = static_cast<Acc>(p.softmax_lse_ptr[s.lse_off + h * c.pr.lse_head_stride + i]);
   }
-  // fp64 inputs recompute lse at fp64: the saved lse is fp32, and its rounding (~1e-7 relative
-  // in P) would be the largest error of their gradients. fp32 inputs have fp32 tiles, whose
-  // logits carry that error anyway.
-  if (sizeof(Tile) > sizeof(float)) recompute_lse(c, s, mask, b, hk, sc);
+  // fp32 and fp64 inputs (fp64 accumulation) recompute lse at that precision: the saved lse is
+  // fp32, and its rounding (~1e-7 relative in P) would be the largest error of their gradients.
+  if (sizeof(Acc) > sizeof(float)) recompute_lse(c, s, mask, b, hk, sc);
 
   T* dk_out = static_cast<T*>(p.dk_ptr) + off.dk + hk * p.dk_head_stride;
   T* dv_out = static_cast<T*>(p.dv_ptr) + off.dv + hk * p.dv_head_stride;
   const T* kbase = c.k() + off.k + hk * p.k_head_stride;
   const T* vbase = c.v() + off.v + hk * p.v_head_stride;
+  const Acc ninf = -static_cast<Acc>(INFINITY);
 
-  // Steps of kSpan key tiles; query tiles on the grid of multiples of kBlockM (rows of a query
-  // tile that see no key of a key tile contribute exact zeros), so the span changes no rounding.
-  for (int g0 = 0; g0 < s.seqlen_k; g0 += kSpan * kBlockN) {
-    int span = 0, ib[kSpan], ie[kSpan], ib_all = s.seqlen_q, ie_all = 0;
-    for (int n0 = g0; n0 < s.seqlen_k && span < kSpan; n0 += kBlockN, ++span) {
-      const int u = span;
-      const int n = s.seqlen_k - n0 < kBlockN ? s.seqlen_k - n0 : kBlockN;
-      for (int e = 0; e < n * dpad; ++e) sc.dk[u][e] = sc.dv[u][e] = Acc(0);
-      mask.q_range(n0, n0 + n, &ib[u], &ie[u]);
-      if (ib[u] >= ie[u]) continue;
-      ib_all = ib[u] < ib_all ? ib[u] : ib_all;
-      ie_all = ie[u] > ie_all ? ie[u] : ie_all;
+  for (int n0 = 0; n0 < s.seqlen_k; n0 += kBlockN) {
+    const int n = s.seqlen_k - n0 < kBlockN ? s.seqlen_k - n0 : kBlockN;
+    for (int e = 0; e < n * dpad; ++e) sc.dk[e] = sc.dv[e] = Acc(0);
+    int ib, ie;
+    mask.q_range(n0, n0 + n, &ib, &ie);
+    if (ib < ie) {
       // K tile row-major (for dQ) and transposed (for S), V transposed (for dP).
       for (int j = 0; j < n; ++j) {
         sc.kv.k[j] = static_cast<int64_t>(n0 + j) * p.k_row_stride;
         sc.kv.v[j] = static_cast<int64_t>(n0 + j) * p.v_row_stride;
       }
-      load_kv_rows(kbase, sc.kv.k, n, d, dpad, sc.ks[u].data());
-      transpose(sc.ks[u].data(), dpad, sc.kt[u].data(), kBlockN, n, d);
+      load_kv_rows(kbase, sc.kv.k, n, d, dpad, sc.ks.data());
+      transpose(sc.ks.data(), dpad, sc.kt.data(), kBlockN, n, d);
       for (int j = 0; j < n; ++j) {
         const T* src = vbase + sc.kv.v[j];
-        for (int col = 0; col < d; ++col) sc.vt[u][col * kBlockN + j] = Traits<T>::load(src[col]);
+        for (int col = 0; col < d; ++col) sc.vt[col * kBlockN + j] = Traits<T>::load(src[col]);
       }
     }
-    const int packed_end = ie_all * group;
-    for (int pr0 = ib_all * group / kBlockM * kBlockM; pr0 < packed_end; pr0 += kBlockM) {
-      const int nrows = packed_end - pr0 < kBlockM ? packed_end - pr0 : kBlockM;
-      TileRows<Tile>& rows = sc.rows;
+    for (int pr0 = ib * group; pr0 < ie * group; pr0 += kBlockM) {
+      const int nrows = ie * group - pr0 < kBlockM ? ie * group - pr0 : kBlockM;
+      TileRows<Acc>& rows = sc.rows;
       make_tile_rows(c, b, hk, pr0, nrows, &rows);
       load_rows(c.q() + s.q_off, p.q_row_stride, p.q_head_stride, rows, d, dpad, c.scale,
                 sc.qs.data());
-      load_rows(dout, p.do_row_stride, p.do_head_stride, rows, d, dpad, Tile(1), sc.dout.data());
-      for (int u = 0; u < span; ++u) {
-        if (rows.i_last < ib[u] || rows.i_first >= ie[u]) continue;  // sees no key of tile u
-        const int n0 = g0 + u * kBlockN;
-        const int n = s.seqlen_k - n0 < kBlockN ? s.seqlen_k - n0 : kBlockN;
-        bwd_tile_pair(c, mask, sc, u, n0, n, pr0, nrows);
+      load_rows(dout, p.do_row_stride, p.do_head_stride, rows, d, dpad, Acc(1), sc.dout.data());
+      // S = Q K^T, then P = exp(S - lse)
+      compute_scores(c, mask, rows, sc.qs.data(), sc.kt.data(), n0, n, sc.s.data(),
+                     c.has_softcap ? sc.tanh_s.data() : static_cast<Acc*>(nullptr));
+      for (int r = 0; r < nrows; ++r) {
+        Acc* srow = sc.s.data() + r * kBlockN;
+        for (int j = n; j < pad_up(n); ++j) srow[j] = ninf;
+        exp_row(srow, pad_up(n), sc.lse[pr0 + r]);  // masked -inf, and rows with lse = +inf, give 0
       }
-    }
-    for (int u = 0; u < span; ++u) {
-      const int n0 = g0 + u * kBlockN;
-      const int n = s.seqlen_k - n0 < kBlockN ? s.seqlen_k - n0 : kBlockN;
-      for (int j = 0; j < n; ++j) {
-        T* dkrow = dk_out + static_cast<int64_t>(n0 + j) * p.dk_row_stride;
-        T* dvrow = dv_out + static_cast<int64_t>(n0 + j) * p.dv_row_stride;
-        for (int col = 0; col < d; ++col) {
-          dkrow[col] = Traits<T>::store(sc.dk[u][j * dpad + col]);
-          dvrow[col] = Traits<T>::store(sc.dv[u][j * dpad + col]);
+      if (c.has_dropout) dropout_keep_tile(c, rows, n0, n, sc.keep.data());
+      // dV += (P o Z)^T dO, with Z = keep * keep_scale
+      for (int r = 0; r < nrows; ++r)
+        for (int j = 0; j < n; ++j) {
+          Acc pz = sc.s[r * kBlockN + j];
+          if (c.has_dropout) pz = sc.keep[r * kBlockN + j] ? pz * c.keep_scale : Acc(0);
+          sc.pt[j * kBlockM + r] = pz;
         }
+      gemm(sc.pt.data(), kBlockM, sc.dout.data(), dpad, sc.dv.data(), dpad, n, nrows, dpad,
+           /*accumulate=*/true);
+      // dP = (dO V^T) o Z
+      gemm(sc.dout.data(), dpad, sc.vt.data(), kBlockN, sc.dp.data(), kBlockN, nrows, d,
+           pad_up(n), /*accumulate=*/false);
+      // dS = P o (dP - D), o (1 - tanh^2) under softcap; kept in dp
+      for (int r = 0; r < nrows; ++r) {
+        const Acc dsum = sc.dsum[pr0 + r];
+        const Acc* prow = sc.s.data() + r * kBlockN;
+        Acc* dprow = sc.dp.data() + r * kBlockN;
+        for (int j = 0; j < n; ++j) {
+          Acc dpz = dprow[j];
+          if (c.has_dropout) dpz = sc.keep[r * kBlockN + j] ? dpz * c.keep_scale : Acc(0);
+          Acc ds = prow[j] * (dpz - dsum);
+          if (c.has_softcap) {
+            const Acc t = sc.tanh_s[r * kBlockN + j];
+            ds *= Acc(1) - t * t;
+          }
+          dprow[j] = ds;
+        }
+      }
+      // dQ += dS K (softmax_scale applied once when dQ is written)
+      Acc* dq_tile = sc.dq + static_cast<int64_t>(pr0) * dpad;
+      gemm(sc.dp.data(), kBlockN, sc.ks.data(), dpad, dq_tile, dpad, nrows, n, dpad,
+           /*accumulate=*/true);
+      // dK += dS^T (scale Q)
+      transpose(sc.dp.data(), kBlockN, sc.dst.data(), kBlockM, nrows, n);
+      gemm(sc.dst.data(), kBlockM, sc.qs.data(), dpad, sc.dk.data(), dpad, n, nrows, dpad,
+           /*accumulate=*/true);
+    }
+    for (int j = 0; j < n; ++j) {
+      T* dkrow = dk_out + static_cast<int64_t>(n0 + j) * p.dk_row_stride;
+      T* dvrow = dv_out + static_cast<int64_t>(n0 + j) * p.dv_row_stride;
+      for (int col = 0; col < d; ++col) {
+        dkrow[col] = Traits<T>::store(sc.dk[j * dpad + col]);
+        dvrow[col] = Traits<T>::store(sc.dv[j * dpad + col]);
       }
     }
   }

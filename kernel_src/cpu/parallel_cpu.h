@@ -18,24 +18,11 @@
 
 #include "../common/namespace.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 FLASH_NAMESPACE_BEGIN
 namespace cpu {
 
 // Multiply-adds below which a call stays on the calling thread (~0.1 ms of single-core work).
 constexpr int64_t kParallelMinWork = int64_t(1) << 20;
-
-// Threads a parallel region will get (OMP_NUM_THREADS / omp_set_num_threads); 1 without OpenMP.
-inline int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
 
 // body(task) for task in [0, ntasks); parallel only when `work` (multiply-adds, roughly) is
 // worth it.

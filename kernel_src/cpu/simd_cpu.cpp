@@ -13,7 +13,6 @@
 // logits are -inf and must stay so).
 #include "simd_cpu.h"
 
-#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -84,8 +83,6 @@ void gemm_f64(const double* A, int lda, const double* B, int ldb, double* C, int
 }
 float exp_row_f32(float* x, int n_pad, float offset) { return exp_row_impl(x, n_pad, offset); }
 double exp_row_f64(double* x, int n_pad, double offset) { return exp_row_impl(x, n_pad, offset); }
-float row_max_f32(const float* x, int n_pad) { return row_max_impl(x, n_pad); }
-double row_max_f64(const double* x, int n_pad) { return row_max_impl(x, n_pad); }
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
@@ -132,20 +129,6 @@ double exp_row(double* x, int n_pad, double offset) {
   if (use_avx2()) return avx2::exp_row_f64(x, n_pad, offset);
 #endif
   return base::exp_row_impl(x, n_pad, offset);
-}
-
-float row_max(const float* x, int n_pad) {
-#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
-  if (use_avx2()) return avx2::row_max_f32(x, n_pad);
-#endif
-  return base::row_max_impl(x, n_pad);
-}
-
-double row_max(const double* x, int n_pad) {
-#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
-  if (use_avx2()) return avx2::row_max_f64(x, n_pad);
-#endif
-  return base::row_max_impl(x, n_pad);
 }
 
 }  // namespace cpu

@@ -33,26 +33,6 @@ void gemm(const double* A, int lda, const double* B, int ldb, double* C, int ldc
 float exp_row(float* x, int n_pad, float offset);
 double exp_row(double* x, int n_pad, double offset);
 
-// C[rows x cols] += A * B where C may be wider than the tile type (fp32 tiles, fp64 sums): the
-// product goes through tmp (rows x cols, leading dim cols) and is added once, so each tile's sum
-// of `depth` products is rounded at the tile precision and the running sum at C's.
-template <typename Tile, typename Acc>
-inline void gemm_add(const Tile* A, int lda, const Tile* B, int ldb, Acc* C, int ldc, Tile* tmp,
-                     int rows, int depth, int cols) {
-  if constexpr (sizeof(Acc) == sizeof(Tile)) {
-    gemm(A, lda, B, ldb, C, ldc, rows, depth, cols, /*accumulate=*/true);
-  } else {
-    gemm(A, lda, B, ldb, tmp, cols, rows, depth, cols, /*accumulate=*/false);
-    for (int r = 0; r < rows; ++r)
-      for (int c = 0; c < cols; ++c) C[r * ldc + c] += tmp[r * cols + c];
-  }
-}
-
-// max of x[j] for j < n_pad (-inf when all are -inf; NaN entries are skipped, as the scalar
-// `x > m ? x : m` does).
-float row_max(const float* x, int n_pad);
-double row_max(const double* x, int n_pad);
-
 // dst[cols x rows] = src[rows x cols]^T (for the products that need a transposed operand).
 template <typename Acc>
 inline void transpose(const Acc* src, int lds, Acc* dst, int ldd, int rows, int cols) {
