@@ -18,6 +18,7 @@ local build (hf_integration/flash_attn_hub). Usage:
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -60,7 +61,7 @@ def make_model(family, size, impl, device, dtype, seed=0):
     torch.manual_seed(seed)
     # from_config stores attn_implementation on the config it gets: each model its own copy.
     model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=impl,
-                                             torch_dtype=dtype)
+                                             dtype=dtype)
     if model.config._attn_implementation != impl:
         raise RuntimeError(f"model meant for {impl!r} runs {model.config._attn_implementation!r}")
     return model.to(device)
@@ -153,7 +154,7 @@ def check_gemma2(args, dtype):
     falls = ours[-1] < ours[0]
     return dict(check="gemma2", losses={k: v[0] for k, v in runs.items()},
                 tokens_per_s={k: v[1] for k, v in runs.items()}, max_gap_ours_eager=gap,
-                ok=falls and all(map(lambda x: x == x, ours)))
+                ok=falls and all(map(math.isfinite, ours)))
 
 
 def main():
