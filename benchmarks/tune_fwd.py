@@ -1,15 +1,21 @@
 """Tile-config tuning for the sm80 fast forward kernel (run on the GPU machine).
 
-Builds one small library with the fast kernel (masked and unmasked) for each candidate config
-(head dim, kBlockM, kBlockN, warps, K/V stages, Q in registers, O-rescale skip, min blocks/SM),
-bf16, sm_90, then times each config on a few sweep points next to PyTorch SDPA-flash, the
-configs of a head dim and SDPA-flash interleaved in rounds (median of per-round ratios). Results
-feed docs/tuning.md; the winners go into kernel_src/sm80/tile_size.h.
+Builds one small library with the fast kernel (masked and unmasked) for each candidate tile
+(head dim, kBlockM, kBlockN, warps, K/V stages), bf16, sm_90, then times each config on a few
+sweep points next to PyTorch SDPA-flash, the configs of a head dim and SDPA-flash interleaved in
+rounds (median of per-round ratios). Results feed docs/tuning.md; the winners go into
+kernel_src/sm80/tile_size.h.
 
-Usage: python benchmarks/tune_fwd.py [--configs "128,128,64,4,2,0,1,1;..."] [--rounds 5]
+Usage: python benchmarks/tune_fwd.py [--configs "128,128,64,4,2;..."] [--rounds 5]
        [--causal both|only|no] [--out PATH]
-A config may carry extra nvcc flags after ':' ("...,1:-DFLAG=1"), and "root=DIR" among them
+A config may carry extra nvcc flags after ':' ("...,2:-DFLAG=1"), and "root=DIR" among them
 compiles it against another copy of the tree (an A/B of kernel code in one run).
+
+The tuning-only knobs of the earlier kernels (Q fragments in registers, O-rescale skip on/off,
+min blocks/SM, rescale threshold, row sums by MMA on/off; the q/r/b fields of the config names in
+docs/tuning.md) were removed from the shipped kernels after commit c942ee7: to tune them again,
+check out that commit, whose tune_fwd.py takes "hd,bm,bn,nw,st,qr,sr,mb" and the
+TUNE_THRESHOLD / TUNE_SUMMMA defines.
 """
 import argparse
 import ctypes
@@ -30,15 +36,11 @@ sys.path.insert(0, HERE)
 import flash_harness as fh  # noqa: E402
 from _measure import fwd_flops, kernel_ms, tflops  # noqa: E402
 
-# hdim, kBlockM, kBlockN, warps, stages, q_in_regs, skip_rescale, min_blocks
+# hdim, kBlockM, kBlockN, warps, stages: the shipped tiles (first of each head dim) and neighbours
 DEFAULT_CONFIGS = [
-    (128, 128, 64, 4, 2, 0, 1, 1), (128, 128, 64, 4, 2, 0, 0, 1), (128, 128, 64, 4, 1, 0, 1, 1),
-    (128, 128, 32, 4, 2, 0, 1, 1), (128, 128, 64, 8, 2, 1, 1, 1), (128, 128, 128, 8, 2, 1, 1, 1),
-    (128, 64, 64, 4, 2, 1, 1, 1), (128, 128, 64, 8, 2, 0, 1, 2),
-    (64, 128, 128, 4, 2, 0, 1, 1), (64, 128, 64, 4, 2, 0, 1, 1), (64, 128, 128, 8, 2, 1, 1, 1),
-    (64, 128, 64, 8, 2, 1, 1, 2),
-    (256, 128, 64, 8, 2, 0, 1, 1), (256, 128, 32, 8, 2, 0, 1, 1), (256, 64, 64, 4, 2, 0, 1, 1),
-    (256, 128, 64, 8, 1, 0, 1, 1),
+    (128, 128, 64, 4, 1), (128, 128, 64, 4, 2), (128, 128, 32, 4, 2), (128, 64, 64, 4, 2),
+    (64, 128, 128, 4, 2), (64, 128, 64, 4, 2), (64, 128, 128, 8, 2),
+    (256, 64, 64, 4, 1), (256, 128, 64, 8, 1), (256, 64, 32, 4, 2),
 ]
 
 TU = """\
@@ -46,14 +48,11 @@ TU = """\
 #include <cstring>
 #include "{root}/kernel_src/launch/fwd_launch_sm80.h"
 using namespace FLASH_NAMESPACE;
-#ifndef TUNE_THRESHOLD
-#define TUNE_THRESHOLD 8
-#endif
-#ifndef TUNE_SUMMMA
-#define TUNE_SUMMMA true
-#endif
-using T = sm80::FwdKernelTraits<{hd}, {bm}, {bn}, {nw}, {st}, __nv_bfloat16, {qr}, {sr}, {mb},
-                                TUNE_THRESHOLD, TUNE_SUMMMA>;
+struct TuneTile_{name} {{
+  static constexpr sm80::TileConfig kConfig{{/*kBlockM=*/{bm}, /*kBlockN=*/{bn}, /*kNWarps=*/{nw},
+                                            /*kStages=*/{st}}};
+}};
+using T = sm80::FwdKernelTraits<{hd}, TuneTile_{name}, __nv_bfloat16>;
 extern "C" int flash_tune_{name}(const void* raw, long long size, void* stream, char* err,
                                  int errlen) {{
   if (size != (long long)sizeof(FwdParams)) {{ snprintf(err, errlen, "size"); return 1; }}
@@ -79,9 +78,9 @@ def median(xs):
 
 
 def cfg_name(c):
-    name = "h{}_m{}_n{}_w{}_s{}_q{}_r{}_b{}".format(*c[:8])
-    if len(c) > 8 and c[8]:  # extra -D flags: a readable suffix
-        name += "_" + "".join(ch if ch.isalnum() else "_" for ch in c[8].replace("-D", ""))
+    name = "h{}_m{}_n{}_w{}_s{}".format(*c[:5])
+    if len(c) > 5 and c[5]:  # extra -D flags: a readable suffix
+        name += "_" + "".join(ch if ch.isalnum() else "_" for ch in c[5].replace("-D", ""))
     return name
 
 
@@ -90,16 +89,15 @@ def build(configs, outdir, jobs):
     srcs = []
     extra = {}
     for c in configs:
-        hd, bm, bn, nw, st, qr, sr, mb = c[:8]
+        hd, bm, bn, nw, st = c[:5]
         path = os.path.join(outdir, cfg_name(c) + ".cu")
-        flags = c[8].split() if len(c) > 8 and c[8] else []
+        flags = c[5].split() if len(c) > 5 and c[5] else []
         # "root=DIR" among the flags: compile this config against another copy of the tree
         # (A/B of kernel code in one run).
         root = next((f[5:] for f in flags if f.startswith("root=")), ROOT)
         extra[path] = [f for f in flags if not f.startswith("root=")]
         with open(path, "w") as f:
             f.write(TU.format(root=os.path.join(ROOT, root), hd=hd, bm=bm, bn=bn, nw=nw, st=st,
-                              qr="true" if qr else "false", sr="true" if sr else "false", mb=mb,
                               name=cfg_name(c)))
         srcs.append(path)
     srcs.append(os.path.join(HERE, "fwd_harness.cu"))
@@ -131,7 +129,7 @@ def ptxas_summary(log):
 
 
 def parse_config(text):
-    """'hd,bm,bn,nw,st,qr,sr,mb' optionally followed by ':-DFLAG=1 -DOTHER' (extra defines)."""
+    """'hd,bm,bn,nw,st' optionally followed by ':-DFLAG=1 -DOTHER' (extra defines)."""
     nums, _, flags = text.partition(":")
     return tuple(int(x) for x in nums.split(",")) + ((flags.strip(),) if flags.strip() else ())
 

@@ -37,6 +37,10 @@ __device__ __forceinline__ float exp2_approx(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
+// The same as SoftmaxState's Exp policy (common/softmax_state.h).
+struct Exp2Approx {
+  __device__ __forceinline__ float operator()(float x) const { return exp2_approx(x); }
+};
 
 // Packs (lo, hi) into one register of two fp16/bf16, round-to-nearest-even (cvt.rn.*x2).
 template <typename Element>

@@ -1,6 +1,7 @@
 // Owns: the attention mask policy shared by every backend (CPU, sm80, sm90): which keys a query
-// row may see, the KV range of a query block (computed here and nowhere else), whether a tile
-// needs the element-wise mask at all, and the element-wise apply.
+// row may see, the KV range of a query block (computed here and nowhere else; optionally cut to
+// one split-KV partition), which tiles need the element-wise mask at all (tile_is_full, and
+// full_tiles in closed form for the GPU loops), and the element-wise apply.
 //
 // Convention (params.h, bottom-right aligned): query row i of a sequence with seqlen_q rows and
 // seqlen_k keys may see key j iff
@@ -12,6 +13,7 @@
 // whatever the window values (INT_MAX included), and "unbounded" needs no special case: a mask
 // with no window is the same arithmetic with bounds that never bite.
 #pragma once
+#include <climits>
 #include <cmath>
 #include <cstdint>
 
@@ -45,9 +47,12 @@ struct Mask {
   }
 
   // The KV range for the query block [row_begin, row_end): the union of the visible keys of its
-  // rows, [*col_begin, *col_end). Rows past seqlen_q are ignored. Empty when begin >= end; then
-  // the block's rows see no key (O = 0, lse = +inf). Backends iterate key tiles only over this.
-  FLASH_HOST_DEVICE void kv_range(int row_begin, int row_end, int* col_begin, int* col_end) const {
+  // rows, [*col_begin, *col_end), intersected with the split-KV partition
+  // [split_begin, split_end) (default: every key). row_begin >= 0; rows past seqlen_q are
+  // ignored. Empty when begin >= end; then the block's rows see no key of the partition (O = 0,
+  // lse = +inf, or an empty partial for merge()). Backends iterate key tiles only over this.
+  FLASH_HOST_DEVICE void kv_range(int row_begin, int row_end, int* col_begin, int* col_end,
+                                  int split_begin = 0, int split_end = INT_MAX) const {
     if (row_end > seqlen_q) row_end = seqlen_q;
     if (row_begin >= row_end || seqlen_k <= 0) {
       *col_begin = 0;
@@ -57,9 +62,32 @@ struct Mask {
     int b0, e0, b1, e1;
     col_limits(row_begin, &b0, &e0);  // the bounds grow with the row: first row gives the start,
     col_limits(row_end - 1, &b1, &e1);  // last row the end
-    *col_begin = b0;
-    *col_end = e1;
+    *col_begin = b0 > split_begin ? b0 : split_begin;
+    *col_end = e1 < split_end ? e1 : split_end;
     if (*col_end < *col_begin) *col_end = *col_begin;
+  }
+
+  // The key tiles [n * block_n, (n + 1) * block_n) that every row of [row_begin, row_end) sees
+  // whole, tile_is_full's closed form: n in [*n_begin, *n_end) (empty when begin >= end), the
+  // tiles at or after the last row's first key and ending before the first row's end (which is
+  // at most seqlen_k, so a ragged last tile is never full). Rows past seqlen_q are ignored (no
+  // backend stores them); with no row left every tile counts as full (nothing in it is stored,
+  // so nothing needs the mask). Rows before 0 (sm90's causal blocks anchored at the end) count
+  // like any row. The GPU loops compute this once per row block and apply the element-wise mask
+  // only outside it.
+  FLASH_HOST_DEVICE void full_tiles(int row_begin, int row_end, int block_n, int* n_begin,
+                                    int* n_end) const {
+    if (row_end > seqlen_q) row_end = seqlen_q;
+    if (row_begin >= row_end) {
+      *n_begin = 0;
+      *n_end = INT_MAX;
+      return;
+    }
+    int b0, e0, b1, e1;
+    col_limits(row_begin, &b0, &e0);
+    col_limits(row_end - 1, &b1, &e1);
+    *n_begin = (b1 + block_n - 1) / block_n;  // b1 >= 0
+    *n_end = e0 / block_n;  // e0 < 0 (no key for the first row) gives <= 0: empty
   }
 
   // The query rows that see at least one key of [col_begin, col_end): [*row_begin, *row_end).

@@ -77,9 +77,7 @@ __device__ void write_softmax_probs(const FwdParams& params, const SeqInfo& seq,
       cp_async_commit();
       cp_async_wait<0>();
       __syncthreads();
-      warp::QFrags<Traits> q_frags;
-      warp::load_q_frags<Traits>(q_frags, smem_q, lanes);
-      warp::gemm_qk<Traits>(acc_s, q_frags, smem_q, smem_u32(smem_k_tile), lanes);
+      warp::gemm_qk<Traits>(acc_s, smem_q, smem_u32(smem_k_tile), lanes);
       apply_score_mods<Traits>(acc_s, static_cast<float>(params.softmax_scale),
                                static_cast<float>(params.softcap), alibi_slope,
                                m0 + warp_row0, n0, seq.seqlen_k - seq.seqlen_q, lane);
@@ -102,7 +100,7 @@ __device__ void write_softmax_probs(const FwdParams& params, const SeqInfo& seq,
       for (int nj = 0; nj < Traits::kMmaNS; ++nj)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int row = RowState<Traits>::row_of(m0 + warp_row0, 2 * mi + e / 2, lane);
+          const int row = row_of(m0 + warp_row0, 2 * mi + e / 2, lane);
           const int col = n0 + 8 * nj + 2 * (lane & 3) + (e & 1);
           if (row < p_rows && col < p_cols) {
             const bool inside = computed && row < seq.seqlen_q && col < seq.seqlen_k;
@@ -148,16 +146,16 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
   mask.kv_range(m0, m0 + kBlockM, &col_begin, &col_end);
   const int n_block_min = col_begin / kBlockN;
   const int n_block_max = col_end > col_begin ? (col_end + kBlockN - 1) / kBlockN : n_block_min;
-  // Tiles [n_full_lo, n_full_hi] are fully visible from every row of the block (Mask's
-  // tile_is_full, in closed form: at or after the last row's first key, before the first row's
-  // end, which includes seqlen_k), so the per-warp classification runs on boundary tiles only.
-  int n_full_lo = 0, n_full_hi = -1;
+  // Tiles [n_full_begin, n_full_last] are fully visible from every row of the block
+  // (Mask::full_tiles), so the per-warp classification runs on boundary tiles only. (The
+  // inclusive last index measured one spill reload fewer in the sm_90 build of the fast kernel
+  // at head dim 128 than comparing against the end: nvcc shares its `- 1` with the copies of
+  // tile n - 1.)
+  int n_full_begin = 0, n_full_last = -1;
   if (Is_masked && col_end > col_begin) {
-    int first_begin, first_end, last_begin, last_end;
-    mask.col_limits(m0, &first_begin, &first_end);
-    mask.col_limits(min(m0 + kBlockM, seq.seqlen_q) - 1, &last_begin, &last_end);
-    n_full_lo = (last_begin + kBlockN - 1) / kBlockN;
-    n_full_hi = first_end / kBlockN - 1;
+    int n_full_end;
+    mask.full_tiles(m0, m0 + kBlockM, kBlockN, &n_full_begin, &n_full_end);
+    n_full_last = n_full_end - 1;
   }
 
   // ---- tile loaders ------------------------------------------------------------------------
@@ -207,15 +205,15 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
     }
   };
 
+  // Row sums on the tensor cores (RowState) unless dropout needs the undropped sums.
+  constexpr bool kSumByMma = !Is_dropout;
   const warp::LdsmLanes<Traits> lanes(lane);
-  RowState<Traits> rows;
+  RowState<Traits, kSumByMma> rows;
   rows.init();
   float alibi_slope = 0.f;
   if (Is_general && params.alibi_slopes != nullptr) {
     alibi_slope = params.alibi_slopes[bidb * params.alibi_batch_stride + bidh];
   }
-  // Row sums on the tensor cores (RowState) unless dropout needs the undropped sums.
-  constexpr bool kSumByMma = Traits::kSumByMma && !Is_dropout;
   // The general kernel feeds the softmax natural-unit logits (apply_score_mods scales them).
   const float scale_log2 = Is_general ? 1.4426950408889634f : params.scale_log2;
   const uint64_t subsequence = params.offset + static_cast<uint64_t>(bidb) * params.nheads + bidh;
@@ -228,7 +226,6 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc_o[mi][dj][e] = 0.f;
 
-  warp::QFrags<Traits> q_frags;
   if (valid_q > 0 && n_block_max > n_block_min) {
     // This warp's rows of the block (padding rows past seqlen_q are never stored: a warp with
     // only such rows skips the math).
@@ -264,15 +261,9 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
 
     // ---- prologue: Q and the first K/V tile in flight --------------------------------------
     load_q();
-    if constexpr (Traits::kQInRegs) cp_async_commit();  // Q alone first: its fragments are read
     load_k(n_block_max - 1, smem_k);
     if constexpr (Traits::kStages == 2) load_v(n_block_max - 1, smem_v);
     cp_async_commit();
-    if constexpr (Traits::kQInRegs) {
-      cp_async_wait<1>();
-      __syncthreads();
-      warp::load_q_frags<Traits>(q_frags, smem_q_warp, lanes);
-    }
 
     // One main-loop iteration for key tile n (stage: its shared-memory buffer). Copies and
     // barriers are the CTA's; the math is the warp's, for its own rows only (split-Q), so each
@@ -282,7 +273,7 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
       const uint32_t k_tile = smem_k_u32 + stage * Traits::kTileKVElems * 2;
       const uint32_t v_tile = smem_v_u32 + stage * Traits::kTileKVElems * 2;
       const WarpTile cls =
-          Is_masked && n >= n_full_lo && n <= n_full_hi && warp_rows_end > warp_rows_begin
+          Is_masked && n >= n_full_begin && n <= n_full_last && warp_rows_end > warp_rows_begin
               ? WarpTile::kFull
               : classify_warp_tile<Is_masked>(mask, warp_rows_begin, warp_rows_end, n0, kBlockN);
       // Tile n landed (this thread's copies, then everyone's), and every warp is done with the
@@ -319,7 +310,7 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
 
       // S = Q K^T
       float acc_s[Traits::kMmaM][Traits::kMmaNS][4];
-      warp::gemm_qk<Traits>(acc_s, q_frags, smem_q_warp, k_tile, lanes);
+      warp::gemm_qk<Traits>(acc_s, smem_q_warp, k_tile, lanes);
       v_landed();
       softmax_pv(acc_s, n, v_tile, cls);
     };
@@ -355,7 +346,7 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
     if ((lane & 3) == 0) {
 #pragma unroll
       for (int r = 0; r < 2 * Traits::kMmaM; ++r) {
-        const int row = RowState<Traits>::row_of(warp_row0, r, lane);
+        const int row = row_of(warp_row0, r, lane);
         if (row < valid_q) lse_rows[row] = lse[r];
       }
     }
@@ -397,7 +388,7 @@ struct GridOrder {
 };
 
 template <typename Traits, bool Is_masked, bool Is_general, bool Is_dropout>
-__global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
     fwd_kernel_sm80(const __grid_constant__ FwdParams params) {
   using Element = typename Traits::Element;
   extern __shared__ __align__(128) unsigned char smem_raw[];

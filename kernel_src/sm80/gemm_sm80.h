@@ -52,33 +52,14 @@ __device__ __forceinline__ uint32_t ldsm_offset(const uint32_t (&lane_off)[Trait
   return lane_off[pair % kPairs] + 2 * (block * kRows * kW + row16 * kW);
 }
 
-// The warp's Q fragments for every k-step of S = Q K^T (kQInRegs; otherwise an empty holder and
-// gemm_qk reads Q from shared memory at each k-step).
-template <typename Traits>
-struct QFrags {
-  static constexpr int kSteps = Traits::kQInRegs ? Traits::kKStepsQK : 1;
-  uint32_t a[Traits::kMmaM][kSteps][4];
-};
-
-template <typename Traits>
-__device__ __forceinline__ void load_q_frags(QFrags<Traits>& q, uint32_t smem_q,
-                                             const LdsmLanes<Traits>& lanes) {
-  if constexpr (Traits::kQInRegs) {
-#pragma unroll
-    for (int kk = 0; kk < Traits::kKStepsQK; ++kk)
-#pragma unroll
-      for (int mi = 0; mi < Traits::kMmaM; ++mi)
-        ldmatrix_x4(q.a[mi][kk], smem_q + ldsm_offset<Traits, Traits::kBlockM>(lanes.a, mi * 16, kk));
-  }
-}
-
 // S = Q K^T over the full head dim for the warp's kMmaM row tiles (acc_s is overwritten).
-// smem_q: the Q tile's address plus the warp's first row (warp_row0 * kSwizzleCols * 2 bytes);
-// unused when Q is held in registers (q). K-step by k-step: each K fragment is read once and
-// feeds every row tile of the warp.
+// smem_q: the Q tile's address plus the warp's first row (warp_row0 * kSwizzleCols * 2 bytes).
+// K-step by k-step: each K fragment is read once and feeds every row tile of the warp; the Q
+// fragments are re-read from shared memory at each k-step (holding them in registers, kMmaM *
+// kHeadDim / 4 of them, measured slower: docs/tuning.md).
 template <typename Traits>
 __device__ __forceinline__ void gemm_qk(float (&acc_s)[Traits::kMmaM][Traits::kMmaNS][4],
-                                        const QFrags<Traits>& q, uint32_t smem_q, uint32_t smem_k,
+                                        uint32_t smem_q, uint32_t smem_k,
                                         const LdsmLanes<Traits>& lanes) {
   using Element = typename Traits::Element;
 #pragma unroll
@@ -90,11 +71,9 @@ __device__ __forceinline__ void gemm_qk(float (&acc_s)[Traits::kMmaM][Traits::kM
 #pragma unroll
   for (int kk = 0; kk < Traits::kKStepsQK; ++kk) {
     uint32_t a_smem[Traits::kMmaM][4];
-    if constexpr (!Traits::kQInRegs) {
 #pragma unroll
-      for (int mi = 0; mi < Traits::kMmaM; ++mi) {
-        ldmatrix_x4(a_smem[mi], smem_q + ldsm_offset<Traits, Traits::kBlockM>(lanes.a, mi * 16, kk));
-      }
+    for (int mi = 0; mi < Traits::kMmaM; ++mi) {
+      ldmatrix_x4(a_smem[mi], smem_q + ldsm_offset<Traits, Traits::kBlockM>(lanes.a, mi * 16, kk));
     }
 #pragma unroll
     for (int np = 0; np < Traits::kMmaNS / 2; ++np) {
@@ -102,13 +81,8 @@ __device__ __forceinline__ void gemm_qk(float (&acc_s)[Traits::kMmaM][Traits::kM
       ldmatrix_x4(b, smem_k + ldsm_offset<Traits, Traits::kBlockN>(lanes.b, np * 16, kk));
 #pragma unroll
       for (int mi = 0; mi < Traits::kMmaM; ++mi) {
-        if constexpr (Traits::kQInRegs) {
-          mma_m16n8k16<Element>(acc_s[mi][2 * np], q.a[mi][kk], b[0], b[1]);
-          mma_m16n8k16<Element>(acc_s[mi][2 * np + 1], q.a[mi][kk], b[2], b[3]);
-        } else {
-          mma_m16n8k16<Element>(acc_s[mi][2 * np], a_smem[mi], b[0], b[1]);
-          mma_m16n8k16<Element>(acc_s[mi][2 * np + 1], a_smem[mi], b[2], b[3]);
-        }
+        mma_m16n8k16<Element>(acc_s[mi][2 * np], a_smem[mi], b[0], b[1]);
+        mma_m16n8k16<Element>(acc_s[mi][2 * np + 1], a_smem[mi], b[2], b[3]);
       }
     }
   }

@@ -16,28 +16,17 @@
 FLASH_NAMESPACE_BEGIN
 namespace sm80 {
 
-// kQInRegs: the warp's Q fragments are read from shared memory once and kept in registers
-// (kMmaM * kHeadDim / 4 registers), instead of one ldmatrix per k-step and tile.
-// kSkipRescale: skip the O rescale of a tile when no row max of the warp moved.
-// kMinBlocksPerSm: __launch_bounds__ occupancy hint (caps registers at 64K / (threads x blocks)).
-// kRescaleThreshold: a row's softmax reference max moves only when a tile's max exceeds it by more
-// than this (log2 units; 0: whenever it grows, as FA2).
-// kSumByMma: softmax row sums accumulated by the tensor cores (P times ones; see RowState).
-template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, int kStages_, typename Element_,
-          bool kQInRegs_ = false, bool kSkipRescale_ = true, int kMinBlocksPerSm_ = 1,
-          int kRescaleThreshold_ = 8, bool kSumByMma_ = true>
+// Tile: a type whose constexpr member kConfig is the TileConfig (tile_size.h's ShippedTile for
+// the shipped kernels).
+template <int kHeadDim_, typename Tile, typename Element_>
 struct FwdKernelTraits {
   using Element = Element_;
-  static constexpr bool kSumByMma = kSumByMma_;
-  static constexpr int kRescaleThreshold = kRescaleThreshold_;
-  static constexpr bool kQInRegs = kQInRegs_;
-  static constexpr bool kSkipRescale = kSkipRescale_;
-  static constexpr int kMinBlocksPerSm = kMinBlocksPerSm_;
+  static constexpr TileConfig kConfig = Tile::kConfig;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = kBlockM_;
-  static constexpr int kBlockN = kBlockN_;
-  static constexpr int kNWarps = kNWarps_;
-  static constexpr int kStages = kStages_;
+  static constexpr int kBlockM = kConfig.kBlockM;
+  static constexpr int kBlockN = kConfig.kBlockN;
+  static constexpr int kNWarps = kConfig.kNWarps;
+  static constexpr int kStages = kConfig.kStages;
   static constexpr int kNThreads = kNWarps * 32;
 
   // Split-Q: warp w owns query rows [w * kRowsPerWarp, (w + 1) * kRowsPerWarp) of the block.
@@ -66,8 +55,7 @@ struct FwdKernelTraits {
   static constexpr int kSmemVOffset = kSmemKOffset + kStages * kTileKVElems;
   static constexpr int kSmemElems = kSmemVOffset + kStages * kTileKVElems;
   static constexpr int kSmemBytes = kSmemElems * 2;
-  static_assert(kSmemBytes == tile_smem_bytes(kHeadDim, TileConfig{kBlockM, kBlockN, kNWarps,
-                                                                   kStages}),
+  static_assert(kSmemBytes == tile_smem_bytes(kHeadDim, kConfig),
                 "tile_size.h and the layout disagree");
 
   static __device__ __forceinline__ int swizzle(int row) {
@@ -93,13 +81,10 @@ struct FwdKernelTraits {
   static constexpr int kCopyRowsKV = kBlockN / kRowStep;  // rows per thread for a K/V tile
 };
 
-// The traits of a TileConfig from tile_size.h.
+// The traits of a shipped kernel (the name the launch code uses).
 template <int kHeadDim, TileKind kKind, typename Element>
 struct TraitsFor {
-  static constexpr TileConfig kC = tile_config(kHeadDim, kKind);
-  using type = FwdKernelTraits<kHeadDim, kC.kBlockM, kC.kBlockN, kC.kNWarps, kC.kStages, Element,
-                               kC.kQInRegs, kC.kSkipRescale, kC.kMinBlocksPerSm,
-                               kC.kRescaleThreshold, kC.kSumByMma>;
+  using type = FwdKernelTraits<kHeadDim, ShippedTile<kHeadDim, kKind>, Element>;
 };
 
 }  // namespace sm80

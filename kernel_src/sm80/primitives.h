@@ -124,6 +124,7 @@ __device__ __forceinline__ void cta_barrier() { asm volatile("barrier.sync 0;\n"
 // ---- arithmetic --------------------------------------------------------------------------------
 
 using cuda::exp2_approx;  // (common/cuda_primitives.h)
+using cuda::Exp2Approx;
 using cuda::pack2;
 
 template <typename Element>

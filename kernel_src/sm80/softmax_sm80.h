@@ -2,9 +2,10 @@
 // GEMMs, at register level: score modifiers (softcap, ALiBi), the element-wise mask of boundary
 // tiles, the online softmax (rescale of O, exponentials, row sums) and dropout.
 //
-// Reuse of kernel_src/common/: the per-row state is common/softmax_state.h's SoftmaxState (in
-// base 2), and the visible key range of a row comes from common/mask.h's Mask::col_limits, so the
-// mask semantics and the empty-row conventions are the CPU backend's by construction. What is
+// Reuse of kernel_src/common/: the per-row state and its lazy rescale are common/softmax_state.h's
+// SoftmaxState (in base 2), the visible key range of a row comes from common/mask.h's
+// Mask::col_limits and the score modifiers from common/score_mod.h, so the mask semantics, the
+// modifier order and the empty-row conventions are the CPU backend's by construction. What is
 // specific here is only the fragment layout: a thread holds, for each 16-row MMA tile, rows
 // g and g + 8 (g = lane / 4) and columns 8 j + 2 t, +1 (t = lane % 4) of every 8-column tile j;
 // the four threads of a quad share a row, so row reductions are 2 shuffles.
@@ -14,6 +15,7 @@
 
 #include "../common/mask.h"
 #include "../common/philox.h"
+#include "../common/score_mod.h"
 #include "../common/softmax_state.h"
 #include "kernel_traits_sm80.h"
 #include "primitives.h"
@@ -22,26 +24,28 @@ FLASH_NAMESPACE_BEGIN
 namespace sm80 {
 
 // Per-thread view of the rows it owns: row r = 2 * mi + h is query row
-// m0_warp + 16 mi + g + 8 h, with its online-softmax state.
-// Row sums by MMA (kSumByMma, every kernel without dropout): instead of adding the probabilities
-// with FADDs and quad shuffles, P times a column of ones is accumulated by the tensor cores next
-// to O += P V (sum_frag, a C fragment whose 8 columns all hold the row sum); it is rescaled with O.
-// That trades 2 * kMmaNS FADDs per row and tile for kKStepsPV MMAs per row tile, and the sums are
-// those of the rounded P that O uses. With dropout the sums must be of the undropped P while
-// P V uses the dropped one, so the FADD path stays.
-template <typename Traits>
+// m0_warp + 16 mi + g + 8 h (row_of), with its online-softmax state.
+__device__ __forceinline__ int row_of(int m0_warp, int r, int lane) {
+  return m0_warp + 16 * (r / 2) + (lane >> 2) + 8 * (r % 2);
+}
+
+// Row sums by MMA (kSumByMma, every kernel without dropout; SoftmaxState's RowSum::kBesideO):
+// instead of adding the probabilities with FADDs and quad shuffles, P times a column of ones is
+// accumulated by the tensor cores next to O += P V (sum_frag, a C fragment whose 8 columns all
+// hold the row sum); it is rescaled with O. That trades 2 * kMmaNS FADDs per row and tile for
+// kKStepsPV MMAs per row tile, and the sums are those of the rounded P that O uses. With dropout
+// the sums must be of the undropped P while P V uses the dropped one, so the FADD path stays.
+template <typename Traits, bool kSumByMma>
 struct RowState {
   static constexpr int kRows = 2 * Traits::kMmaM;
-  SoftmaxState<float, /*kBase2=*/true> softmax[kRows];
+  using State = SoftmaxState<float, /*kBase2=*/true,
+                             kSumByMma ? RowSum::kBesideO : RowSum::kInState>;
+  State softmax[kRows];
   float sum_frag[Traits::kMmaM][4];
-
-  __device__ __forceinline__ static int row_of(int m0_warp, int r, int lane) {
-    return m0_warp + 16 * (r / 2) + (lane >> 2) + 8 * (r % 2);
-  }
 
   __device__ __forceinline__ void init() {
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) softmax[r] = SoftmaxState<float, true>::empty();
+    for (int r = 0; r < kRows; ++r) softmax[r] = State::empty();
 #pragma unroll
     for (int mi = 0; mi < Traits::kMmaM; ++mi)
 #pragma unroll
@@ -82,9 +86,9 @@ __device__ __forceinline__ void apply_mask(float (&acc_s)[Traits::kMmaM][Traits:
   const int lane = thread_index_in_block() & 31;
   const int col0 = n0 + 2 * (lane & 3);
 #pragma unroll
-  for (int r = 0; r < RowState<Traits>::kRows; ++r) {
+  for (int r = 0; r < 2 * Traits::kMmaM; ++r) {
     int col_begin, col_end;
-    mask.col_limits(RowState<Traits>::row_of(m0_warp, r, lane), &col_begin, &col_end);
+    mask.col_limits(row_of(m0_warp, r, lane), &col_begin, &col_end);
     const int mi = r / 2, h = r % 2;
 #pragma unroll
     for (int nj = 0; nj < Traits::kMmaNS; ++nj)
@@ -96,8 +100,9 @@ __device__ __forceinline__ void apply_mask(float (&acc_s)[Traits::kMmaM][Traits:
   }
 }
 
-// General path: turns raw q.k into natural-unit logits with softcap and ALiBi (params.h order:
-// scale, softcap, then the ALiBi bias), so the softmax below runs with scale log2(e).
+// General path: turns raw q.k into natural-unit logits with the score modifiers of
+// common/score_mod.h (params.h order: scale, softcap, then the ALiBi bias), so the softmax below
+// runs with scale log2(e). With softcap the scale is folded into softcap_apply's inv_cap.
 template <typename Traits>
 __device__ __forceinline__ void apply_score_mods(float (&acc_s)[Traits::kMmaM][Traits::kMmaNS][4],
                                                  float softmax_scale, float softcap,
@@ -112,12 +117,10 @@ __device__ __forceinline__ void apply_score_mods(float (&acc_s)[Traits::kMmaM][T
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float s = acc_s[mi][nj][e];
-        s = softcap > 0.f ? softcap * tanhf(s * inv_cap_scale) : s * softmax_scale;
+        s = softcap > 0.f ? softcap_apply(s, softcap, inv_cap_scale) : s * softmax_scale;
         if (alibi_slope != 0.f) {
-          const int row = RowState<Traits>::row_of(m0_warp, 2 * mi + e / 2, lane);
-          const int col = col0 + 8 * nj + (e & 1);
-          const int dist = row + shift - col;
-          s -= alibi_slope * static_cast<float>(dist < 0 ? -dist : dist);
+          s += alibi_bias(alibi_slope, row_of(m0_warp, 2 * mi + e / 2, lane),
+                          col0 + 8 * nj + (e & 1), shift);
         }
         acc_s[mi][nj][e] = s;
       }
@@ -146,15 +149,17 @@ __device__ __forceinline__ float chunked_reduce(const float (&v)[kN], Op op) {
 // accumulator row, replaces the scores by exp2(s * scale_log2 - reference) and adds them to the
 // (per-thread partial) row sums.
 // scale_log2 > 0 (the launch routes other scales to the general path, which pre-scales S and
-// passes log2(e)). Traits::kSkipRescale: skip the O rescale when no row max of the warp moved
-// (common once a row has seen its largest logits); a warp-uniform branch, so no divergence.
+// passes log2(e)). The O rescale is skipped when no row max of the warp moved (common once a row
+// has seen its largest logits); a warp-uniform branch, so no divergence.
 template <typename Traits, bool kSumByMma>
 __device__ __forceinline__ void online_softmax(float (&acc_s)[Traits::kMmaM][Traits::kMmaNS][4],
                                                float (&acc_o)[Traits::kMmaM][Traits::kMmaNO][4],
-                                               RowState<Traits>& rows, float scale_log2) {
-  constexpr int kRows = RowState<Traits>::kRows, kCols = 2 * Traits::kMmaNS;
+                                               RowState<Traits, kSumByMma>& rows,
+                                               float scale_log2) {
+  constexpr int kRows = 2 * Traits::kMmaM, kCols = 2 * Traits::kMmaNS;
   constexpr int kReduceAcc = 4;  // measured: +1% over one serial chain at head dim 128
-  constexpr float kThreshold = static_cast<float>(Traits::kRescaleThreshold);
+  // Lazy rescale threshold in log2 units (FA4; docs/tuning.md row 7, tune3: 8 against 0).
+  constexpr float kThreshold = 8.f;
   auto fmax_op = [](float a, float b) { return fmaxf(a, b); };
   auto add_op = [](float a, float b) { return a + b; };
   float factor[kRows];
@@ -169,21 +174,10 @@ __device__ __forceinline__ void online_softmax(float (&acc_s)[Traits::kMmaM][Tra
       v[2 * nj + 1] = acc_s[mi][nj][2 * h + 1];
     }
     const float block_max = warp::quad_max(chunked_reduce<kReduceAcc>(v, fmax_op)) * scale_log2;
-    // Lazy rescale (FA4): the reference point moves only when the block max exceeds it by more
-    // than kThreshold (log2 units), so P = exp2(s - reference) <= 2^kThreshold, harmless in the
-    // fp32 accumulators and exactly representable in range for fp16/bf16. The result is the
-    // same softmax (numerator and row_sum share the reference); only the O rescale, 2 kMmaNO
-    // multiplies per row, becomes rare instead of happening on most tiles of short rows.
-    // Written branch-free (SoftmaxState::rescale's semantics for the rows that move; an empty
-    // row moves to the first finite max with factor exp2(-inf) = 0): per-row branches split the
-    // softmax into basic blocks the scheduler cannot interleave.
-    SoftmaxState<float, true>& st = rows.softmax[r];
-    const bool move = block_max > st.row_max + kThreshold;  // false while block_max = -inf
-    const float new_max = move ? block_max : st.row_max;
-    factor[r] = move ? exp2_approx(st.row_max - new_max) : 1.f;
-    st.row_max = new_max;
-    st.row_sum *= factor[r];
-    moved |= move;
+    // Lazy rescale (SoftmaxState::rescale_lazy): the reference point moves only when the block
+    // max exceeds it by more than kThreshold, so the O rescale, 2 kMmaNO multiplies per row,
+    // becomes rare instead of happening on most tiles of short rows.
+    moved |= rows.softmax[r].rescale_lazy(block_max, kThreshold, &factor[r], Exp2Approx{});
   }
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
@@ -200,7 +194,7 @@ __device__ __forceinline__ void online_softmax(float (&acc_s)[Traits::kMmaM][Tra
     }
     if constexpr (!kSumByMma) rows.softmax[r].add(chunked_reduce<kReduceAcc>(p, add_op));
   }
-  if (!Traits::kSkipRescale || __any_sync(0xffffffffu, moved)) {
+  if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
     for (int mi = 0; mi < Traits::kMmaM; ++mi)
 #pragma unroll
@@ -230,7 +224,7 @@ __device__ __forceinline__ void apply_dropout(float (&acc_s)[Traits::kMmaM][Trai
   const bool odd = (t & 1) != 0;
 #pragma unroll
   for (int mi = 0; mi < Traits::kMmaM; ++mi) {
-    const int row_g = RowState<Traits>::row_of(m0_warp, 2 * mi, lane);
+    const int row_g = row_of(m0_warp, 2 * mi, lane);
     const uint32_t my_row = static_cast<uint32_t>(row_g + (odd ? 8 : 0));
 #pragma unroll
     for (int nj = 0; nj < Traits::kMmaNS; ++nj) {
@@ -255,13 +249,13 @@ __device__ __forceinline__ void apply_dropout(float (&acc_s)[Traits::kMmaM][Trai
 // factor that normalises O (times keep_scale for dropout; 0 for a row that saw no key) and the
 // natural-log LSE (+inf for such a row).
 template <typename Traits, bool kSumByMma>
-__device__ __forceinline__ void finalize_rows(RowState<Traits>& rows, float keep_scale,
-                                              float (&o_scale)[RowState<Traits>::kRows],
-                                              float (&lse)[RowState<Traits>::kRows]) {
+__device__ __forceinline__ void finalize_rows(RowState<Traits, kSumByMma>& rows, float keep_scale,
+                                              float (&o_scale)[2 * Traits::kMmaM],
+                                              float (&lse)[2 * Traits::kMmaM]) {
 #pragma unroll
-  for (int r = 0; r < RowState<Traits>::kRows; ++r) {
-    rows.softmax[r].row_sum = kSumByMma ? rows.sum_frag[r / 2][2 * (r % 2)]
-                                        : warp::quad_sum(rows.softmax[r].row_sum);
+  for (int r = 0; r < 2 * Traits::kMmaM; ++r) {
+    rows.softmax[r].set_row_sum(kSumByMma ? rows.sum_frag[r / 2][2 * (r % 2)]
+                                          : warp::quad_sum(rows.softmax[r].row_sum));
     o_scale[r] = rows.softmax[r].inv_sum() * keep_scale;
     lse[r] = rows.softmax[r].lse();
   }

@@ -17,12 +17,11 @@ struct TileConfig {
   int kBlockN;   // keys per main-loop iteration
   int kNWarps;   // warps per CTA; each owns kBlockM / kNWarps query rows
   int kStages;   // K/V shared-memory stages (1: FA2's single buffer, 2: double buffer)
-  bool kQInRegs = false;     // keep the warp's Q fragments in registers
-  bool kSkipRescale = true;  // skip the O rescale when no row max of the warp moved
-  int kMinBlocksPerSm = 1;   // __launch_bounds__ occupancy hint
-  int kRescaleThreshold = 8;  // lazy O rescale: move the softmax reference when max grows > 2^8
-  bool kSumByMma = true;      // softmax row sums on the tensor cores (P times ones)
 };
+// What every config shares (fixed by the tuning of docs/tuning.md, plain code in the kernel):
+// Q fragments read from shared memory at each k-step, the lazy O rescale (threshold 2^8) skipped
+// when no row max of a warp moved, softmax row sums on the tensor cores unless dropout is on,
+// and a 1-block/SM __launch_bounds__ hint.
 
 enum class TileKind : int {
   kFast = 0,     // the hot path (no dropout, softcap, ALiBi, paging): tuned on H100/H200
@@ -41,7 +40,7 @@ constexpr int tile_smem_bytes(int head_dim, TileConfig c) {
 constexpr TileConfig tile_config(int head_dim, TileKind kind) {
   if (kind == TileKind::kFast) {
     // Measured on H200 (docs/tuning.md, tune2..tune8). Field order: kBlockM, kBlockN, kNWarps,
-    // kStages, kQInRegs. All with the lazy O rescale and the row sums on the tensor cores.
+    // kStages.
     // 32/64: 4 warps x 32 rows, 128 keys per tile (O is only 32/64 registers, so the 128x128 S
     // tile fits; longer rows amortise the softmax bookkeeping), K/V double-buffered
     // (64: 1.09-1.14x SDPA-flash; 128x64 with Q in registers 1.05-1.11x).
@@ -62,6 +61,14 @@ constexpr TileConfig tile_config(int head_dim, TileKind kind) {
   if (head_dim <= 128) return {64, 64, 4, 1};    // 48 KB
   return {64, 32, 4, 1};                         // <= 64 KB at 256
 }
+
+// A config as a type, the one tile parameter of the kernel traits (kernel_traits_sm80.h): the
+// shipped kernels use ShippedTile; the tuning harness (benchmarks/tune_fwd.py) passes its own
+// type with a kConfig member.
+template <int kHeadDim, TileKind kKind>
+struct ShippedTile {
+  static constexpr TileConfig kConfig = tile_config(kHeadDim, kKind);
+};
 
 }  // namespace sm80
 FLASH_NAMESPACE_END

@@ -12,6 +12,12 @@
 // seqused_k; no paging or cache indirection), no mask or causal (bottom-right), no
 // dropout/softcap/ALiBi/S_dmask.
 //
+// Numerics shared with the other backends (kernel_src/common/): each row's online-softmax state
+// is a SoftmaxState (base 2, eager rescale, partial row sums per thread), its LSE and 1/sum come
+// from it; the K/V tile range of a row block is Mask::kv_range, the tiles that need no
+// element-wise mask Mask::full_tiles, the element-wise mask Mask::col_limits. The mask is built
+// from the window like every backend's, so a local window only needs dispatching here.
+//
 // Invariants:
 // * K/V tiles are visited from the last to the first, so the only tiles that need a mask (the
 //   causal diagonal and the partial last tile) come first; rows and keys past the tensor ends
@@ -29,8 +35,10 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../common/mask.h"
 #include "../common/params.h"
 #include "../common/seq_info_cuda.h"
+#include "../common/softmax_state.h"
 #include "primitives_sm90.h"
 #include "wgmma_sm90.h"
 
@@ -42,6 +50,7 @@ struct FwdTraits {
   using Element = Element_;
   static constexpr bool kBf16 = std::is_same_v<Element, __nv_bfloat16>;
   static constexpr bool kCausal = kCausal_;
+  static constexpr bool kLocal = false;  // a left window bound (not served yet: sm90::serves)
   static constexpr int kHeadDim = kHeadDim_;
   // Consumer warpgroups (64 rows each). Head dim 64 takes three (FA3's 192-row tile): each K/V
   // tile then feeds 192 rows, and the softmax of one warpgroup hides under the MMAs of two.
@@ -88,8 +97,15 @@ struct FwdArgs {
   bool v_tail_zero;  // K/V rows past a sequence's keys may exist (varlen, seqused_k): zero_v_tail
 };
 
+// The mask of one sequence (common/mask.h): causal is window (-1, 0), bottom-right aligned.
+template <typename Traits>
+__device__ __forceinline__ Mask tile_mask(const cuda::SeqInfo& seq) {
+  return Mask(seq.seqlen_q, seq.seqlen_k, -1, Traits::kCausal ? 0 : -1);
+}
+
 // One row block of one (sequence, head): where its sequence lives (common/seq_info_cuda.h), its
-// first query row and how many K/V tiles it sees (visited n_blocks - 1 down to 0).
+// first query row and the K/V tiles it sees, n_begin .. n_begin + n_blocks - 1 (Mask::kv_range;
+// visited from the last to the first).
 //
 // Grid order: causal walks the (sequence, head) pairs in sections of l2_section pairs, whose K/V
 // fit in L2 together (FA3's L2 swizzle of its LPT scheduler); inside a section the row-block
@@ -107,6 +123,7 @@ struct Tile {
   cuda::SeqInfo seq;
   int bidh, bidb;
   int row0;      // first query row of the block inside its sequence (causal: may be < 0)
+  int n_begin;   // first K/V tile it sees
   int n_blocks;  // K/V tiles it sees
   bool rows;     // the block holds rows of its sequence (else nothing is computed or written)
 };
@@ -128,16 +145,15 @@ __device__ __forceinline__ Tile make_tile(const FwdArgs& a, int idx) {
     bidh = (idx / a.num_m_blocks) % a.p.nheads;
     bidb = idx / a.num_m_blocks / a.p.nheads;
   }
-  Tile t{cuda::SeqInfo(a.p, bidb), bidh, bidb, 0, 0, false};
-  const int sq = t.seq.seqlen_q, sk = t.seq.seqlen_k;
+  Tile t{cuda::SeqInfo(a.p, bidb), bidh, bidb, 0, 0, 0, false};
+  const int sq = t.seq.seqlen_q;
   t.row0 = Traits::kCausal ? sq - (m + 1) * kBlockM : m * kBlockM;
   t.rows = t.row0 < sq && t.row0 + kBlockM > 0;
-  int keys = t.rows ? sk : 0;
-  if constexpr (Traits::kCausal) {
-    const int last = t.row0 + kBlockM + sk - sq;  // keys visible to the block's last row, + 1
-    keys = last < keys ? last : keys;
-  }
-  t.n_blocks = keys > 0 ? (keys + Traits::kBlockN - 1) / Traits::kBlockN : 0;
+  int col_begin, col_end;
+  tile_mask<Traits>(t.seq).kv_range(max(t.row0, 0), t.row0 + kBlockM, &col_begin, &col_end);
+  t.n_begin = col_begin / Traits::kBlockN;
+  t.n_blocks = col_end > col_begin ? (col_end + Traits::kBlockN - 1) / Traits::kBlockN - t.n_begin
+                                   : 0;
   return t;
 }
 
@@ -175,7 +191,7 @@ __device__ __forceinline__ void producer(const FwdArgs& a, typename Traits::Shar
     }
   };
   for (int i = 0; i < n_blocks; ++i) {
-    const int n = n_blocks - 1 - i, s = (pipe.kv + i) % kStages;
+    const int n = t.n_begin + n_blocks - 1 - i, s = (pipe.kv + i) % kStages;
     const uint32_t phase = ((pipe.kv + i) / kStages) & 1;
     load_tile(sh.k[s], &a.tm_k, &sh.k_full[s], &sh.k_empty[s], phase, n);
     load_tile(sh.v[s], &a.tm_v, &sh.v_full[s], &sh.v_empty[s], phase, n);
@@ -185,17 +201,20 @@ __device__ __forceinline__ void producer(const FwdArgs& a, typename Traits::Shar
 }
 
 using cuda::exp2_approx;  // (common/cuda_primitives.h)
+using cuda::Exp2Approx;
 using cuda::pack2;
 using cuda::warp::quad_max;
 using cuda::warp::quad_sum;
 
 // One consumer warpgroup's view of its 64 rows: the accumulators and the running softmax state.
 // Thread (warp w, lane l) owns rows row0 = 16w + l / 4 and row0 + 8 (wgmma_sm90.h's layout).
+// The softmax states are in base 2 (logits times scale_log2) and their row sums are this
+// thread's partial sums, quad-reduced in the epilogue.
 template <typename Traits>
 struct ConsumerState {
   float o[Traits::kHeadDim / 2];
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};  // per-thread partial sums; quad-reduced in the epilogue
+  SoftmaxState<float, /*kBase2=*/true> row[2] = {SoftmaxState<float, true>::empty(),
+                                                 SoftmaxState<float, true>::empty()};
 };
 
 // S = Q K^T for one K stage, issued (not waited for).
@@ -223,22 +242,42 @@ __device__ __forceinline__ void issue_pv(float (&o)[Traits::kHeadDim / 2],
   }
 }
 
-// Keys past seqlen_k and, when causal, keys right of the diagonal become -inf. Only the first
-// tiles visited (the highest keys) can need it.
+// The visible keys [begin[h], end[h]) of the thread's two rows (Mask::col_limits), and the key
+// tiles every row of its warpgroup sees whole, [full_begin, full_end) (Mask::full_tiles):
+// computed once per row block. Without a left window bound (Traits::kLocal) the lower limits
+// are 0 for every stored row and are not applied; without any window every stored row sees
+// [0, seqlen_k), so both rows take row0's limits and the compiler shares their compares.
+struct RowMask {
+  int begin[2], end[2];
+  int full_begin, full_end;
+};
+
 template <typename Traits>
-__device__ __forceinline__ void mask_tile(float (&sacc)[Traits::kBlockN / 2], int seqlen_k,
-                                          int n0, int wg_row0, int row0, int diag) {
-  const bool need = n0 + Traits::kBlockN > seqlen_k ||
-                    (Traits::kCausal && n0 + Traits::kBlockN - 1 > wg_row0 + diag);
-  if (!need) return;
-  const int t = threadIdx.x % 4;
+__device__ __forceinline__ RowMask row_mask(const Mask& mask, int wg_row0, int row0) {
+  RowMask m;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    constexpr bool kSameRows = !Traits::kCausal && !Traits::kLocal;
+    mask.col_limits(row0 + (kSameRows ? 0 : 8 * h), &m.begin[h], &m.end[h]);
+  }
+  mask.full_tiles(wg_row0, wg_row0 + 64, Traits::kBlockN, &m.full_begin, &m.full_end);
+  return m;
+}
+
+// The element-wise mask of key tile n, for the tiles outside the warpgroup's fully visible
+// range: the ragged end of the keys and, when causal, the diagonal; they are the first tiles
+// visited. Invisible scores become -inf.
+template <typename Traits>
+__device__ __forceinline__ void mask_tile(float (&sacc)[Traits::kBlockN / 2], const RowMask& m,
+                                          int n) {
+  if (n >= m.full_begin && n < m.full_end) return;
+  const int col0 = n * Traits::kBlockN + 2 * (threadIdx.x % 4);
 #pragma unroll
   for (int j = 0; j < Traits::kBlockN / 8; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int col = n0 + 8 * j + 2 * t + (e & 1);
-      const int row = row0 + 8 * (e >> 1);
-      if (col >= seqlen_k || (Traits::kCausal && col > row + diag)) sacc[4 * j + e] = -INFINITY;
+      const int col = col0 + 8 * j + (e & 1), h = e >> 1;
+      if (col >= m.end[h] || (Traits::kLocal && col < m.begin[h])) sacc[4 * j + e] = -INFINITY;
     }
   }
 }
@@ -264,35 +303,33 @@ __device__ __forceinline__ void zero_v_tail(typename Traits::Element* v, int val
   named_barrier_sync(kZeroBarrier0 + cwg, 128);
 }
 
-// Online softmax of one S tile in place: S becomes exp2(S * scale_log2 - m) with the new row max
-// m, the row sums take the tile, and alpha[r] is the factor the caller applies to O (after any
-// MMA still accumulating into O has completed).
+// Online softmax of one S tile in place (SoftmaxState::rescale, FA2's eager form): S becomes
+// exp2(S * scale_log2 - m) with the new row max m, the row sums take the tile, and alpha[r] is
+// the factor the caller applies to O (after any MMA still accumulating into O has completed).
 template <typename Traits>
 __device__ __forceinline__ void softmax_tile(float (&sacc)[Traits::kBlockN / 2],
                                              ConsumerState<Traits>& st, float scale_log2,
                                              float (&alpha)[2]) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float mx = st.row_max[r];
+    float mx = fmaxf(sacc[2 * r], sacc[2 * r + 1]);
 #pragma unroll
-    for (int j = 0; j < Traits::kBlockN / 8; ++j) {
+    for (int j = 1; j < Traits::kBlockN / 8; ++j) {
       mx = fmaxf(mx, fmaxf(sacc[4 * j + 2 * r], sacc[4 * j + 2 * r + 1]));
     }
-    mx = quad_max(mx);
-    const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
-    alpha[r] = exp2_approx(st.row_max[r] * scale_log2 - m_scaled);
-    st.row_max[r] = mx;
+    alpha[r] = st.row[r].rescale(quad_max(mx) * scale_log2, Exp2Approx{});
+    const float offset = st.row[r].offset();
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < Traits::kBlockN / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& x = sacc[4 * j + 2 * r + e];
-        x = exp2_approx(fmaf(x, scale_log2, -m_scaled));
+        x = exp2_approx(fmaf(x, scale_log2, -offset));
         sum += x;
       }
     }
-    st.row_sum[r] = st.row_sum[r] * alpha[r] + sum;
+    st.row[r].add(sum);
   }
 }
 
@@ -333,13 +370,14 @@ __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shar
   constexpr int kHeadDim = Traits::kHeadDim;
   const FwdParams& p = a.p;
   const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % 4;
-  const int n_blocks = t.n_blocks, seqlen_k = t.seq.seqlen_k;
+  const int n_blocks = t.n_blocks, n_last = t.n_begin + n_blocks - 1;
   const int wg_row0 = t.row0 + cwg * 64;            // first row of this warpgroup
   const int row0 = wg_row0 + warp * 16 + lane / 4;  // this thread's rows: row0, row0 + 8
-  const int diag = seqlen_k - t.seq.seqlen_q;       // key k visible to row r iff k <= r + diag
+  const RowMask mask = row_mask<Traits>(tile_mask<Traits>(t.seq), wg_row0, row0);
   // Keys of the first tile visited that lie past the sequence (varlen, seqused_k): their V rows
   // are zeroed before P V (zero_v_tail); 0 when TMA already zero-filled them.
-  const int v_tail = a.v_tail_zero && n_blocks > 0 ? seqlen_k - (n_blocks - 1) * kBlockN : kBlockN;
+  const int v_tail =
+      a.v_tail_zero && n_blocks > 0 ? t.seq.seqlen_k - n_last * kBlockN : kBlockN;
   const float scale_log2 = p.scale_log2;
   const uint32_t q_base = smem_u32(sh.q) + cwg * 64 * 128;
   // Round robin over the consumer warpgroups: cwg waits on barrier 1 + cwg, then passes the turn
@@ -375,12 +413,12 @@ __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shar
       mbar_arrive(&sh.k_empty[s0]);
       if (n_blocks == 1) mbar_arrive(&sh.q_empty);  // Q is read by S tiles only
     }
-    mask_tile<Traits>(sacc, seqlen_k, (n_blocks - 1) * kBlockN, wg_row0, row0, diag);
+    mask_tile<Traits>(sacc, mask, n_last);
     softmax_tile<Traits>(sacc, st, scale_log2, alpha);
     pack_p<Traits>(sacc, pa);
   }
   for (int i = 1; i < n_blocks; ++i) {
-    const int it = pipe.kv + i, n = n_blocks - 1 - i;
+    const int it = pipe.kv + i, n = n_last - i;
     const int s = it % kStages, sp = (it - 1) % kStages;
     const uint32_t phase = (it / kStages) & 1, phase_p = ((it - 1) / kStages) & 1;
     mbar_wait(&sh.k_full[s], phase);
@@ -401,7 +439,7 @@ __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shar
       mbar_arrive(&sh.k_empty[s]);
       if (i == n_blocks - 1) mbar_arrive(&sh.q_empty);
     }
-    mask_tile<Traits>(sacc, seqlen_k, n * kBlockN, wg_row0, row0, diag);
+    mask_tile<Traits>(sacc, mask, n);
     softmax_tile<Traits>(sacc, st, scale_log2, alpha);
     wgmma_wait<0>();
     fence_operands(st.o);
@@ -430,12 +468,11 @@ __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shar
   Element* o_head = static_cast<Element*>(p.o_ptr) + t.seq.o_row0 +
                     static_cast<int64_t>(t.bidh) * p.o_head_stride;
   float* lse_head = p.softmax_lse_ptr + t.seq.lse_row0 + t.bidh * t.seq.lse_head_stride;
-  const float scale = static_cast<float>(p.softmax_scale);
   const int quad = lane % 4;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float sum = quad_sum(st.row_sum[r]);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    st.row[r].set_row_sum(quad_sum(st.row[r].row_sum));
+    const float inv = st.row[r].inv_sum();
     const int row = row0 + 8 * r;
     if (row >= 0 && row < t.seq.seqlen_q) {
       Element* dst = o_head + static_cast<int64_t>(row) * p.o_row_stride + 2 * quad;
@@ -444,7 +481,7 @@ __device__ __forceinline__ void consumer(const FwdArgs& a, typename Traits::Shar
         *reinterpret_cast<uint32_t*>(dst + 8 * j) =
             pack2<Element>(st.o[4 * j + 2 * r] * inv, st.o[4 * j + 2 * r + 1] * inv);
       }
-      if (quad == 0) lse_head[row] = sum > 0.f ? st.row_max[r] * scale + logf(sum) : INFINITY;
+      if (quad == 0) lse_head[row] = st.row[r].lse();
     }
   }
 }
