@@ -22,11 +22,6 @@ import grid
 import kernel_loader
 from reference import error_ratio
 
-# Ops that have no CUDA implementation yet. Tests of these ops on CUDA are skipped, and
-# test_loading.py::test_cuda_unimplemented_op_raises_clear_error checks the error instead.
-# Remove an entry when its kernel lands: its full test grid then runs on the GPU.
-CUDA_NOT_IMPLEMENTED = {"fwd_kvcache", "rotary"}
-CUDA_NOT_IMPLEMENTED_MSG = "not implemented for CUDA yet"
 
 
 def pytest_addoption(parser):
@@ -126,11 +121,6 @@ def grid_params(config, axes, *, cpu_axes=None, cuda_axes=None, fast=None):
         params.append(pytest.param("cuda", None, id="cuda",
                                    marks=pytest.mark.skip(reason="needs a CUDA device")))
     return params
-
-
-def skip_if_cuda_unimplemented(op, device):
-    if device == "cuda" and op in CUDA_NOT_IMPLEMENTED:
-        pytest.skip(f"{op} is {CUDA_NOT_IMPLEMENTED_MSG} (conftest.CUDA_NOT_IMPLEMENTED)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ offending argument: never a crash, a hang or a silent wrong answer (issue 2, ite
 import pytest
 import torch
 
-from conftest import device_params, skip_if_cuda_unimplemented
+from conftest import device_params
 from helpers import cu_seqlens, names, qkv, randn
 
 
@@ -253,7 +253,6 @@ def _cache(device, *, cache_len=16, n_new=2, hk=2, d=32):
 @pytest.mark.parametrize("device", device_params())
 def test_bad_cache_too_small_for_the_append(flash, device):
     host_only(device)
-    skip_if_cuda_unimplemented("fwd_kvcache", device)
     q, kc, vc, k, v = _cache(device)
     lens = torch.tensor([3, 15], dtype=torch.int32, device=device)  # 15 + 2 > 16
     raises_naming(lambda: flash.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens),
@@ -264,7 +263,6 @@ def test_bad_cache_too_small_for_the_append(flash, device):
 @pytest.mark.parametrize("device", device_params())
 def test_bad_kvcache_block_table_out_of_range(flash, device):
     host_only(device)
-    skip_if_cuda_unimplemented("fwd_kvcache", device)
     q, _, _, k, v = _cache(device)
     pool = randn(6, 5, 2, 32, dtype=q.dtype, device=device)
     # sequence 1 holds 4 + 2 keys: it reads table entries 0 and 1, and entry 1 is out of range
@@ -279,7 +277,6 @@ def test_bad_kvcache_block_table_out_of_range(flash, device):
 @pytest.mark.parametrize("device", device_params())
 def test_bad_cache_batch_idx_out_of_range(flash, device):
     host_only(device)
-    skip_if_cuda_unimplemented("fwd_kvcache", device)
     q, kc, vc, k, v = _cache(device)
     idx = torch.tensor([1, 2], dtype=torch.int32, device=device)
     lens = torch.tensor([3, 4], dtype=torch.int32, device=device)
@@ -291,7 +288,6 @@ def test_bad_cache_batch_idx_out_of_range(flash, device):
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("bad", ["too_short", "rotary_dim_over_d", "cos_sin_differ"])
 def test_bad_rotary_tables_that_do_not_fit(flash, device, bad):
-    skip_if_cuda_unimplemented("fwd_kvcache", device)
     q, kc, vc, k, v = _cache(device)
     lens = torch.tensor([3, 10], dtype=torch.int32, device=device)
     rows, half = {"too_short": (8, 8), "rotary_dim_over_d": (16, 20),

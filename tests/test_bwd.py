@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import grid
-from conftest import device_params, grid_params, skip_if_cuda_unimplemented
+from conftest import device_params, grid_params
 from helpers import alibi_for, case_context, cu_seqlens, qkv, randn, window_for
 from reference import attention_ref, max_abs, pt_options
 
@@ -55,7 +55,6 @@ def check_grads(tol, fn_ours, ref_fn, inputs, dtype, context=""):
 
 def test_bwd_matches_reference_grid(flash, tol, device, bwd_case):
     """Gradients over dtype x hdim x mask x MHA/GQA/MQA x awkward seqlens."""
-    skip_if_cuda_unimplemented("bwd", device)
     c = bwd_case
     sq, sk = c["seqlens"]
     h, hk = grid.head_counts(c["heads"], device)
@@ -71,7 +70,6 @@ def test_bwd_matches_reference_grid(flash, tol, device, bwd_case):
 
 def test_bwd_softcap_alibi(flash, tol, device, mod_case):
     """Gradients through softcap's tanh and with ALiBi (no gradient to the slopes)."""
-    skip_if_cuda_unimplemented("bwd", device)
     c = mod_case
     sq, sk = c["seqlens"]
     b, h, hk, d = 2, 4, 2, 32
@@ -88,7 +86,6 @@ def test_bwd_softcap_alibi(flash, tol, device, mod_case):
 @pytest.mark.parametrize("device", device_params())
 def test_bwd_packed_variants(flash, tol, device):
     """Gradients flow back into qkv / kv of the packed APIs."""
-    skip_if_cuda_unimplemented("bwd", device)
     dtype = torch.bfloat16
     b, s, h, d = 2, 37, 2, 32
     qkv_packed = randn(b, s, 3, h, d, dtype=dtype, device=device, requires_grad=True)
@@ -118,7 +115,6 @@ def _determinism_params():
 def test_bwd_deterministic_is_bitwise_repeatable(flash, device, dtype, repeats, opts):
     """deterministic=True: repeated backward passes give bitwise equal gradients (GQA, ragged
     lengths, more keys than queries)."""
-    skip_if_cuda_unimplemented("bwd", device)
     q, k, v = qkv(2, 257, 300, 6, 2, 64, dtype=dtype, device=device, requires_grad=True)
     out = flash.flash_attn_func(q, k, v, deterministic=True, **opts)
     dout = torch.randn_like(out)

@@ -5,16 +5,11 @@ import pytest
 import torch
 import torch._dynamo.testing
 
-from conftest import CUDA_NOT_IMPLEMENTED, device_params, skip_if_cuda_unimplemented
+from conftest import device_params
 from helpers import cu_seqlens, qkv, randn
 
 OPS = ["fwd", "varlen_fwd", "bwd", "varlen_bwd", "fwd_kvcache"]
 BACKWARD_OF = {"fwd": "bwd", "varlen_fwd": "varlen_bwd"}
-
-
-def has_backward(op, device):
-    """Whether autograd through `op` can run on `device` (CUDA backwards land later)."""
-    return not (device == "cuda" and BACKWARD_OF[op] in CUDA_NOT_IMPLEMENTED)
 
 
 def _dtype(device):
@@ -67,9 +62,8 @@ def sample_args(ops, op, device, *, dropout=False, grad=False):
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck(ops, device, op):
-    skip_if_cuda_unimplemented(op, device)
     for dropout in ([False, True] if op != "fwd_kvcache" else [False]):
-        grad = op in BACKWARD_OF and has_backward(op, device)
+        grad = op in BACKWARD_OF
         args = sample_args(ops, op, device, dropout=dropout, grad=grad)
         torch.library.opcheck(getattr(ops, op).default, args)
 
@@ -89,7 +83,7 @@ def _fresh_dynamo():
 @pytest.mark.fast
 @pytest.mark.parametrize("device", device_params())
 def test_compile_flash_attn_func_fullgraph_fwd_bwd(flash, device):
-    grad = has_backward("fwd", device)
+    grad = True
     q, k, v = qkv(2, 33, 40, 4, 2, 64, dtype=_dtype(device), device=device, requires_grad=grad)
     slopes = torch.rand(4, device=device)
 
@@ -119,7 +113,7 @@ def _check_compiled_equals_eager(compiled, fn, counter, args, grad, inputs=3):
 @pytest.mark.parametrize("max_seqlen", ["int", "tensor"])
 def test_compile_flash_attn_varlen_func_fullgraph(flash, device, max_seqlen):
     """Including max_seqlen as 0-dim tensors (Transformers' packed path): no graph break."""
-    grad = has_backward("varlen_fwd", device)
+    grad = True
     lens = [7, 0, 1, 12]
     cu = cu_seqlens(lens, device)
     q, k, v = (randn(sum(lens), 2, 32, dtype=_dtype(device), device=device, requires_grad=grad)
@@ -137,7 +131,7 @@ def test_compile_flash_attn_varlen_func_fullgraph(flash, device, max_seqlen):
 @pytest.mark.parametrize("device", device_params())
 def test_compile_with_dropout_fullgraph(flash, device):
     """Dropout draws rng_state inside the compiled region without a graph break."""
-    grad = has_backward("fwd", device)
+    grad = True
     q, k, v = qkv(1, 16, 16, 2, 2, 32, dtype=_dtype(device), device=device, requires_grad=grad)
 
     def fn(q, k, v):
@@ -159,7 +153,6 @@ def test_compile_with_dropout_fullgraph(flash, device):
 @pytest.mark.parametrize("device", device_params())
 def test_compile_flash_attn_with_kvcache_fullgraph(flash, device):
     """The in-place cache append survives functionalization: same out and cache as eager."""
-    skip_if_cuda_unimplemented("fwd_kvcache", device)
     dtype = _dtype(device)
     q = randn(2, 1, 4, 32, dtype=dtype, device=device)
     k, v = (randn(2, 1, 2, 32, dtype=dtype, device=device) for _ in range(2))

@@ -9,7 +9,7 @@ import torch
 
 import grid
 import philox_ref
-from conftest import device_params, grid_params, skip_if_cuda_unimplemented
+from conftest import device_params, grid_params
 from helpers import case_context, cu_seqlens, qkv, randn, random_seqlens, window_for
 from reference import attention_ref, max_abs, pt_options, varlen_ref, visible_mask
 
@@ -36,7 +36,6 @@ def test_dropout_grads_use_the_forward_mask(flash, tol, device, drop_case):
     """Recover the keep mask from S_dmask's sign, then check out (2x) and dq/dk/dv (3x)
     against the reference that applies exactly that mask: a backward that drew a different
     mask than the forward fails here."""
-    skip_if_cuda_unimplemented("bwd", device)
     c = drop_case
     dtype, p = c["dtype"], c["p"]
     sq, sk = c["seqlens"]
@@ -160,7 +159,6 @@ def test_dropout_off_returns_empty_s_dmask_and_rng_state(ops, device):
 def test_dropout_varlen_grads_use_the_forward_mask(flash, tol, device):
     """Varlen dropout: S_dmask is (batch, nheads, max_seqlen_q, max_seqlen_k); recovered mask
     reproduces out and gradients."""
-    skip_if_cuda_unimplemented("varlen_bwd", device)
     dtype = torch.float32 if device == "cpu" else torch.float16
     lens_q, lens_k = random_seqlens(4, 30), random_seqlens(4, 30)
     cu_q, cu_k = cu_seqlens(lens_q, device), cu_seqlens(lens_k, device)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import grid
-from conftest import device_params, grid_params, skip_if_cuda_unimplemented
+from conftest import device_params, grid_params
 from helpers import alibi_for, case_context, randn, window_for
 from reference import kvcache_ref, pt_options
 
@@ -122,7 +122,6 @@ class Cache:
 
 
 def test_kvcache_grid(flash, tol, device, kv_case):
-    skip_if_cuda_unimplemented("fwd_kvcache", device)
     c = kv_case
     dtype = c["dtype"]
     cache = Cache(c, device)
@@ -161,7 +160,6 @@ def test_kvcache_grid(flash, tol, device, kv_case):
 @pytest.mark.parametrize("device", device_params())
 def test_kvcache_decode_loop_matches_reference(flash, tol, device):
     """Token-by-token decode with rotary and GQA, as generate() does it."""
-    skip_if_cuda_unimplemented("fwd_kvcache", device)
     dtype = torch.bfloat16
     b, h, hk, d, steps = 2, 4, 2, 64, 6
     k_cache = torch.zeros(b, 32, hk, d, dtype=dtype, device=device)
@@ -190,7 +188,6 @@ def test_kvcache_decode_loop_matches_reference(flash, tol, device):
 def test_kvcache_defaults(flash, tol, device):
     """cache_seqlens=None uses the whole cache; out only unless return_softmax_lse;
     rotary_interleaved defaults to True as in FA2."""
-    skip_if_cuda_unimplemented("fwd_kvcache", device)
     dtype = torch.float32 if device == "cpu" else torch.float16
     q = randn(2, 3, 2, 32, dtype=dtype, device=device)
     kc, vc = (randn(2, 11, 2, 32, dtype=dtype, device=device) for _ in range(2))
@@ -211,7 +208,6 @@ def test_kvcache_defaults(flash, tol, device):
 
 @pytest.mark.parametrize("device", device_params())
 def test_kvcache_num_splits_only_changes_rounding(flash, device):
-    skip_if_cuda_unimplemented("fwd_kvcache", device)
     dtype = torch.float32 if device == "cpu" else torch.float16
     q = randn(2, 1, 4, 64, dtype=dtype, device=device)
     kc, vc = (randn(2, 1000, 1, 64, dtype=dtype, device=device) for _ in range(2))

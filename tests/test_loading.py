@@ -11,8 +11,6 @@ import pytest
 import torch
 
 import kernel_loader
-from conftest import CUDA_NOT_IMPLEMENTED, CUDA_NOT_IMPLEMENTED_MSG
-from helpers import cu_seqlens, qkv
 
 API = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
        "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func",
@@ -86,39 +84,3 @@ def test_load_route_in_fresh_process(route, tmp_path):
 def test_missing_build_fails_with_the_build_command(tmp_path):
     with pytest.raises(kernel_loader.BuildMissing, match="tools/build_local.py --variant cpu"):
         kernel_loader.require_build(tmp_path / "build")
-
-
-# ---------------------------------------------------------------------------------------------
-# CUDA ops that have not landed yet: a clear error, never a crash. Flip by removing the op
-# from conftest.CUDA_NOT_IMPLEMENTED when its kernel lands.
-
-
-def _call_on_cuda(flash, op):
-    dev = "cuda"
-    if op == "bwd":
-        q, k, v = qkv(1, 8, 8, 2, 2, 64, dtype=torch.float16, device=dev, requires_grad=True)
-        flash.flash_attn_func(q, k, v).sum().backward()
-    elif op == "varlen_bwd":
-        cu = cu_seqlens([3, 5], dev)
-        q, k, v = (torch.randn(8, 2, 64, device=dev, dtype=torch.float16, requires_grad=True)
-                   for _ in range(3))
-        flash.flash_attn_varlen_func(q, k, v, cu, cu, 5, 5).sum().backward()
-    elif op == "fwd_kvcache":
-        q = torch.randn(1, 1, 2, 64, device=dev, dtype=torch.float16)
-        kc = torch.randn(1, 8, 2, 64, device=dev, dtype=torch.float16)
-        flash.flash_attn_with_kvcache(q, kc, kc.clone())
-    elif op == "rotary":
-        x = torch.randn(1, 4, 2, 16, device=dev, dtype=torch.float16)
-        cos = torch.ones(8, 4, device=dev, dtype=torch.float16)
-        flash.layers.rotary.apply_rotary_emb(x, cos, torch.zeros_like(cos))
-    else:
-        raise AssertionError(op)
-    torch.cuda.synchronize()
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("op", sorted(CUDA_NOT_IMPLEMENTED))
-def test_cuda_unimplemented_op_raises_clear_error(flash, op):
-    with pytest.raises(RuntimeError, match=CUDA_NOT_IMPLEMENTED_MSG):
-        _call_on_cuda(flash, op)

@@ -5,7 +5,7 @@ oracle of tests/reference.py by the 2x/3x rule."""
 import pytest
 import torch
 
-from conftest import device_params, skip_if_cuda_unimplemented
+from conftest import device_params
 from reference import apply_rotary
 
 pytestmark = pytest.mark.fast
@@ -46,7 +46,6 @@ def _check(tol, name, ours, x_list, cos, sin, positions, interleaved, dtype, gra
 @pytest.mark.parametrize("offsets", ["int", "tensor"])
 def test_apply_rotary_emb_matches_reference_fwd_bwd(flash, tol, device, interleaved, layout,
                                                      offsets):
-    skip_if_cuda_unimplemented("rotary", device)
     rotary = flash.layers.rotary
     for dtype in _dtypes(device):
         batch, seqlen, nheads, d, rotary_dim = 3, 9, 2, 40, 24

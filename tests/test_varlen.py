@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import grid
-from conftest import device_params, grid_params, skip_if_cuda_unimplemented
+from conftest import device_params, grid_params
 from helpers import (alibi_for, case_context, cu_seqlens, paged_pool, randn, random_seqlens,
                      window_for)
 from reference import max_abs, pt_options, varlen_ref
@@ -113,7 +113,6 @@ def test_varlen_paged_kv_any_page_size(flash, tol, device, paged_case):
 
 def test_varlen_bwd_grid(flash, tol, device, varlen_bwd_case):
     """Varlen gradients (3x rule), including sequences of length 0 and 1 and seqused_k."""
-    skip_if_cuda_unimplemented("varlen_bwd", device)
     c = varlen_bwd_case
     h, hk = grid.head_counts(c["heads"], device)
     dtype = c["dtype"]

@@ -16,6 +16,7 @@
 
 #include "../kernel_src/common/params.h"
 #include "../kernel_src/common/philox.h"
+#include "../kernel_src/common/split_kv.h"
 #include "../kernel_src/cpu/flash_api_cpu.h"
 #include "checks.h"
 
@@ -393,17 +394,41 @@ void run_cuda(void (*entry)(const Params&, cudaStream_t), const Params& p, const
   fail("q is on ", device_str(q), " but this build of flash_attn has no CUDA backend")
 #endif
 
+#ifdef CUDA_KERNEL
+// A CUDA forward entry point with its split-KV workspace (common/split_kv.h): the partial
+// buffers, allocated through the caching allocator on q's stream when the backend splits, alive
+// until the call returns. No host synchronisation, so the call can be captured in a CUDA graph.
+inline void run_fwd_split(void (*entry)(const FwdParams&, cudaStream_t), FwdParams p,
+                          const Tensor& q) {
+  const torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  const int splits = fwd_cuda_num_splits(p);
+  p.num_splits = splits;
+  Tensor o_accum, lse_accum;
+  if (splits > 1) {
+    const PartialLayout layout(p);
+    o_accum = alloc(q, {splits, layout.rows, p.nheads, layout.width}, ScalarType::Float);
+    lse_accum = alloc(q, {splits, layout.lse_numel}, ScalarType::Float);
+    p.o_accum_ptr = o_accum.mutable_data_ptr<float>();
+    p.lse_accum_ptr = lse_accum.mutable_data_ptr<float>();
+  }
+  entry(p, current_stream(q));
+}
+#define FLASH_RUN_CUDA_FWD(entry, p, q) run_fwd_split(entry, p, q)
+#else
+#define FLASH_RUN_CUDA_FWD(entry, p, q) FLASH_RUN_CUDA(entry, p, q)
+#endif
+
 // The hand-offs to the backend of q's device (the ops checked that all tensors share it).
 inline void run_fwd(const FwdParams& p, const Tensor& q) {
   if (q.is_cpu()) return run_fwd_cpu(p);
-  FLASH_RUN_CUDA(run_fwd_cuda, p, q);
+  FLASH_RUN_CUDA_FWD(run_fwd_cuda, p, q);
 }
 
 // The attention step of fwd_kvcache. The CPU forward serves the cache layouts (paging,
 // cache_batch_idx, leftpad, seqused_k) itself; CUDA has an entry point of its own for decode.
 inline void run_fwd_kvcache(const FwdParams& p, const Tensor& q) {
   if (q.is_cpu()) return run_fwd_cpu(p);
-  FLASH_RUN_CUDA(run_fwd_kvcache_cuda, p, q);
+  FLASH_RUN_CUDA_FWD(run_fwd_kvcache_cuda, p, q);
 }
 
 // The backward; on CUDA also its workspace (BwdParams), alive until the call returns (the
@@ -431,10 +456,5 @@ inline void run_bwd(BwdParams& p, const Tensor& q, const Tensor& lse) {
 }
 
 // Ops that the CUDA backend does not have yet fail before touching any data.
-inline void check_cpu_only(const Tensor& q, const char* op) {
-  FLASH_CHECK(q.is_cpu(), op, " is not implemented for CUDA yet (q is on ", device_str(q),
-              "); use CPU tensors for this op");
-}
-
 }  // namespace binding
 FLASH_NAMESPACE_END

@@ -1,9 +1,13 @@
 // Owns: the decode op `fwd_kvcache` (flash_attn_with_kvcache): argument checks, then three backend
 // steps in order: append the new k/v to the cache in place (rotating k when rotary tables are
-// given), rotate q out of place, and attend over the updated cache. CPU only for now: the index
-// tensors' contents are checked on the host and the append and rotary steps have only a CPU
-// backend, so CUDA tensors fail with a clear error first; the attention step already goes through
-// the run_fwd_kvcache hand-off, where the CUDA decode kernel will plug in.
+// given), rotate q out of place, and attend over the updated cache.
+//
+// CPU tensors: the index tensors' contents are checked on the host (clear errors). CUDA tensors:
+// their contents are never read on the host, so a decode step has no synchronisation and can be
+// captured in a CUDA graph; the kernels make bad contents harmless instead (params.h: appends
+// outside the cache are dropped, a bad page id or cache_batch_idx gives no keys, positions past
+// the rotary tables stay unrotated), and the key counts after the append are written on the
+// device by the append kernel.
 #include <algorithm>
 #include <vector>
 
@@ -60,7 +64,7 @@ std::tuple<Tensor, Tensor> mha_fwd_kvcache(
     const OptTensor& block_table, const OptTensor& alibi_slopes, double softmax_scale,
     bool is_causal, int64_t window_size_left, int64_t window_size_right, double softcap,
     bool rotary_interleaved, int64_t num_splits) {
-  check_cpu_only(q, "fwd_kvcache");
+  const bool on_host = q.is_cpu();
   const bool paged = block_table.has_value();
   const char* cache_layout = paged ? "(num_blocks, page_block_size, nheads_k, head_dim) since "
                                      "block_table is given"
@@ -154,11 +158,13 @@ std::tuple<Tensor, Tensor> mha_fwd_kvcache(
   // FA2: queries take consecutive rotary positions only when the attention is causal or local.
   const bool positions_per_row = window.left >= 0 || window.right >= 0;
 
-  // Index tensors' contents (the op runs on the host only, see check_cpu_only above).
-  const std::vector<int> len_k =
-      check_cache_contents(seqlens, batch_idx, leftpad, table, batch, seqlen_new, capacity,
-                           k_cache.size(0), page_size, num_blocks);
-  if (cos) {
+  // Index tensors' contents, on the host only (see the top of the file).
+  std::vector<int> len_k;
+  if (on_host) {
+    len_k = check_cache_contents(seqlens, batch_idx, leftpad, table, batch, seqlen_new, capacity,
+                                 k_cache.size(0), page_size, num_blocks);
+  }
+  if (cos && on_host) {
     const int32_t* cs = seqlens->const_data_ptr<int32_t>();
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t q_rows = positions_per_row ? cs[b] + seqlen_q : cs[b] + 1;
@@ -168,12 +174,18 @@ std::tuple<Tensor, Tensor> mha_fwd_kvcache(
                   " rows, but sequence ", b, " needs rotary positions up to ", need - 1);
     }
   }
-  // Keys per sequence after the append, as the backend's seqused_k.
+  // Keys per sequence after the append, as the backend's seqused_k: on the host from len_k;
+  // on CUDA cache_seqlens itself without new keys, else written by the append kernel.
   OptTensor used;
   if (seqlens) {
-    used = alloc(q, {batch}, ScalarType::Int);
-    int32_t* u = used->mutable_data_ptr<int32_t>();
-    for (int64_t b = 0; b < batch; ++b) u[b] = len_k[b];
+    const bool appends = k && seqlen_new > 0 && batch > 0;
+    if (on_host) {
+      used = alloc(q, {batch}, ScalarType::Int);
+      int32_t* u = used->mutable_data_ptr<int32_t>();
+      for (int64_t b = 0; b < batch; ++b) u[b] = len_k[b];
+    } else {
+      used = appends ? alloc(q, {batch}, ScalarType::Int) : *seqlens;
+    }
   }
 
   // 1. Append k/v (rotating k) in place.
@@ -207,9 +219,17 @@ std::tuple<Tensor, Tensor> mha_fwd_kvcache(
       a.rotary_cos_ptr = cos->const_data_ptr();
       a.rotary_sin_ptr = sin->const_data_ptr();
       a.rotary_dim = rotary_dim;
+      a.rotary_seqlen = to_int(cos->size(0), "seqlen_ro");
       a.rotary_interleaved = rotary_interleaved;
     }
-    run_kv_append_cpu(a);
+    a.capacity = capacity;
+    a.kv_num_rows = paged ? num_blocks : k_cache.size(0);
+    if (on_host) {
+      run_kv_append_cpu(a);
+    } else {
+      a.seqused_out = used->mutable_data_ptr<int32_t>();
+      FLASH_RUN_CUDA(run_kv_append_cuda, a, q);
+    }
   }
 
   // 2. Rotate q out of place (q itself is never modified).
@@ -231,9 +251,14 @@ std::tuple<Tensor, Tensor> mha_fwd_kvcache(
     r.rotary_cos_ptr = cos->const_data_ptr();
     r.rotary_sin_ptr = sin->const_data_ptr();
     r.rotary_dim = rotary_dim;
+    r.rotary_seqlen = to_int(cos->size(0), "seqlen_ro");
     r.rotary_interleaved = rotary_interleaved;
     r.positions_per_row = positions_per_row;
-    run_rotary_q_cpu(r);
+    if (on_host) {
+      run_rotary_q_cpu(r);
+    } else {
+      FLASH_RUN_CUDA(run_rotary_q_cuda, r, q);
+    }
   }
 
   // 3. Attend over the updated cache.
@@ -248,6 +273,7 @@ std::tuple<Tensor, Tensor> mha_fwd_kvcache(
   p.leftpad_k = leftpad ? leftpad->const_data_ptr<int32_t>() : nullptr;
   p.cache_batch_idx = batch_idx ? batch_idx->const_data_ptr<int32_t>() : nullptr;
   if (paged) set_block_table(p, *table, page_size);
+  p.kv_num_blocks = paged ? num_blocks : k_cache.size(0);  // bounds page ids / cache_batch_idx
   set_score_params(p, softmax_scale, softcap, window, Dropout{});
   set_alibi(p, alibi_slopes, q, batch, nheads);
   p.num_splits = to_int(num_splits, "num_splits");

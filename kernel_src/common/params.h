@@ -86,8 +86,15 @@ struct FwdParams {
   uint32_t dropout_threshold = 0;
   uint64_t seed = 0, offset = 0;
 
-  // Split-KV hint for decode (0: backend chooses). Never changes the result beyond rounding.
+  // Split-KV (common/split_kv.h). The caller's request: 0 lets the backend choose, 1 turns
+  // splitting off, n > 1 asks for n partitions of the keys; never changes the result beyond
+  // rounding. The CUDA binding resolves it (fwd_cuda_num_splits) before the call: when the
+  // resolved count is above 1 it stores it here and hands in the fp32 partial buffers below
+  // (their presence is what selects the split path), which the combine step merges into O and
+  // the LSE. The CPU backend ignores all three.
   int num_splits = 0;
+  float* o_accum_ptr = nullptr;    // num_splits x (rows of q) x nheads x dq_accum_width(d)
+  float* lse_accum_ptr = nullptr;  // num_splits x (the softmax_lse layout)
 };
 
 // Varlen: whether seqlen_q is a real bound on the sequence lengths (max_seqlen_q given, and below
@@ -143,7 +150,18 @@ struct KvAppendParams {
   const void* rotary_cos_ptr = nullptr;
   const void* rotary_sin_ptr = nullptr;
   int rotary_dim = 0;
+  int rotary_seqlen = 0;  // rows of the tables: positions past them are left unrotated (CUDA:
+                          //   the host cannot check device-resident cache_seqlens without a sync)
   bool rotary_interleaved = false;  // true: pairs (2i, 2i+1) (GPT-J); false: (i, i + r/2) (NeoX)
+  // Optional (CUDA): seqused_out[b] = cache_seqlens[b] + seqlen_new, the key count the attention
+  // step reads as seqused_k, written on the device so that the call never synchronises.
+  int32_t* seqused_out = nullptr;
+  // Bounds for the CUDA append, whose index tensors are not checked on the host (no sync): keys a
+  // sequence can hold (seqlen_cache, or block-table columns x page size) and rows of the cache
+  // (pages when paged, else batch rows). A token past them is dropped instead of written out of
+  // bounds. 0: unknown.
+  int64_t capacity = 0;
+  int64_t kv_num_rows = 0;
 };
 
 // Rotary on the queries of flash_attn_with_kvcache (out-of-place: q is never modified).
@@ -159,6 +177,7 @@ struct RotaryQParams {
   const void* rotary_cos_ptr = nullptr;
   const void* rotary_sin_ptr = nullptr;
   int rotary_dim = 0;
+  int rotary_seqlen = 0;  // rows of the tables (see KvAppendParams)
   bool rotary_interleaved = false;
   bool positions_per_row = true;  // causal or local
 };

@@ -1,13 +1,16 @@
 // Owns: the CUDA entry points (flash_api_cuda.h): the device and size checks they share, the
-// choice of path (the Hopper forward when it takes the call, else the sm80 kernels), and the
-// switches that turn dtype and head dim into template arguments (static_switch.h).
+// choice of path (the Hopper forward when it takes the call, else the sm80 kernels; split-KV and
+// the decode view of GQA for short queries), and the switches that turn dtype and head dim into
+// template arguments (static_switch.h).
 #include <cuda_runtime_api.h>
 
 #include <stdexcept>
 #include <string>
 
 #include "../common/cuda_primitives.h"  // cuda_check
+#include "../common/split_kv.h"
 #include "../sm80/bwd_traits_sm80.h"
+#include "../sm80/tile_size.h"
 #include "bwd_dispatch_sm80.h"
 #include "flash_api_cuda.h"
 #include "fwd_dispatch_sm80.h"
@@ -71,11 +74,53 @@ bool no_rows(const FwdParams& params) {
   return params.cu_seqlens_q != nullptr ? params.total_q <= 0 : params.seqlen_q <= 0;
 }
 
-}  // namespace
+// The decode view (FA2's "seqlen_q / ngroups swap"): a batched call with one query row per
+// sequence and GQA becomes one with `group` rows per (sequence, K/V head), the query heads of the
+// group as the rows, so that one CTA streams each K/V tile once for the whole group instead of
+// once per query head. Only a view of the same memory (q and O: row stride = head stride; the
+// LSE layout (batch, nheads, 1) is (batch, nheads_k, group) already). With one query row a
+// causal mask or a right window hides nothing (the row is the last one, it sees every key), so
+// they are dropped; a left window, ALiBi (per-head slopes), dropout and S_dmask depend on the
+// head or the row and keep the plain layout.
+FwdParams decode_view(const FwdParams& p) {
+  const int group = p.nheads_k > 0 ? p.nheads / p.nheads_k : 1;
+  const bool swap = p.cu_seqlens_q == nullptr && p.seqlen_q == 1 && group > 1 &&
+                    p.window_left < 0 && p.alibi_slopes == nullptr && p.p_dropout == 0.0 &&
+                    p.p_ptr == nullptr;
+  if (!swap) return p;
+  FwdParams v = p;
+  v.seqlen_q = group;
+  v.nheads = p.nheads_k;
+  v.q_row_stride = p.q_head_stride;
+  v.q_head_stride = p.q_head_stride * group;
+  v.o_row_stride = p.o_head_stride;
+  v.o_head_stride = p.o_head_stride * group;
+  v.window_right = -1;
+  v.is_causal = false;
+  return v;
+}
 
-void run_fwd_cuda(const FwdParams& params, cudaStream_t stream) {
-  const DeviceCaps caps = check_device_and_sizes(params);
-  if (no_rows(params)) return;
+// The sm80 kernels for a call (the general kernel when split, then the combine step).
+void run_sm80(const FwdParams& params, int sms, cudaStream_t stream) {
+  DTYPE_SWITCH(params.dtype, [&] {
+    HDIM_SWITCH(params.head_dim, [&] {
+      run_fwd_sm80<elem_type, kHeadDim>(params, sms, stream);
+    });
+  });
+  if (params.o_accum_ptr != nullptr) run_fwd_combine_cuda(params, stream);
+}
+
+// Both forward entry points: the decode view, then the path.
+void run_fwd_any(const FwdParams& call, cudaStream_t stream) {
+  const DeviceCaps caps = check_device_and_sizes(call);
+  if (no_rows(call)) return;
+  const FwdParams params = decode_view(call);
+  if (params.o_accum_ptr != nullptr) {
+    require(params.num_splits > 1 && params.num_splits <= kMaxSplits && params.lse_accum_ptr,
+            "split-KV needs num_splits in [2, 128] and both partial buffers");
+    run_sm80(params, caps.sms, stream);
+    return;
+  }
 #ifndef FLASH_DISABLE_SM90  // a build without 9.0 (tools/build_local.py --archs) has no sm90 code
   // sm_90a code runs on exactly compute capability 9.0.
   if (caps.major == 9 && caps.minor == 0 && sm90::serves(params)) {
@@ -87,11 +132,38 @@ void run_fwd_cuda(const FwdParams& params, cudaStream_t stream) {
     return;
   }
 #endif
-  DTYPE_SWITCH(params.dtype, [&] {
-    HDIM_SWITCH(params.head_dim, [&] {
-      run_fwd_sm80<elem_type, kHeadDim>(params, caps.sms, stream);
-    });
+  run_sm80(params, caps.sms, stream);
+}
+
+}  // namespace
+
+void run_fwd_cuda(const FwdParams& params, cudaStream_t stream) { run_fwd_any(params, stream); }
+
+void run_fwd_kvcache_cuda(const FwdParams& params, cudaStream_t stream) {
+  run_fwd_any(params, stream);
+}
+
+int fwd_cuda_num_splits(const FwdParams& call) {
+  const bool half = call.dtype == DType::kFloat16 || call.dtype == DType::kBFloat16;
+  if (call.num_splits == 1 || !half || call.p_dropout > 0.0 || call.p_ptr != nullptr ||
+      no_rows(call) || call.seqlen_k <= 0) {
+    return 1;
+  }
+  // Varlen without a real bound on the rows: the grid cannot be sized without a sync.
+  if (call.cu_seqlens_q != nullptr && !varlen_rows_bounded(call)) return 1;
+  const DeviceCaps caps = check_device_and_sizes(call);
+  const FwdParams p = decode_view(call);
+  int splits = 1;
+  HDIM_SWITCH(p.head_dim, [&] {
+    // Split calls run the general sm80 kernel (its tile sizes; 2 CTAs per SM fit its registers
+    // and shared memory at every head dim).
+    constexpr sm80::TileConfig tile = sm80::tile_config(kHeadDim, sm80::TileKind::kGeneral);
+    const int64_t row_blocks = (int64_t(p.seqlen_q) + tile.kBlockM - 1) / tile.kBlockM;
+    const int64_t ctas = row_blocks * p.nheads * p.batch;
+    const int key_tiles = (p.seqlen_k + tile.kBlockN - 1) / tile.kBlockN;
+    splits = choose_num_splits(ctas, key_tiles, 2 * caps.sms, call.num_splits);
   });
+  return splits;
 }
 
 int64_t bwd_cuda_semaphore_count(const BwdParams& params) {
@@ -116,11 +188,5 @@ void run_bwd_cuda(const BwdParams& params, cudaStream_t stream) {
 #endif
 }
 
-void run_fwd_kvcache_cuda(const FwdParams& params, cudaStream_t /*stream*/) {
-  check_device_and_sizes(params);
-  throw std::runtime_error(
-      "flash_attn: fwd_kvcache (flash_attn_with_kvcache) is not implemented for CUDA yet; use "
-      "CPU tensors for it");
-}
 
 FLASH_NAMESPACE_END

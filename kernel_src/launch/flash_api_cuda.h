@@ -7,6 +7,7 @@
 #include <cuda_runtime_api.h>
 
 #include "../common/params.h"
+#include "../common/rotary.h"
 
 FLASH_NAMESPACE_BEGIN
 
@@ -19,9 +20,28 @@ void run_fwd_cuda(const FwdParams& params, cudaStream_t stream);
 void run_bwd_cuda(const BwdParams& params, cudaStream_t stream);
 int64_t bwd_cuda_semaphore_count(const BwdParams& params);
 
+// The number of split-KV partitions (common/split_kv.h) a forward call should use: the caller's
+// num_splits when it is > 0, else 1 when the grid already fills the device, else a count from
+// the SM count. When it returns n > 1, the caller allocates the partial buffers (PartialLayout
+// sizes: n x lse numel, n x rows x nheads x dq_accum_width(d), fp32, uninitialised) and passes
+// them with num_splits = n; this is the only allocation split-KV needs, so a caller that owns it
+// can capture the call in a CUDA graph.
+int fwd_cuda_num_splits(const FwdParams& params);
+
 // The attention step of flash_attn_with_kvcache, over a cache that already holds the new keys
 // (paged through block_table, indexed through cache_batch_idx, offset by leftpad_k, its lengths
-// in seqused_k; num_splits as the caller asked).
+// in seqused_k). The same kernels as run_fwd_cuda.
 void run_fwd_kvcache_cuda(const FwdParams& params, cudaStream_t stream);
+
+// The merge of split-KV partials into O and the LSE (fwd_combine_cuda.cu).
+void run_fwd_combine_cuda(const FwdParams& params, cudaStream_t stream);
+
+// flash_attn_with_kvcache's steps before the attention (rotary_cuda.cu): the in-place append of
+// the new k/v (k rotated), with params.seqused_out filled on the device; the rotated copy of q.
+void run_kv_append_cuda(const KvAppendParams& params, cudaStream_t stream);
+void run_rotary_q_cuda(const RotaryQParams& params, cudaStream_t stream);
+
+// The `rotary` op (flash_attn.layers.rotary).
+void run_rotary_cuda(const RotaryParams& params, cudaStream_t stream);
 
 FLASH_NAMESPACE_END

@@ -29,7 +29,8 @@ FLASH_NAMESPACE_BEGIN
 inline bool needs_general_kernel(const FwdParams& p) {
   return p.p_dropout > 0.f || p.softcap > 0.f || p.alibi_slopes != nullptr ||
          p.block_table != nullptr || p.leftpad_k != nullptr || p.cache_batch_idx != nullptr ||
-         p.p_ptr != nullptr || !(p.scale_log2 > 0.f) || !sm80::tensors_aligned(p);
+         p.p_ptr != nullptr || p.o_accum_ptr != nullptr || !(p.scale_log2 > 0.f) ||
+         !sm80::tensors_aligned(p);
 }
 
 // Row blocks per (sequence, head) in the grid (see GridOrder). Batched: exact. Varlen: bounded by
@@ -60,7 +61,15 @@ void launch_fwd_sm80(const FwdParams& params, int num_sms, cudaStream_t stream) 
   // unmasked, the batch entries beyond them, fwd_kernel_sm80).
   const int row_blocks = grid_row_blocks(params, Traits::kBlockM);
   dim3 grid;
-  if constexpr (Is_masked) {
+  if (Is_general && params.o_accum_ptr != nullptr) {  // split-KV (the splits of a block adjacent)
+    if (params.nheads > 65535) {
+      throw std::runtime_error("flash_attn CUDA: nheads = " + std::to_string(params.nheads) +
+                               " exceeds the 65535 heads the grid can address");
+    }
+    const int rb = std::max(1, std::min(row_blocks, (1 << 30) / params.num_splits));
+    grid = sm80::GridOrder::split(rb, params.num_splits, params.nheads,
+                                  std::min(params.batch, 65535));
+  } else if constexpr (Is_masked) {
     const int rb = std::min(row_blocks, 65535);
     const int64_t pairs = int64_t(params.nheads) * params.batch;
     // The q heads of one GQA group share their K/V in L2; grid z holds at most 65535 sections.

@@ -11,6 +11,9 @@
 //               unaligned tensors or a non-positive scale may be present (runtime checks); the
 //               fast kernel (false) assumes none of them and is the one tuned in docs/tuning.md
 //   Is_dropout  dropout (only with Is_general)
+// Split-KV (common/split_kv.h, general kernel only): with params.o_accum_ptr set, the grid also
+// runs over the key partitions, and each CTA writes an fp32 partial (O normalised over its keys,
+// lse with -inf for "no key") instead of O; the combine kernel (combine_sm80.h) merges them.
 //
 // Invariants:
 // * Tiles are visited in descending key order: the masked boundary tiles of a causal block come
@@ -24,6 +27,7 @@
 #include "../common/mask.h"
 #include "../common/params.h"
 #include "../common/seq_info_cuda.h"
+#include "../common/split_kv.h"
 #include "copy_sm80.h"
 #include "gemm_sm80.h"
 #include "kernel_traits_sm80.h"
@@ -113,10 +117,47 @@ __device__ void write_softmax_probs(const FwdParams& params, const SeqInfo& seq,
   cp_async_wait<0>();  // the Q reload is in flight when no tile was computed
 }
 
+// Split-KV epilogue: this warp's rows of the partial (acc_o already normalised over the split's
+// keys) as fp32 column pairs, and its lse with -inf for a row that saw no key of the split.
+template <typename Traits>
+__device__ void store_partial(const FwdParams& params, const SeqInfo& seq, int bidb, int bidh,
+                              int m0, int split, const float (&acc_o)[Traits::kMmaM][Traits::kMmaNO][4],
+                              const float (&lse)[2 * Traits::kMmaM], int valid_q, int warp,
+                              int lane) {
+  const PartialLayout layout(params);
+  const int64_t row0 =
+      (params.cu_seqlens_q != nullptr ? int64_t(seq.q_first_row)
+                                      : int64_t(bidb) * params.seqlen_q) + m0;
+  const int warp_row0 = warp * Traits::kRowsPerWarp;
+#pragma unroll
+  for (int mi = 0; mi < Traits::kMmaM; ++mi)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row_of(warp_row0, 2 * mi + half, lane);
+      if (row >= valid_q) continue;
+      float* dst = params.o_accum_ptr + layout.o_offset(split, row0 + row, bidh, params.nheads);
+#pragma unroll
+      for (int dj = 0; dj < Traits::kMmaNO; ++dj) {
+        const int col = 8 * dj + 2 * (lane & 3);
+        if (col < layout.width) {
+          *reinterpret_cast<float2*>(dst + col) =
+              make_float2(acc_o[mi][dj][2 * half], acc_o[mi][dj][2 * half + 1]);
+        }
+      }
+      if ((lane & 3) == 0) {
+        const int64_t idx = seq.lse_row0 + int64_t(bidh) * seq.lse_head_stride + m0 + row;
+        const float l = lse[2 * mi + half];
+        params.lse_accum_ptr[split * layout.lse_numel + idx] = l == INFINITY ? -INFINITY : l;
+      }
+    }
+}
+
+// One row block of one (sequence, head); split >= 0 (split-KV, general kernel only) restricts it
+// to that partition of the keys and writes a partial.
 template <typename Traits, bool Is_masked, bool Is_general, bool Is_dropout>
 __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const SeqInfo& seq,
                                               int bidb, int bidh, int m_block, bool aligned,
-                                              typename Traits::Element* smem) {
+                                              typename Traits::Element* smem, int split = -1) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   const int tid = thread_index_in_block(), warp = tid / 32, lane = tid % 32;
@@ -143,7 +184,13 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
   const Mask mask(seq.seqlen_q, seq.seqlen_k, Is_masked ? params.window_left : -1,
                   Is_masked ? params.window_right : -1);
   int col_begin = 0, col_end = 0;
-  mask.kv_range(m0, m0 + kBlockM, &col_begin, &col_end);
+  if (Is_general && split >= 0) {
+    int split_begin, split_end;
+    split_key_range(params.num_splits, split, seq.seqlen_k, kBlockN, &split_begin, &split_end);
+    mask.kv_range(m0, m0 + kBlockM, &col_begin, &col_end, split_begin, split_end);
+  } else {
+    mask.kv_range(m0, m0 + kBlockM, &col_begin, &col_end);
+  }
   const int n_block_min = col_begin / kBlockN;
   const int n_block_max = col_end > col_begin ? (col_end + kBlockN - 1) / kBlockN : n_block_min;
   // Tiles [n_full_begin, n_full_last] are fully visible from every row of the block
@@ -335,6 +382,14 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
     for (int dj = 0; dj < Traits::kMmaNO; ++dj)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc_o[mi][dj][e] *= o_scale[2 * mi + e / 2];
+  if constexpr (Is_general) {
+    if (split >= 0) {
+      if (valid_q > 0) {
+        store_partial<Traits>(params, seq, bidb, bidh, m0, split, acc_o, lse, valid_q, warp, lane);
+      }
+      return;
+    }
+  }
   if (valid_q > 0) {
     if (!Is_general || aligned) {
       store_o<Traits, true>(smem_q, acc_o, o_gmem, params.o_row_stride, valid_q, head_dim, warp,
@@ -376,6 +431,7 @@ __device__ __forceinline__ void fwd_row_block(const FwdParams& params, const Seq
 //   row blocks all read hit in L2 instead of competing with the K/V of every head.
 // * unmasked: (row blocks, heads, batch). All blocks are equal, and the row blocks of a head are
 //   adjacent, so the CTAs in flight share their head's K/V in L2.
+// * split-KV: (row blocks x splits, heads, batch), the splits of a row block adjacent.
 // CTAs loop over the row blocks (and, unmasked, the batch entries) beyond the grid.
 struct GridOrder {
   static dim3 masked(int row_blocks, int64_t pairs, int section_pairs) {
@@ -384,6 +440,9 @@ struct GridOrder {
   }
   static dim3 unmasked(int row_blocks, int heads, int batch) {
     return dim3(row_blocks, heads, batch);
+  }
+  static dim3 split(int row_blocks, int splits, int heads, int batch) {
+    return dim3(row_blocks * splits, heads, batch);
   }
 };
 
@@ -408,6 +467,22 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       __syncthreads();  // the next row block's copies overwrite this one's shared memory
     }
   };
+  if constexpr (Is_general) {
+    if (params.o_accum_ptr != nullptr) {
+      const int splits = params.num_splits;
+      const int split = blockIdx.x % splits;
+      for (int bidb = blockIdx.z; bidb < params.batch; bidb += gridDim.z) {
+        const SeqInfo seq(params, bidb);
+        const int n_m_blocks = (seq.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+        for (int m = blockIdx.x / splits; m < n_m_blocks; m += gridDim.x / splits) {
+          fwd_row_block<Traits, Is_masked, true, Is_dropout>(params, seq, bidb, blockIdx.y, m,
+                                                             aligned, smem, split);
+          __syncthreads();
+        }
+      }
+      return;
+    }
+  }
   if constexpr (Is_masked) {
     const int64_t pair = int64_t(blockIdx.z) * gridDim.x + blockIdx.x;
     if (pair >= int64_t(params.nheads) * params.batch) return;  // the last section's spare CTAs
