@@ -44,8 +44,10 @@ def decode_inputs(batch, cache_len, h, hk, d, dtype, page=None, device="cuda"):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("page", [1, 3, 16, 256])
 def test_paged_equals_contiguous(flash, dtype, page):
-    """The same keys read through a block table of any page size give bitwise the same output
-    and LSE as the contiguous cache, and the same appended rows (split or not)."""
+    """The same keys read through a block table of any page size give the same output and LSE
+    as the contiguous cache, and the same appended rows: bitwise when both run the same kernel
+    (split calls always run the general one), within rounding unsplit (a contiguous cache may
+    take a faster kernel with other tile sizes)."""
     x = decode_inputs(3, 700, 8, 2, 128, dtype, page=page)
     for splits in (1, 0, 5):
         kc, vc = x["kc"].clone(), x["vc"].clone()
@@ -54,8 +56,14 @@ def test_paged_equals_contiguous(flash, dtype, page):
                   return_softmax_lse=True)
         out_c, lse_c = flash.flash_attn_with_kvcache(x["q"], kc, vc, **kw)
         out_p, lse_p = flash.flash_attn_with_kvcache(x["q"], pk, pv, block_table=x["table"], **kw)
-        assert torch.equal(out_c, out_p), f"paged (page {page}) differs, num_splits={splits}"
-        assert torch.equal(lse_c, lse_p)
+        msg = f"paged (page {page}) differs, num_splits={splits}"
+        if splits == 1:
+            eps = torch.finfo(dtype).eps
+            torch.testing.assert_close(out_p, out_c, rtol=0, atol=4 * eps, msg=msg)
+            torch.testing.assert_close(lse_p, lse_c, rtol=eps / 16, atol=0, msg=msg)
+        else:
+            assert torch.equal(out_c, out_p), msg
+            assert torch.equal(lse_c, lse_p), msg
         for b in range(3):
             t = int(x["lens"][b])
             blk = int(x["table"][b, t // page])
@@ -86,8 +94,11 @@ def test_split_agrees_with_unsplit_and_reference(flash, tol, dtype, heads, seqle
         if base is None:
             base = out, lse
         else:
-            torch.testing.assert_close(out, base[0], rtol=0, atol=4 * torch.finfo(dtype).eps)
-            torch.testing.assert_close(lse, base[1], rtol=1e-5, atol=1e-5)
+            # (the unsplit call may run a kernel that sums the probabilities after rounding
+            # them to the input dtype, on the tensor cores: LSEs differ by that rounding)
+            eps = torch.finfo(dtype).eps
+            torch.testing.assert_close(out, base[0], rtol=0, atol=4 * eps)
+            torch.testing.assert_close(lse, base[1], rtol=eps / 16, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
