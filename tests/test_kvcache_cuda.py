@@ -46,8 +46,8 @@ def decode_inputs(batch, cache_len, h, hk, d, dtype, page=None, device="cuda"):
 def test_paged_equals_contiguous(flash, dtype, page):
     """The same keys read through a block table of any page size give the same output and LSE
     as the contiguous cache, and the same appended rows: bitwise when both run the same kernel
-    (split calls always run the general one), within rounding unsplit (a contiguous cache may
-    take a faster kernel with other tile sizes)."""
+    with the same splits (a forced split count), within rounding otherwise (a contiguous cache
+    may take a faster kernel, and the chosen split count follows the capacity)."""
     x = decode_inputs(3, 700, 8, 2, 128, dtype, page=page)
     for splits in (1, 0, 5):
         kc, vc = x["kc"].clone(), x["vc"].clone()
@@ -57,7 +57,7 @@ def test_paged_equals_contiguous(flash, dtype, page):
         out_c, lse_c = flash.flash_attn_with_kvcache(x["q"], kc, vc, **kw)
         out_p, lse_p = flash.flash_attn_with_kvcache(x["q"], pk, pv, block_table=x["table"], **kw)
         msg = f"paged (page {page}) differs, num_splits={splits}"
-        if splits == 1:
+        if splits != 5:  # (0: the split count follows the cache capacity, which may differ)
             eps = torch.finfo(dtype).eps
             torch.testing.assert_close(out_p, out_c, rtol=0, atol=4 * eps, msg=msg)
             torch.testing.assert_close(lse_p, lse_c, rtol=eps / 16, atol=0, msg=msg)

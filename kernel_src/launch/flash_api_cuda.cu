@@ -155,9 +155,9 @@ int fwd_cuda_num_splits(const FwdParams& call) {
   const FwdParams p = decode_view(call);
   int splits = 1;
   HDIM_SWITCH(p.head_dim, [&] {
-    // Split calls run the general sm80 kernel (its tile sizes; 2 CTAs per SM fit its registers
-    // and shared memory at every head dim).
-    constexpr sm80::TileConfig tile = sm80::tile_config(kHeadDim, sm80::TileKind::kGeneral);
+    // Split calls run the sm80 decode tile (its sizes; 2 CTAs per SM fit its registers and
+    // shared memory at every head dim).
+    constexpr sm80::TileConfig tile = sm80::tile_config(kHeadDim, sm80::TileKind::kDecode);
     const int64_t row_blocks = (int64_t(p.seqlen_q) + tile.kBlockM - 1) / tile.kBlockM;
     const int64_t ctas = row_blocks * p.nheads * p.batch;
     const int key_tiles = (p.seqlen_k + tile.kBlockN - 1) / tile.kBlockN;

@@ -103,6 +103,16 @@ void launch_fwd_sm80_config(const FwdParams& params, int num_sms, cudaStream_t s
   });
 }
 
+// Short queries (one row block of the decode tile per sequence and head), and every split-KV
+// call: the decode tile (tile_size.h). Never with dropout or S_dmask (fwd_cuda_num_splits does
+// not split those either).
+inline bool decode_shaped(const FwdParams& p) {
+  if (p.p_dropout > 0.0 || p.p_ptr != nullptr) return false;
+  if (p.o_accum_ptr != nullptr) return true;
+  const bool bounded = p.cu_seqlens_q == nullptr || varlen_rows_bounded(p);
+  return bounded && p.seqlen_q > 0 && p.seqlen_q <= 64;
+}
+
 template <typename Element, int kHeadDim>
 void run_fwd_sm80(const FwdParams& params, int num_sms, cudaStream_t stream) {
   using sm80::TileKind;
@@ -112,7 +122,17 @@ void run_fwd_sm80(const FwdParams& params, int num_sms, cudaStream_t stream) {
                                           sm80::tile_config(kHeadDim, TileKind::kGeneral)) <=
                         sm80::kMinSmemOptin,
                 "every config must fit the shared memory of every sm80+ GPU");
-  if (needs_general_kernel(params)) {
+  static_assert(sm80::tile_smem_bytes(kHeadDim, sm80::tile_config(kHeadDim, TileKind::kDecode)) <=
+                    sm80::kMinSmemOptin,
+                "every config must fit the shared memory of every sm80+ GPU");
+  if (decode_shaped(params)) {
+    static_assert(sm80::tile_config(kHeadDim, TileKind::kDecode).kBlockM == 64,
+                  "decode_shaped() counts rows in blocks of 64");
+    using Traits = typename sm80::TraitsFor<kHeadDim, TileKind::kDecode, Element>::type;
+    BOOL_SWITCH(params.window_left >= 0 || params.window_right >= 0, Is_masked, [&] {
+      launch_fwd_sm80<Traits, Is_masked, true, false>(params, num_sms, stream);
+    });
+  } else if (needs_general_kernel(params)) {
     launch_fwd_sm80_config<Element, kHeadDim, TileKind::kGeneral, true>(params, num_sms, stream);
   } else {
     launch_fwd_sm80_config<Element, kHeadDim, TileKind::kFast, false>(params, num_sms, stream);

@@ -26,6 +26,8 @@ struct TileConfig {
 enum class TileKind : int {
   kFast = 0,     // the hot path (no dropout, softcap, ALiBi, paging): tuned on H100/H200
   kGeneral = 1,  // every feature, 4 warps x 16 rows
+  kDecode = 2,   // the general kernel for short queries (one row block per sequence and head,
+                 // split-KV): memory-bound, so K/V double-buffered
 };
 
 // The smallest dynamic shared-memory limit among sm80+ GPUs (sm86/sm89: 99 KB): every config
@@ -54,6 +56,12 @@ constexpr TileConfig tile_config(int head_dim, TileKind kind) {
     // prologues and epilogues overlap each other's main loops (256: 1.03-1.12x; 128 x 64 with
     // 8 warps, 1 CTA/SM: 0.94-1.14x).
     return {64, 64, 4, 1};
+  }
+  // kDecode: the general kernel's rows, with two K/V stages at every head dim so that a tile's
+  // copies (and paged lookups) overlap the previous tile's math: a decode step only streams K/V.
+  if (kind == TileKind::kDecode) {
+    if (head_dim <= 128) return {64, 64, 4, 2};  // 80 KB at 128
+    return {64, 32, 4, 2};                       // 96 KB at 256
   }
   // kGeneral: 4 warps x 16 rows, so the registers left beside S and O absorb the feature code
   // (softcap, ALiBi, Philox, paged addressing) without spilling.
