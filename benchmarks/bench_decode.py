@@ -99,11 +99,14 @@ def sdpa_call(backend, q, k_cache, v_cache, seqlen_k):
     h, hk = q.shape[2], k_cache.shape[2]
     qt = q.transpose(1, 2)
     kt, vt = (c[:, :seqlen_k].transpose(1, 2) for c in (k_cache, v_cache))
-    attempts = [(False, kt, vt)]
-    if hk != h:
-        attempts.append((True, *(x.repeat_interleave(h // hk, dim=1) for x in (kt, vt))))
+
+    def attempts():  # the expanded copy is made only when the native call was refused
+        yield False, kt, vt
+        if hk != h:
+            yield True, *(x.repeat_interleave(h // hk, dim=1) for x in (kt, vt))
+
     reason = None
-    for expanded, k, v in attempts:
+    for expanded, k, v in attempts():
         def fn(k=k, v=v, gqa=(hk != h and not expanded)):
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(qt, k, v, enable_gqa=gqa).transpose(1, 2)
