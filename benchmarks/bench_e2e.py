@@ -111,11 +111,12 @@ def decode_tps(model, batch, context, steps, reps, gen):
 
 
 @torch.no_grad()
-def cb_throughput(model, impl, requests, prompt_len, new_tokens, reps, seed):
+def cb_throughput(model, impl, requests, prompt_len, new_tokens, reps, seed, cuda_graphs):
     """Continuous batching: generated tokens/s of `generate_batch` over `requests` prompts of
     random lengths in [prompt_len / 4, prompt_len], each generating exactly `new_tokens`. The
     first call builds the manager (paged cache, CUDA graph warm-up) untimed; the timed calls reuse
-    it. Returns the result dict and the generated tokens keyed by prompt."""
+    it. cuda_graphs: None lets Transformers decide (on for flash implementations), False turns
+    them off. Returns the result dict and the generated tokens keyed by prompt."""
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -127,7 +128,7 @@ def cb_throughput(model, impl, requests, prompt_len, new_tokens, reps, seed):
     gc = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
                           pad_token_id=0)
     # By default generate_batch moves an sdpa model to flash_attention_2/3 when it can.
-    cb = ContinuousBatchingConfig(auto_switch_to_flash=False)
+    cb = ContinuousBatchingConfig(auto_switch_to_flash=False, use_cuda_graph=cuda_graphs)
     model.set_attn_implementation(impl)
 
     def run():
@@ -230,6 +231,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--cb", default="256x1024", help="requests x longest prompt")
     ap.add_argument("--cb-new-tokens", type=int, default=256)
+    ap.add_argument("--cb-cuda-graphs", choices=["auto", "off"], default="auto",
+                    help="auto: Transformers' choice (on for flash implementations, off for sdpa)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--profile", action="store_true",
@@ -282,7 +285,8 @@ def main(argv=None) -> int:
         if "cb" in modes:
             results[impl]["continuous_batching"], tokens["cb"][impl] = guarded(
                 lambda: cb_throughput(model, OURS_CB if impl == OURS else impl, cbr, cbp,
-                                      args.cb_new_tokens, args.reps, seed=2))
+                                      args.cb_new_tokens, args.reps, seed=2,
+                                      cuda_graphs=None if args.cb_cuda_graphs == "auto" else False))
             model.set_attn_implementation(impl)
         if "compile" in modes:
             results[impl]["static_compile"], tokens["compile"][impl] = guarded(
@@ -319,7 +323,7 @@ def main(argv=None) -> int:
         "prefill": {"batch": pb, "seqlen": ps, "logits_to_keep": 1},
         "decode": {"batch": db, "context": dc, "steps": args.decode_steps, "greedy": True},
         "cb": {"requests": cbr, "max_prompt": cbp, "new_tokens": args.cb_new_tokens,
-               "ours_attn_implementation": OURS_CB},
+               "cuda_graphs": args.cb_cuda_graphs, "ours_attn_implementation": OURS_CB},
         "reps": args.reps,
         "timing": "median wall time, torch.cuda.synchronize around each rep; prefill interleaved "
                   "(each round times every backend once, rotating order)",
