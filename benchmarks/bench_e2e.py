@@ -229,8 +229,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill", default="8x4096", help="batch x seqlen")
     ap.add_argument("--decode", default="32x2048", help="batch x context (decode and compile)")
     ap.add_argument("--decode-steps", type=int, default=32)
-    ap.add_argument("--cb", default="256x1024", help="requests x longest prompt")
-    ap.add_argument("--cb-new-tokens", type=int, default=256)
+    ap.add_argument("--cb", default="128x1024", help="requests x longest prompt")
+    ap.add_argument("--cb-new-tokens", type=int, default=128)
     ap.add_argument("--cb-cuda-graphs", choices=["auto", "off"], default="auto",
                     help="auto: Transformers' choice (on for flash implementations, off for sdpa)")
     ap.add_argument("--reps", type=int, default=3)
