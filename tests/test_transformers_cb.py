@@ -97,8 +97,10 @@ def test_generate_batch_decodes_through_kvcache_with_block_table_and_matches_sdp
     lengths, new = (5, 14, 3, 17), 8
     prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in lengths]
     gc = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    # No CUDA graphs: the model is on the CPU, also on a machine that has a GPU (where
+    # Transformers would otherwise turn them on for a flash implementation).
     cb = ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=64, page_size=PAGE_SIZE,
-                                  max_blocks_per_request=MAX_BLOCKS)
+                                  max_blocks_per_request=MAX_BLOCKS, use_cuda_graph=False)
     with KernelSpy().watch(FAST_PATH_NAME) as spy:
         out = ours.generate_batch(inputs=prompts, generation_config=gc,
                                   continuous_batching_config=cb, warmup=False)
