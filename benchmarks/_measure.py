@@ -1,9 +1,11 @@
 """How the benchmark tools measure: the one timer of kernel calls, the one wall-clock timer of
-end-to-end steps, the one FLOP count, and the run metadata every result file records.
+end-to-end steps, the one FLOP count, the one byte count of decode, and the run metadata every
+result file records.
 
 The rules behind them (exact attended area, medians over CUDA events, peers in the same run) are
 written out in docs/benchmarking.md; a tool that needs another kind of number adds it here.
 """
+import json
 import os
 import statistics
 import subprocess
@@ -34,6 +36,20 @@ def fwd_flops(batch, nheads, hdim, seqlen_q, seqlen_k, causal):
 
 def tflops(flops, ms):
     return flops / (ms * 1e-3) / 1e12 if ms and ms > 0 else None
+
+
+# ---- decode bytes -------------------------------------------------------------------------------
+
+
+def kv_bytes(batch, seqlen_k, nheads_k, hdim, dtype):
+    """Bytes of K and V a decode step must read: every cached key and value once per KV head.
+    Query, output and page-table bytes are negligible beside them and not counted; a peer that
+    reads K/V expanded to every query head still gets this count, so its GB/s compare directly."""
+    return 2 * batch * seqlen_k * nheads_k * hdim * torch.empty((), dtype=dtype).element_size()
+
+
+def gbps(nbytes, ms):
+    return nbytes / (ms * 1e-3) / 1e9 if ms and ms > 0 else None
 
 
 # ---- timers -------------------------------------------------------------------------------------
@@ -94,6 +110,26 @@ def clocks():
                               capture_output=True, text=True, timeout=20).stdout.strip()
     except Exception as e:  # no driver tools on this machine: record why
         return str(e)
+
+
+def device_slug(device="cuda"):
+    """The device as result file names spell it: `h200` for "NVIDIA H200", `cpu` off the GPU."""
+    if device != "cuda":
+        return "cpu"
+    return torch.cuda.get_device_name().lower().replace("nvidia ", "").replace(" ", "-")
+
+
+def command_line(argv):
+    """The command that wrote a result file, its script path relative to the repository."""
+    return " ".join(["python", repo_relative(argv[0])] + list(argv[1:]))
+
+
+def kernel_id(module):
+    """The build id (`metadata.json` "id", e.g. `_flash_attn_cuda_<hash>`) of a kernel module
+    loaded through `kernels`: names exactly which build was measured."""
+    meta = os.path.join(os.path.dirname(os.path.abspath(module.__file__)), "metadata.json")
+    with open(meta) as f:
+        return json.load(f)["id"]
 
 
 def repo_relative(path):
