@@ -94,6 +94,19 @@ void load_rows(const T* src_base, int64_t row_stride, int64_t head_stride,
   }
 }
 
+// dst[c][r] = factor * src row r, col c (the tile transposed, ld = mt): columns r in
+// [rows.n, mt) are zero, so the padding columns of a product with it stay finite.
+template <typename T>
+void load_rows_t(const T* src_base, int64_t row_stride, int64_t head_stride,
+                 const TileRows<acc_t<T>>& rows, int d, int mt, acc_t<T> factor, acc_t<T>* dst) {
+  for (int r = 0; r < rows.n; ++r) {
+    const T* src = src_base + rows.i[r] * row_stride + rows.h[r] * head_stride;
+    for (int c = 0; c < d; ++c) dst[c * mt + r] = Traits<T>::load(src[c]) * factor;
+  }
+  for (int c = 0; c < d; ++c)
+    for (int r = rows.n; r < mt; ++r) dst[c * mt + r] = acc_t<T>(0);
+}
+
 // Row offsets of key positions [n0, n0 + n) of sequence s, into the caller's buffers.
 struct KvTileRows {
   int64_t k[kBlockN];
@@ -112,6 +125,17 @@ void load_k_transposed(const AttnCtx<T>& c, const KvTileRows& kv, int hk, int n,
   }
 }
 
+// Software prefetch of n rows of X (K or V) into the cache: the rows of a K/V tile are strided
+// (by the heads, or scattered over pages), which the hardware prefetchers follow poorly.
+template <typename T>
+inline void prefetch_rows(const T* base, const int64_t* row_off, int n, int d) {
+  const int bytes = d * static_cast<int>(sizeof(T));
+  for (int j = 0; j < n; ++j) {
+    const char* row = reinterpret_cast<const char*>(base + row_off[j]);
+    for (int b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
+  }
+}
+
 // dst[j][c] = X[n0 + j][c] row-major (zero padded to dpad), X = K or V.
 template <typename T>
 void load_kv_rows(const T* base, const int64_t* row_off, int n, int d, int dpad,
@@ -124,44 +148,66 @@ void load_kv_rows(const T* base, const int64_t* row_off, int n, int d, int dpad,
   }
 }
 
-// S[r][j] for key positions n0 + j, j < n: the final logits of params.h (scale, softcap, ALiBi),
-// -inf where masked. qs holds the query tile pre-scaled by softmax_scale. When tanh_out is given
-// (backward with softcap) it receives tanh(scale * q.k / softcap) for the chain rule.
+// Softcap, ALiBi and the mask on a tile of raw scores (scale already in Q): element (row r, key
+// n0 + j) lives at S[r * rs + j * js], so one routine serves the row layout (rs = ld, js = 1) and
+// the transposed one (rs = 1, js = ld). When tanh_out is given (backward with softcap), it
+// receives tanh(s / softcap) at the same positions, for the chain rule.
 template <typename T>
-void compute_scores(const AttnCtx<T>& c, const Mask& mask, const TileRows<acc_t<T>>& rows,
-                    const acc_t<T>* qs, const acc_t<T>* kt, int n0, int n, acc_t<T>* S,
-                    acc_t<T>* tanh_out) {
+void apply_score_mods(const AttnCtx<T>& c, const Mask& mask, const TileRows<acc_t<T>>& rows,
+                      int n0, int n, acc_t<T>* S, long rs, long js, acc_t<T>* tanh_out) {
   using Acc = acc_t<T>;
-  const int nrows = rows.n;
-  // S = Q K^T (columns past n up to the padding are computed and ignored)
-  gemm(qs, c.pr.dpad, kt, kBlockN, S, kBlockN, nrows, c.pr.d, pad_up(n), /*accumulate=*/false);
   const bool full = mask.tile_is_full(rows.i_first, rows.i_last + 1, n0, n0 + n);
+  if (!c.has_softcap && !c.has_alibi && full) return;
   const int shift = mask.seqlen_k - mask.seqlen_q;
-  for (int r = 0; r < nrows; ++r) {
-    Acc* srow = S + r * kBlockN;
+  const Acc ninf = -static_cast<Acc>(INFINITY);
+  for (int r = 0; r < rows.n; ++r) {
+    Acc* srow = S + r * rs;
     if (c.has_softcap) {
-      Acc* trow = tanh_out != nullptr ? tanh_out + r * kBlockN : nullptr;
+      Acc* trow = tanh_out != nullptr ? tanh_out + r * rs : nullptr;
       for (int j = 0; j < n; ++j) {
         Acc t;
-        srow[j] = softcap_apply(srow[j], c.softcap, c.inv_softcap, &t);
-        if (trow != nullptr) trow[j] = t;
+        srow[j * js] = softcap_apply(srow[j * js], c.softcap, c.inv_softcap, &t);
+        if (trow != nullptr) trow[j * js] = t;
       }
     }
     if (c.has_alibi) {
       const Acc slope = rows.slope[r];
       const int i = rows.i[r];
-      for (int j = 0; j < n; ++j) srow[j] += alibi_bias(slope, i, n0 + j, shift);
+      for (int j = 0; j < n; ++j) srow[j * js] += alibi_bias(slope, i, n0 + j, shift);
     }
     if (!full) {
       int cb, ce;
       mask.col_limits(rows.i[r], &cb, &ce);
-      const Acc ninf = -static_cast<Acc>(INFINITY);
       for (int j = 0; j < n; ++j) {
         const int col = n0 + j;
-        if (col < cb || col >= ce) srow[j] = ninf;
+        if (col < cb || col >= ce) srow[j * js] = ninf;
       }
     }
   }
+}
+
+// S[r][j] (row layout, ld kBlockN) for key positions n0 + j, j < n: the final logits of params.h
+// (scale, softcap, ALiBi), -inf where masked. qs holds the query tile pre-scaled by
+// softmax_scale, kt the key tile transposed (kt[c][j], ld kBlockN). Columns from n up to
+// pad_up(n) are computed and meaningless.
+template <typename T>
+void compute_scores(const AttnCtx<T>& c, const Mask& mask, const TileRows<acc_t<T>>& rows,
+                    const acc_t<T>* qs, const acc_t<T>* kt, int n0, int n, acc_t<T>* S,
+                    acc_t<T>* tanh_out) {
+  gemm(qs, c.pr.dpad, kt, kBlockN, S, kBlockN, rows.n, c.pr.d, pad_up(n), /*accumulate=*/false);
+  apply_score_mods(c, mask, rows, n0, n, S, kBlockN, 1, tanh_out);
+}
+
+// The same logits transposed, one query per column: St[j][r] (ld = mt, the tile's padded row
+// count), from the key tile row-major (k[j][c], ld dpad) and the query tile transposed
+// (qt[c][r], ld mt, pre-scaled). Each logit is the same FMA chain over c as compute_scores',
+// so both layouts give bitwise the same values. Columns from rows.n up to mt are meaningless.
+template <typename T>
+void compute_scores_t(const AttnCtx<T>& c, const Mask& mask, const TileRows<acc_t<T>>& rows,
+                      const acc_t<T>* qt, int mt, const acc_t<T>* k, int n0, int n,
+                      acc_t<T>* St) {
+  gemm(k, c.pr.dpad, qt, mt, St, mt, n, c.pr.d, mt, /*accumulate=*/false);
+  apply_score_mods(c, mask, rows, n0, n, St, 1, mt, static_cast<acc_t<T>*>(nullptr));
 }
 
 // keep[r][j] = 1 where element (row, key n0 + j) survives dropout, else 0 (philox.h spec).

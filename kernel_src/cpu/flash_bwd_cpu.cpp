@@ -26,7 +26,7 @@ template <typename T>
 struct BwdScratch {
   using Acc = acc_t<T>;
   // Tiles (thread-local, reused across calls).
-  std::vector<Acc> qs, dout, kt, ks, vt, s, tanh_s, dp, pt, dst, dk, dv;
+  std::vector<Acc> qs, dout, kt, ks, vt, s, tanh_s, dp, pz, dk, dv;
   std::vector<uint8_t> keep;
   TileRows<Acc> rows;
   KvTileRows kv;
@@ -45,8 +45,7 @@ struct BwdScratch {
     grow_to(s, kBlockM * kBlockN);
     grow_to(tanh_s, kBlockM * kBlockN);
     grow_to(dp, kBlockM * kBlockN);
-    grow_to(pt, kBlockN * kBlockM);
-    grow_to(dst, kBlockN * kBlockM);
+    grow_to(pz, kBlockM * kBlockN);
     grow_to(dk, kBlockN * dpad);
     grow_to(dv, kBlockN * dpad);
     grow_to(keep, kBlockM * kBlockN);
@@ -189,14 +188,17 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
         exp_row(srow, pad_up(n), sc.lse[pr0 + r]);  // masked -inf, and rows with lse = +inf, give 0
       }
       if (c.has_dropout) dropout_keep_tile(c, rows, n0, n, sc.keep.data());
-      // dV += (P o Z)^T dO, with Z = keep * keep_scale
-      for (int r = 0; r < nrows; ++r)
-        for (int j = 0; j < n; ++j) {
-          Acc pz = sc.s[r * kBlockN + j];
-          if (c.has_dropout) pz = sc.keep[r * kBlockN + j] ? pz * c.keep_scale : Acc(0);
-          sc.pt[j * kBlockM + r] = pz;
-        }
-      gemm(sc.pt.data(), kBlockM, sc.dout.data(), dpad, sc.dv.data(), dpad, n, nrows, dpad,
+      // dV += (P o Z)^T dO, with Z = keep * keep_scale; the transpose is read in place (element
+      // (j, r) of the product's A at pz[r * kBlockN + j])
+      const Acc* pz = sc.s.data();
+      if (c.has_dropout) {
+        for (int r = 0; r < nrows; ++r)
+          for (int j = 0; j < n; ++j)
+            sc.pz[r * kBlockN + j] =
+                sc.keep[r * kBlockN + j] ? sc.s[r * kBlockN + j] * c.keep_scale : Acc(0);
+        pz = sc.pz.data();
+      }
+      gemm(pz, 1, kBlockN, sc.dout.data(), dpad, sc.dv.data(), dpad, n, nrows, dpad,
            /*accumulate=*/true);
       // dP = (dO V^T) o Z
       gemm(sc.dout.data(), dpad, sc.vt.data(), kBlockN, sc.dp.data(), kBlockN, nrows, d,
@@ -221,9 +223,8 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
       Acc* dq_tile = sc.dq + static_cast<int64_t>(pr0) * dpad;
       gemm(sc.dp.data(), kBlockN, sc.ks.data(), dpad, dq_tile, dpad, nrows, n, dpad,
            /*accumulate=*/true);
-      // dK += dS^T (scale Q)
-      transpose(sc.dp.data(), kBlockN, sc.dst.data(), kBlockM, nrows, n);
-      gemm(sc.dst.data(), kBlockM, sc.qs.data(), dpad, sc.dk.data(), dpad, n, nrows, dpad,
+      // dK += dS^T (scale Q), dS^T read in place
+      gemm(sc.dp.data(), 1, kBlockN, sc.qs.data(), dpad, sc.dk.data(), dpad, n, nrows, dpad,
            /*accumulate=*/true);
     }
     for (int j = 0; j < n; ++j) {

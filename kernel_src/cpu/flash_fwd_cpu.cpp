@@ -9,7 +9,6 @@
 #include <cstring>
 #include <vector>
 
-#include "../common/softmax_state.h"
 #include "attn_tile_cpu.h"
 #include "flash_api_cpu.h"
 #include "parallel_cpu.h"
@@ -21,18 +20,24 @@ namespace {
 template <typename T>
 struct FwdScratch {
   using Acc = acc_t<T>;
-  std::vector<Acc> q, kt, v, s, o;
+  std::vector<Acc> qt, k, v, st, o;
+  // Per query column of the tile: running max (row_max of SoftmaxState), the reference point the
+  // tile's exponentials use, the rescale factor, the running sum.
+  std::vector<Acc> m, off, factor, l;
   std::vector<uint8_t> keep;
   TileRows<Acc> rows;
-  KvTileRows kv;
-  SoftmaxState<Acc> state[kBlockM];
+  KvTileRows kv, kv_next;
 
   void ensure(int dpad) {
-    grow_to(q, kBlockM * dpad);
-    grow_to(kt, dpad * kBlockN);
+    grow_to(qt, dpad * kBlockM);
+    grow_to(k, kBlockN * dpad);
     grow_to(v, kBlockN * dpad);
-    grow_to(s, kBlockM * kBlockN);
+    grow_to(st, kBlockN * kBlockM);
     grow_to(o, kBlockM * dpad);
+    grow_to(m, kBlockM);
+    grow_to(off, kBlockM);
+    grow_to(factor, kBlockM);
+    grow_to(l, kBlockM);
     grow_to(keep, kBlockM * kBlockN);
   }
 };
@@ -41,32 +46,36 @@ struct FwdScratch {
 // dropped. Masked and out-of-range entries keep the zeros written before the parallel loop.
 template <typename T>
 void write_dmask_tile(const AttnCtx<T>& c, const SeqInfo& s, const Mask& mask, int b, int hk,
-                      int nb, int ne, FwdScratch<T>& sc, const acc_t<T>* lse) {
+                      int nb, int ne, int mt, FwdScratch<T>& sc) {
   using Acc = acc_t<T>;
   T* p_out = static_cast<T*>(c.p.p_ptr);
   const TileRows<Acc>& rows = sc.rows;
+  const T* kbase = c.k() + hk * c.p.k_head_stride;
   for (int n0 = nb; n0 < ne; n0 += kBlockN) {
     const int n = ne - n0 < kBlockN ? ne - n0 : kBlockN;
     kv_row_offsets(c.p, s, n0, n, sc.kv.k, sc.kv.v);
-    load_k_transposed(c, sc.kv, hk, n, sc.kt.data());
-    compute_scores(c, mask, rows, sc.q.data(), sc.kt.data(), n0, n, sc.s.data(),
-                   static_cast<Acc*>(nullptr));
+    load_kv_rows(kbase, sc.kv.k, n, c.pr.d, c.pr.dpad, sc.k.data());
+    compute_scores_t(c, mask, rows, sc.qt.data(), mt, sc.k.data(), n0, n, sc.st.data());
     if (c.has_dropout) dropout_keep_tile(c, rows, n0, n, sc.keep.data());
+    for (int r = 0; r < mt; ++r) sc.factor[r] = Acc(0);  // the sums are not needed
+    exp_cols(sc.st.data(), mt, n, mt, sc.off.data(), sc.factor.data());  // off holds the lse
     for (int r = 0; r < rows.n; ++r) {
-      Acc* srow = sc.s.data() + r * kBlockN;
-      for (int j = n; j < pad_up(n); ++j) srow[j] = -static_cast<Acc>(INFINITY);
-      exp_row(srow, pad_up(n), lse[r]);  // P = exp(S - lse); masked entries become 0
       T* prow = p_out + ((static_cast<int64_t>(b) * c.pr.nheads + rows.h[r]) * c.p.seqlen_q +
                          rows.i[r]) * static_cast<int64_t>(c.p.seqlen_k) + n0;
       for (int j = 0; j < n; ++j) {
-        if (srow[j] == Acc(0)) continue;  // masked (or underflowed): keep the zero already there
-        const Acc prob = c.has_dropout && !sc.keep[r * kBlockN + j] ? -srow[j] : srow[j];
-        prow[j] = Traits<T>::store(prob);
+        const Acc prob = sc.st[j * mt + r];
+        if (prob == Acc(0)) continue;  // masked (or underflowed): keep the zero already there
+        prow[j] = Traits<T>::store(c.has_dropout && !sc.keep[r * kBlockN + j] ? -prob : prob);
       }
     }
   }
 }
 
+// One query tile: the scores are kept transposed (St[j][r], one query per column), so that the
+// K and V tiles are used row-major as loaded (no transposition per tile) and the online softmax
+// runs on vectors across queries (col_max, exp_cols). SoftmaxState's rules, in columns: m is the
+// running max (-inf while empty), off the reference (m, or 0 while empty), factor =
+// exp(m_old - off) rescales l and O (0 for a row still empty, exactly 1 when m did not move).
 template <typename T>
 void fwd_tile(const AttnCtx<T>& c, int b, int hk, int m_block, FwdScratch<T>& sc) {
   using Acc = acc_t<T>;
@@ -76,66 +85,84 @@ void fwd_tile(const AttnCtx<T>& c, int b, int hk, int m_block, FwdScratch<T>& sc
   const int pr0 = m_block * kBlockM;
   const int packed = s.seqlen_q * c.pr.group;
   const int nrows = packed - pr0 < kBlockM ? packed - pr0 : kBlockM;
+  const int mt = pad_up(nrows);
   TileRows<Acc>& rows = sc.rows;
   make_tile_rows(c, b, hk, pr0, nrows, &rows);
-  load_rows(c.q() + s.q_off, p.q_row_stride, p.q_head_stride, rows, d, dpad, c.scale,
-            sc.q.data());
+  load_rows_t(c.q() + s.q_off, p.q_row_stride, p.q_head_stride, rows, d, mt, c.scale,
+              sc.qt.data());
 
   const Mask mask(s.seqlen_q, s.seqlen_k, p.window_left, p.window_right);
   int nb, ne;
   mask.kv_range(rows.i_first, rows.i_last + 1, &nb, &ne);
 
   Acc* o = sc.o.data();
+  Acc* m = sc.m.data();
+  Acc* off = sc.off.data();
+  Acc* factor = sc.factor.data();
+  Acc* l = sc.l.data();
+  const Acc ninf = -static_cast<Acc>(INFINITY);
   for (int e = 0; e < nrows * dpad; ++e) o[e] = Acc(0);
-  for (int r = 0; r < nrows; ++r) sc.state[r] = SoftmaxState<Acc>::empty();
+  for (int r = 0; r < mt; ++r) {
+    m[r] = ninf;
+    l[r] = Acc(0);
+  }
 
+  const T* kbase = c.k() + hk * p.k_head_stride;
   const T* vbase = c.v() + hk * p.v_head_stride;
   for (int n0 = nb; n0 < ne; n0 += kBlockN) {
     const int n = ne - n0 < kBlockN ? ne - n0 : kBlockN;
     kv_row_offsets(p, s, n0, n, sc.kv.k, sc.kv.v);
-    load_k_transposed(c, sc.kv, hk, n, sc.kt.data());
+    load_kv_rows(kbase, sc.kv.k, n, d, dpad, sc.k.data());
     load_kv_rows(vbase, sc.kv.v, n, d, dpad, sc.v.data());
-    // S = Q K^T (scaled, softcapped, ALiBi, masked)
-    compute_scores(c, mask, rows, sc.q.data(), sc.kt.data(), n0, n, sc.s.data(),
-                   static_cast<Acc*>(nullptr));
-    // online softmax: P = exp(S - row_max), rescale O where row_max moved
-    for (int r = 0; r < nrows; ++r) {
-      Acc* srow = sc.s.data() + r * kBlockN;
-      Acc block_max = -static_cast<Acc>(INFINITY);
-      for (int j = 0; j < n; ++j) block_max = srow[j] > block_max ? srow[j] : block_max;
-      SoftmaxState<Acc>& st = sc.state[r];
-      const Acc factor = st.rescale(block_max);
-      if (factor != Acc(1)) {
-        Acc* orow = o + r * dpad;
-        for (int col = 0; col < dpad; ++col) orow[col] *= factor;
-      }
-      for (int j = n; j < pad_up(n); ++j) srow[j] = -static_cast<Acc>(INFINITY);
-      st.add(exp_row(srow, pad_up(n), st.offset()));  // the normaliser counts dropped ones too
+    if (n0 + kBlockN < ne) {  // the next tile's rows, fetched while this one computes
+      const int n1 = ne - n0 - kBlockN < kBlockN ? ne - n0 - kBlockN : kBlockN;
+      kv_row_offsets(p, s, n0 + kBlockN, n1, sc.kv_next.k, sc.kv_next.v);
+      prefetch_rows(kbase, sc.kv_next.k, n1, d);
+      prefetch_rows(vbase, sc.kv_next.v, n1, d);
     }
+    // S^T = K Q^T (scaled, softcapped, ALiBi, masked)
+    compute_scores_t(c, mask, rows, sc.qt.data(), mt, sc.k.data(), n0, n, sc.st.data());
+    // online softmax: new max, factor = exp(old max - new reference), P = exp(S - reference)
+    for (int r = 0; r < mt; ++r) off[r] = m[r];
+    col_max(sc.st.data(), mt, n, mt, off);
+    for (int r = 0; r < mt; ++r) {
+      factor[r] = m[r];
+      m[r] = off[r];
+      if (off[r] == ninf) off[r] = Acc(0);
+    }
+    exp_diff(factor, off, factor, mt);  // an old max of -inf (empty so far) gives 0
+    for (int r = 0; r < mt; ++r) l[r] *= factor[r];
+    for (int r = 0; r < nrows; ++r) {
+      if (factor[r] == Acc(1)) continue;
+      Acc* orow = o + r * dpad;
+      for (int col = 0; col < dpad; ++col) orow[col] *= factor[r];
+    }
+    exp_cols(sc.st.data(), mt, n, mt, off, l);  // the normaliser counts dropped ones too
     // dropout: zero the dropped probabilities (keep_scale is folded into the final division)
     if (c.has_dropout) {
       dropout_keep_tile(c, rows, n0, n, sc.keep.data());
-      for (int e = 0; e < nrows * kBlockN; ++e)
-        if (!sc.keep[e]) sc.s[e] = Acc(0);
+      for (int r = 0; r < nrows; ++r)
+        for (int j = 0; j < n; ++j)
+          if (!sc.keep[r * kBlockN + j]) sc.st[j * mt + r] = Acc(0);
     }
-    // O += P V
-    gemm(sc.s.data(), kBlockN, sc.v.data(), dpad, o, dpad, nrows, n, dpad, /*accumulate=*/true);
+    // O += P V, P read through the transposed tile (element (r, j) at St[j * mt + r])
+    gemm(sc.st.data(), 1, mt, sc.v.data(), dpad, o, dpad, nrows, n, dpad, /*accumulate=*/true);
   }
 
   // epilogue: O /= row_sum (x keep_scale), lse; rows that saw no key get O = 0, lse = +inf
-  Acc lse[kBlockM];
   T* out = static_cast<T*>(p.o_ptr) + s.o_off;
   for (int r = 0; r < nrows; ++r) {
-    const SoftmaxState<Acc>& st = sc.state[r];
-    const Acc inv = st.inv_sum() * (c.has_dropout ? c.keep_scale : Acc(1));
+    const bool empty = !(l[r] > Acc(0));
+    const Acc inv = empty ? Acc(0) : Acc(1) / l[r] * (c.has_dropout ? c.keep_scale : Acc(1));
     const Acc* orow = o + r * dpad;
     T* dst = out + rows.i[r] * p.o_row_stride + rows.h[r] * p.o_head_stride;
     for (int col = 0; col < d; ++col) dst[col] = Traits<T>::store(orow[col] * inv);
-    lse[r] = st.lse();
+    const Acc lse = empty ? static_cast<Acc>(INFINITY) : off[r] + std::log(l[r]);
     p.softmax_lse_ptr[s.lse_off + rows.h[r] * c.pr.lse_head_stride + rows.i[r]] =
-        static_cast<float>(lse[r]);
+        static_cast<float>(lse);
+    off[r] = lse;
   }
-  if (p.p_ptr != nullptr) write_dmask_tile(c, s, mask, b, hk, nb, ne, sc, lse);
+  if (p.p_ptr != nullptr) write_dmask_tile(c, s, mask, b, hk, nb, ne, mt, sc);
 }
 
 template <typename T>
@@ -159,8 +186,12 @@ void run_fwd_typed(const FwdParams& p, const Problem& pr) {
     const int b = static_cast<int>(
         std::upper_bound(first_task.begin(), first_task.end(), t) - first_task.begin() - 1);
     const int64_t local = t - first_task[b];
-    fwd_tile<T>(c, b, static_cast<int>(local % pr.nheads_k),
-                static_cast<int>(local / pr.nheads_k), sc);
+    // The query tiles of one K/V head are consecutive tasks (they read the same K/V, which then
+    // stays in the shared cache), last tile first: under a causal mask the last tiles see the
+    // most keys, and dynamic scheduling balances best when the longest tasks start first.
+    const int64_t nblocks = (first_task[b + 1] - first_task[b]) / pr.nheads_k;
+    fwd_tile<T>(c, b, static_cast<int>(local / nblocks),
+                static_cast<int>(nblocks - 1 - local % nblocks), sc);
   });
 }
 

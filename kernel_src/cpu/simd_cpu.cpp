@@ -50,6 +50,9 @@ inline VF vset1(float x) { return VF{} + x; }
 inline VD vset1(double x) { return VD{} + x; }
 inline VF vfma(VF a, VF b, VF c) { return a * b + c; }
 inline VD vfma(VD a, VD b, VD c) { return a * b + c; }
+inline VF vmax(VF a, VF b) { return a > b ? a : b; }
+inline VD vmax(VD a, VD b) { return a > b ? a : b; }
+constexpr int kMR = 6;
 #include "simd_kernels_cpu.inc"
 }  // namespace base
 
@@ -71,18 +74,12 @@ inline __m256 vset1(float x) { return _mm256_set1_ps(x); }
 inline __m256d vset1(double x) { return _mm256_set1_pd(x); }
 inline __m256 vfma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
 inline __m256d vfma(__m256d a, __m256d b, __m256d c) { return _mm256_fmadd_pd(a, b, c); }
+// Inputs are finite or -inf (never NaN), so the operand order of maxps does not matter.
+inline __m256 vmax(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
+inline __m256d vmax(__m256d a, __m256d b) { return _mm256_max_pd(a, b); }
+constexpr int kMR = 6;
 #include "simd_kernels_cpu.inc"
 
-void gemm_f32(const float* A, int lda, const float* B, int ldb, float* C, int ldc, int rows,
-              int depth, int cols, bool accumulate) {
-  gemm_impl<float>(A, lda, B, ldb, C, ldc, rows, depth, cols, accumulate);
-}
-void gemm_f64(const double* A, int lda, const double* B, int ldb, double* C, int ldc, int rows,
-              int depth, int cols, bool accumulate) {
-  gemm_impl<double>(A, lda, B, ldb, C, ldc, rows, depth, cols, accumulate);
-}
-float exp_row_f32(float* x, int n_pad, float offset) { return exp_row_impl(x, n_pad, offset); }
-double exp_row_f64(double* x, int n_pad, double offset) { return exp_row_impl(x, n_pad, offset); }
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
@@ -99,37 +96,54 @@ bool use_avx2() {
 #endif
 }
 
+// The entry points: one table of function pointers per accumulation type, chosen once per
+// process, so that the float and double entry points cannot pick different variants.
+template <typename Acc>
+struct Table {
+  void (*gemm)(const Acc*, long, long, const Acc*, int, Acc*, int, int, int, int, bool);
+  Acc (*exp_row)(Acc*, int, Acc);
+  void (*col_max)(const Acc*, int, int, int, Acc*);
+  void (*exp_cols)(Acc*, int, int, int, const Acc*, Acc*);
+  void (*exp_diff)(const Acc*, const Acc*, Acc*, int);
+};
+
+template <typename Acc, template <typename> class Impl>
+Table<Acc> table_of() {
+  return {&Impl<Acc>::gemm, &Impl<Acc>::exp_row, &Impl<Acc>::col_max, &Impl<Acc>::exp_cols,
+          &Impl<Acc>::exp_diff};
+}
+
+template <typename Acc>
+const Table<Acc>& table() {
+#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
+  static const Table<Acc> t =
+      use_avx2() ? table_of<Acc, avx2::Impl>() : table_of<Acc, base::Impl>();
+#else
+  static const Table<Acc> t = table_of<Acc, base::Impl>();
+#endif
+  return t;
+}
+
 }  // namespace
 
-void gemm(const float* A, int lda, const float* B, int ldb, float* C, int ldc, int rows,
-          int depth, int cols, bool accumulate) {
-#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
-  if (use_avx2()) return avx2::gemm_f32(A, lda, B, ldb, C, ldc, rows, depth, cols, accumulate);
-#endif
-  base::gemm_impl<float>(A, lda, B, ldb, C, ldc, rows, depth, cols, accumulate);
-}
-
-void gemm(const double* A, int lda, const double* B, int ldb, double* C, int ldc, int rows,
-          int depth, int cols, bool accumulate) {
-#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
-  if (use_avx2()) return avx2::gemm_f64(A, lda, B, ldb, C, ldc, rows, depth, cols, accumulate);
-#endif
-  base::gemm_impl<double>(A, lda, B, ldb, C, ldc, rows, depth, cols, accumulate);
-}
-
-float exp_row(float* x, int n_pad, float offset) {
-#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
-  if (use_avx2()) return avx2::exp_row_f32(x, n_pad, offset);
-#endif
-  return base::exp_row_impl(x, n_pad, offset);
-}
-
-double exp_row(double* x, int n_pad, double offset) {
-#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
-  if (use_avx2()) return avx2::exp_row_f64(x, n_pad, offset);
-#endif
-  return base::exp_row_impl(x, n_pad, offset);
-}
+#define FLASH_CPU_ENTRY_POINTS(Acc)                                                              \
+  void gemm(const Acc* A, long ars, long aks, const Acc* B, int ldb, Acc* C, int ldc, int rows, \
+            int depth, int cols, bool accumulate) {                                             \
+    table<Acc>().gemm(A, ars, aks, B, ldb, C, ldc, rows, depth, cols, accumulate);              \
+  }                                                                                             \
+  Acc exp_row(Acc* x, int n_pad, Acc offset) { return table<Acc>().exp_row(x, n_pad, offset); } \
+  void col_max(const Acc* X, int ld, int rows, int cols, Acc* m) {                              \
+    table<Acc>().col_max(X, ld, rows, cols, m);                                                 \
+  }                                                                                             \
+  void exp_cols(Acc* X, int ld, int rows, int cols, const Acc* off, Acc* sum) {                 \
+    table<Acc>().exp_cols(X, ld, rows, cols, off, sum);                                         \
+  }                                                                                             \
+  void exp_diff(const Acc* a, const Acc* b, Acc* out, int n_pad) {                              \
+    table<Acc>().exp_diff(a, b, out, n_pad);                                                    \
+  }
+FLASH_CPU_ENTRY_POINTS(float)
+FLASH_CPU_ENTRY_POINTS(double)
+#undef FLASH_CPU_ENTRY_POINTS
 
 }  // namespace cpu
 FLASH_NAMESPACE_END

@@ -19,12 +19,20 @@ namespace cpu {
 constexpr int kPad = 8;
 constexpr int pad_up(int n) { return (n + kPad - 1) / kPad * kPad; }
 
-// C[rows x cols] = A[rows x depth] * B[depth x cols] (+ C when accumulate); leading dims in
-// elements.
-void gemm(const float* A, int lda, const float* B, int ldb, float* C, int ldc, int rows,
-          int depth, int cols, bool accumulate);
-void gemm(const double* A, int lda, const double* B, int ldb, double* C, int ldc, int rows,
-          int depth, int cols, bool accumulate);
+// C[rows x cols] = A[rows x depth] * B[depth x cols] (+ C when accumulate). Element (r, k) of A
+// is A[r * a_row + k * a_depth] (a tile stored transposed is passed with a_row = 1); B and C are
+// row-major with leading dims in elements. Each element of C is one FMA chain over k = 0, 1, ...
+// in order (the same for every variant up to FMA contraction), so the same operands give the
+// same result whichever shape of product they are part of.
+void gemm(const float* A, long a_row, long a_depth, const float* B, int ldb, float* C, int ldc,
+          int rows, int depth, int cols, bool accumulate);
+void gemm(const double* A, long a_row, long a_depth, const double* B, int ldb, double* C,
+          int ldc, int rows, int depth, int cols, bool accumulate);
+template <typename Acc>
+inline void gemm(const Acc* A, int lda, const Acc* B, int ldb, Acc* C, int ldc, int rows,
+                 int depth, int cols, bool accumulate) {
+  gemm(A, lda, 1, B, ldb, C, ldc, rows, depth, cols, accumulate);
+}
 
 // x[j] = exp(x[j] - offset) for j < n_pad; returns the sum of the results. -inf (masked) gives
 // exactly 0, and so does anything below the smallest normal result (~1e-38 fp32, ~1e-308 fp64):
@@ -32,6 +40,19 @@ void gemm(const double* A, int lda, const double* B, int ldb, double* C, int ldc
 // within ~1 ulp of the correctly rounded exp.
 float exp_row(float* x, int n_pad, float offset);
 double exp_row(double* x, int n_pad, double offset);
+
+// Column forms, for tiles with one query per column (X[j * ld + i]: key j, query i); `cols` is a
+// multiple of kPad, `rows` arbitrary.
+// m[i] = max(m[i], max_j X[j][i]).
+void col_max(const float* X, int ld, int rows, int cols, float* m);
+void col_max(const double* X, int ld, int rows, int cols, double* m);
+// X[j][i] = exp(X[j][i] - off[i]) (exp_row's accuracy, -inf gives 0); sum[i] += sum_j X[j][i],
+// added in order of j.
+void exp_cols(float* X, int ld, int rows, int cols, const float* off, float* sum);
+void exp_cols(double* X, int ld, int rows, int cols, const double* off, double* sum);
+// out[i] = exp(a[i] - b[i]) for i < n_pad (out may be a).
+void exp_diff(const float* a, const float* b, float* out, int n_pad);
+void exp_diff(const double* a, const double* b, double* out, int n_pad);
 
 // dst[cols x rows] = src[rows x cols]^T (for the products that need a transposed operand).
 template <typename Acc>
