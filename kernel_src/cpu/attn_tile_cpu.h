@@ -136,15 +136,15 @@ inline void prefetch_rows(const T* base, const int64_t* row_off, int n, int d) {
   }
 }
 
-// dst[j][c] = X[n0 + j][c] row-major (zero padded to dpad), X = K or V.
-template <typename T>
-void load_kv_rows(const T* base, const int64_t* row_off, int n, int d, int dpad,
-                  acc_t<T>* dst) {
+// dst[j][c] = X[n0 + j][c] row-major (zero padded to dpad), X = K or V, converted to Out (the
+// accumulation type, or the probability type for V).
+template <typename T, typename Out = acc_t<T>>
+void load_kv_rows(const T* base, const int64_t* row_off, int n, int d, int dpad, Out* dst) {
   for (int j = 0; j < n; ++j) {
     const T* src = base + row_off[j];
-    acc_t<T>* out = dst + j * dpad;
-    for (int col = 0; col < d; ++col) out[col] = Traits<T>::load(src[col]);
-    for (int col = d; col < dpad; ++col) out[col] = acc_t<T>(0);
+    Out* out = dst + j * dpad;
+    for (int col = 0; col < d; ++col) out[col] = static_cast<Out>(Traits<T>::load(src[col]));
+    for (int col = d; col < dpad; ++col) out[col] = Out(0);
   }
 }
 

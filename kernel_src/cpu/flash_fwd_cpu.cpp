@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "attn_tile_cpu.h"
@@ -17,13 +18,18 @@ FLASH_NAMESPACE_BEGIN
 namespace cpu {
 namespace {
 
+// fp32 inputs: keys per fp32 P V chain (see fwd_tile).
+constexpr int kChain = 16;
+
 template <typename T>
 struct FwdScratch {
   using Acc = acc_t<T>;
-  std::vector<Acc> qt, k, v, st, o;
+  using Prob = prob_t<T>;
+  std::vector<Acc> qt, k, st, o;
   // Per query column of the tile: running max (row_max of SoftmaxState), the reference point the
-  // tile's exponentials use, the rescale factor, the running sum.
+  // tile's exponentials use, the rescale factor (Acc, and as Prob).
   std::vector<Acc> m, off, factor, l;
+  std::vector<Prob> v, p, pv, lt;  // p, pv: only when Prob != Acc
   std::vector<uint8_t> keep;
   TileRows<Acc> rows;
   KvTileRows kv, kv_next;
@@ -34,10 +40,12 @@ struct FwdScratch {
     grow_to(v, kBlockN * dpad);
     grow_to(st, kBlockN * kBlockM);
     grow_to(o, kBlockM * dpad);
-    grow_to(m, kBlockM);
-    grow_to(off, kBlockM);
-    grow_to(factor, kBlockM);
-    grow_to(l, kBlockM);
+    for (auto* x : {&m, &off, &factor, &l}) grow_to(*x, kBlockM);
+    grow_to(lt, kBlockM);
+    if (!std::is_same<Acc, Prob>::value) {
+      grow_to(p, kBlockN * kBlockM);
+      grow_to(pv, kBlockM * dpad);
+    }
     grow_to(keep, kBlockM * kBlockN);
   }
 };
@@ -58,7 +66,8 @@ void write_dmask_tile(const AttnCtx<T>& c, const SeqInfo& s, const Mask& mask, i
     compute_scores_t(c, mask, rows, sc.qt.data(), mt, sc.k.data(), n0, n, sc.st.data());
     if (c.has_dropout) dropout_keep_tile(c, rows, n0, n, sc.keep.data());
     for (int r = 0; r < mt; ++r) sc.factor[r] = Acc(0);  // the sums are not needed
-    exp_cols(sc.st.data(), mt, n, mt, sc.off.data(), sc.factor.data());  // off holds the lse
+    // off holds the lse; factor receives the sums, which are not needed
+    exp_cols(sc.st.data(), mt, sc.st.data(), mt, n, mt, sc.off.data(), sc.factor.data());
     for (int r = 0; r < rows.n; ++r) {
       T* prow = p_out + ((static_cast<int64_t>(b) * c.pr.nheads + rows.h[r]) * c.p.seqlen_q +
                          rows.i[r]) * static_cast<int64_t>(c.p.seqlen_k) + n0;
@@ -79,6 +88,7 @@ void write_dmask_tile(const AttnCtx<T>& c, const SeqInfo& s, const Mask& mask, i
 template <typename T>
 void fwd_tile(const AttnCtx<T>& c, int b, int hk, int m_block, FwdScratch<T>& sc) {
   using Acc = acc_t<T>;
+  using Prob = prob_t<T>;
   const FwdParams& p = c.p;
   const SeqInfo& s = c.pr.seqs[b];
   const int d = c.pr.d, dpad = c.pr.dpad;
@@ -100,6 +110,8 @@ void fwd_tile(const AttnCtx<T>& c, int b, int hk, int m_block, FwdScratch<T>& sc
   Acc* off = sc.off.data();
   Acc* factor = sc.factor.data();
   Acc* l = sc.l.data();
+  Prob* lt = sc.lt.data();
+  constexpr bool same = std::is_same<Acc, Prob>::value;
   const Acc ninf = -static_cast<Acc>(INFINITY);
   for (int e = 0; e < nrows * dpad; ++e) o[e] = Acc(0);
   for (int r = 0; r < mt; ++r) {
@@ -113,7 +125,7 @@ void fwd_tile(const AttnCtx<T>& c, int b, int hk, int m_block, FwdScratch<T>& sc
     const int n = ne - n0 < kBlockN ? ne - n0 : kBlockN;
     kv_row_offsets(p, s, n0, n, sc.kv.k, sc.kv.v);
     load_kv_rows(kbase, sc.kv.k, n, d, dpad, sc.k.data());
-    load_kv_rows(vbase, sc.kv.v, n, d, dpad, sc.v.data());
+    load_kv_rows<T, Prob>(vbase, sc.kv.v, n, d, dpad, sc.v.data());
     if (n0 + kBlockN < ne) {  // the next tile's rows, fetched while this one computes
       const int n1 = ne - n0 - kBlockN < kBlockN ? ne - n0 - kBlockN : kBlockN;
       kv_row_offsets(p, s, n0 + kBlockN, n1, sc.kv_next.k, sc.kv_next.v);
@@ -131,33 +143,51 @@ void fwd_tile(const AttnCtx<T>& c, int b, int hk, int m_block, FwdScratch<T>& sc
       if (off[r] == ninf) off[r] = Acc(0);
     }
     exp_diff(factor, off, factor, mt);  // an old max of -inf (empty so far) gives 0
-    for (int r = 0; r < mt; ++r) l[r] *= factor[r];
-    for (int r = 0; r < nrows; ++r) {
-      if (factor[r] == Acc(1)) continue;
-      Acc* orow = o + r * dpad;
-      for (int col = 0; col < dpad; ++col) orow[col] *= factor[r];
-    }
-    exp_cols(sc.st.data(), mt, n, mt, off, l);  // the normaliser counts dropped ones too
+    Prob* pt;
+    if constexpr (same) pt = sc.st.data(); else pt = sc.p.data();
+    // the tile's row sums in Prob, added to l in Acc (the normaliser counts dropped ones too)
+    for (int r = 0; r < mt; ++r) lt[r] = Prob(0);
+    exp_cols(sc.st.data(), mt, pt, mt, n, mt, off, lt);
+    for (int r = 0; r < mt; ++r) l[r] = l[r] * factor[r] + static_cast<Acc>(lt[r]);
     // dropout: zero the dropped probabilities (keep_scale is folded into the final division)
     if (c.has_dropout) {
       dropout_keep_tile(c, rows, n0, n, sc.keep.data());
       for (int r = 0; r < nrows; ++r)
         for (int j = 0; j < n; ++j)
-          if (!sc.keep[r * kBlockN + j]) sc.st[j * mt + r] = Acc(0);
+          if (!sc.keep[r * kBlockN + j]) pt[j * mt + r] = Prob(0);
     }
-    // O += P V, P read through the transposed tile (element (r, j) at St[j * mt + r])
-    gemm(sc.st.data(), 1, mt, sc.v.data(), dpad, o, dpad, nrows, n, dpad, /*accumulate=*/true);
+    // O = factor * O + P V, P read through the transposed tile (element (r, j) at pt[j * mt + r])
+    if constexpr (same) {
+      for (int r = 0; r < nrows; ++r) {
+        if (factor[r] == Acc(1)) continue;
+        Acc* orow = o + r * dpad;
+        for (int col = 0; col < dpad; ++col) orow[col] *= factor[r];
+      }
+      gemm(pt, 1, mt, sc.v.data(), dpad, o, dpad, nrows, n, dpad, /*accumulate=*/true);
+    } else {
+      // P V of this tile summed in Prob, then added to O in Acc
+      // P V in Prob over chains of kChain keys, each added to O in Acc: the fp32 sum of one
+      // chain stays well inside the fp32 rule where a 64-key chain does not (docs/cpu_backend.md)
+      Prob* pv = sc.pv.data();
+      for (int j0 = 0; j0 < n; j0 += kChain) {
+        const int nj = n - j0 < kChain ? n - j0 : kChain;
+        gemm(pt + j0 * mt, 1, mt, sc.v.data() + j0 * dpad, dpad, pv, dpad, nrows, nj, dpad,
+             /*accumulate=*/false);
+        add_rows_widen(o, dpad, pv, dpad, j0 == 0 ? factor : nullptr, nrows, dpad);
+      }
+    }
   }
 
   // epilogue: O /= row_sum (x keep_scale), lse; rows that saw no key get O = 0, lse = +inf
   T* out = static_cast<T*>(p.o_ptr) + s.o_off;
   for (int r = 0; r < nrows; ++r) {
     const bool empty = !(l[r] > Acc(0));
-    const Acc inv = empty ? Acc(0) : Acc(1) / l[r] * (c.has_dropout ? c.keep_scale : Acc(1));
+    const Acc sum = l[r];
+    const Acc inv = empty ? Acc(0) : Acc(1) / sum * (c.has_dropout ? c.keep_scale : Acc(1));
     const Acc* orow = o + r * dpad;
     T* dst = out + rows.i[r] * p.o_row_stride + rows.h[r] * p.o_head_stride;
     for (int col = 0; col < d; ++col) dst[col] = Traits<T>::store(orow[col] * inv);
-    const Acc lse = empty ? static_cast<Acc>(INFINITY) : off[r] + std::log(l[r]);
+    const Acc lse = empty ? static_cast<Acc>(INFINITY) : off[r] + std::log(sum);
     p.softmax_lse_ptr[s.lse_off + rows.h[r] * c.pr.lse_head_stride + rows.i[r]] =
         static_cast<float>(lse);
     off[r] = lse;

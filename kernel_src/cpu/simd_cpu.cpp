@@ -52,6 +52,15 @@ inline VF vfma(VF a, VF b, VF c) { return a * b + c; }
 inline VD vfma(VD a, VD b, VD c) { return a * b + c; }
 inline VF vmax(VF a, VF b) { return a > b ? a : b; }
 inline VD vmax(VD a, VD b) { return a > b ? a : b; }
+inline VF vnarrow(VD lo, VD hi) {
+  typedef float VF2 __attribute__((vector_size(8)));
+  return __builtin_shufflevector(__builtin_convertvector(lo, VF2),
+                                 __builtin_convertvector(hi, VF2), 0, 1, 2, 3);
+}
+inline void vwiden(VF x, VD* lo, VD* hi) {
+  *lo = __builtin_convertvector(__builtin_shufflevector(x, x, 0, 1), VD);
+  *hi = __builtin_convertvector(__builtin_shufflevector(x, x, 2, 3), VD);
+}
 constexpr int kMR = 6;
 #include "simd_kernels_cpu.inc"
 }  // namespace base
@@ -77,6 +86,13 @@ inline __m256d vfma(__m256d a, __m256d b, __m256d c) { return _mm256_fmadd_pd(a,
 // Inputs are finite or -inf (never NaN), so the operand order of maxps does not matter.
 inline __m256 vmax(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
 inline __m256d vmax(__m256d a, __m256d b) { return _mm256_max_pd(a, b); }
+inline __m256 vnarrow(__m256d lo, __m256d hi) {
+  return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+}
+inline void vwiden(__m256 x, __m256d* lo, __m256d* hi) {
+  *lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+  *hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+}
 constexpr int kMR = 6;
 #include "simd_kernels_cpu.inc"
 
@@ -103,7 +119,7 @@ struct Table {
   void (*gemm)(const Acc*, long, long, const Acc*, int, Acc*, int, int, int, int, bool);
   Acc (*exp_row)(Acc*, int, Acc);
   void (*col_max)(const Acc*, int, int, int, Acc*);
-  void (*exp_cols)(Acc*, int, int, int, const Acc*, Acc*);
+  void (*exp_cols)(const Acc*, int, Acc*, int, int, int, const Acc*, Acc*);
   void (*exp_diff)(const Acc*, const Acc*, Acc*, int);
 };
 
@@ -135,8 +151,9 @@ const Table<Acc>& table() {
   void col_max(const Acc* X, int ld, int rows, int cols, Acc* m) {                              \
     table<Acc>().col_max(X, ld, rows, cols, m);                                                 \
   }                                                                                             \
-  void exp_cols(Acc* X, int ld, int rows, int cols, const Acc* off, Acc* sum) {                 \
-    table<Acc>().exp_cols(X, ld, rows, cols, off, sum);                                         \
+  void exp_cols(const Acc* X, int ldx, Acc* P, int ldp, int rows, int cols, const Acc* off,    \
+                Acc* sum) {                                                                     \
+    table<Acc>().exp_cols(X, ldx, P, ldp, rows, cols, off, sum);                                \
   }                                                                                             \
   void exp_diff(const Acc* a, const Acc* b, Acc* out, int n_pad) {                              \
     table<Acc>().exp_diff(a, b, out, n_pad);                                                    \
@@ -144,6 +161,22 @@ const Table<Acc>& table() {
 FLASH_CPU_ENTRY_POINTS(float)
 FLASH_CPU_ENTRY_POINTS(double)
 #undef FLASH_CPU_ENTRY_POINTS
+
+void add_rows_widen(double* o, int ldo, const float* x, int ldx, const double* f, int rows,
+                    int cols) {
+#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
+  if (use_avx2()) return avx2::add_rows_widen_impl(o, ldo, x, ldx, f, rows, cols);
+#endif
+  base::add_rows_widen_impl(o, ldo, x, ldx, f, rows, cols);
+}
+
+void exp_cols(const double* X, int ldx, float* P, int ldp, int rows, int cols, const double* off,
+              float* sum) {
+#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
+  if (use_avx2()) return avx2::exp_cols_narrow(X, ldx, P, ldp, rows, cols, off, sum);
+#endif
+  base::exp_cols_narrow(X, ldx, P, ldp, rows, cols, off, sum);
+}
 
 }  // namespace cpu
 FLASH_NAMESPACE_END

@@ -46,10 +46,18 @@ double exp_row(double* x, int n_pad, double offset);
 // m[i] = max(m[i], max_j X[j][i]).
 void col_max(const float* X, int ld, int rows, int cols, float* m);
 void col_max(const double* X, int ld, int rows, int cols, double* m);
-// X[j][i] = exp(X[j][i] - off[i]) (exp_row's accuracy, -inf gives 0); sum[i] += sum_j X[j][i],
-// added in order of j.
-void exp_cols(float* X, int ld, int rows, int cols, const float* off, float* sum);
-void exp_cols(double* X, int ld, int rows, int cols, const double* off, double* sum);
+// P[j][i] = exp(X[j][i] - off[i]) (exp_row's accuracy, -inf gives 0), P may be X;
+// sum[i] += sum_j P[j][i], added in order of j. The fp64 -> fp32 form rounds X - off to fp32
+// and exponentiates in fp32 (fp32 inputs: fp64 logits, fp32 probabilities).
+void exp_cols(const float* X, int ldx, float* P, int ldp, int rows, int cols, const float* off,
+              float* sum);
+void exp_cols(const double* X, int ldx, double* P, int ldp, int rows, int cols,
+              const double* off, double* sum);
+void exp_cols(const double* X, int ldx, float* P, int ldp, int rows, int cols, const double* off,
+              float* sum);
+// o[r][c] = o[r][c] * f[r] + x[r][c] for r < rows, c < cols (a multiple of kPad); f null: 1.
+void add_rows_widen(double* o, int ldo, const float* x, int ldx, const double* f, int rows,
+                    int cols);
 // out[i] = exp(a[i] - b[i]) for i < n_pad (out may be a).
 void exp_diff(const float* a, const float* b, float* out, int n_pad);
 void exp_diff(const double* a, const double* b, double* out, int n_pad);
