@@ -22,6 +22,11 @@
 FLASH_NAMESPACE_BEGIN
 namespace cpu {
 
+// Where Prob is narrower than Acc (fp32 inputs), products in Prob are summed over chains of at
+// most kChain depth steps, each chain added to the Acc accumulator (docs/cpu_backend.md,
+// "Numerics": a 64-step fp32 chain came within 10% of the tolerance rule, 16 steps stay at half).
+constexpr int kChain = 16;
+
 // Per-call constants, converted once to the accumulation type.
 template <typename T>
 struct AttnCtx {
@@ -81,16 +86,17 @@ void make_tile_rows(const AttnCtx<T>& c, int b, int hk, int pr0, int n,
   rows->i_last = rows->i[n - 1];
 }
 
-// dst[r][0..dpad) = factor * src row (zero padded), for the rows of a tile. src_base points at
-// (row 0, head 0) of the sequence; rows live at src_base + i * row_stride + h * head_stride.
-template <typename T>
+// dst[r][0..dpad) = factor * src row (zero padded), for the rows of a tile, in Out (the
+// accumulation type by default). src_base points at (row 0, head 0) of the sequence; rows live
+// at src_base + i * row_stride + h * head_stride.
+template <typename T, typename Out = acc_t<T>>
 void load_rows(const T* src_base, int64_t row_stride, int64_t head_stride,
-               const TileRows<acc_t<T>>& rows, int d, int dpad, acc_t<T> factor, acc_t<T>* dst) {
+               const TileRows<acc_t<T>>& rows, int d, int dpad, acc_t<T> factor, Out* dst) {
   for (int r = 0; r < rows.n; ++r) {
     const T* src = src_base + rows.i[r] * row_stride + rows.h[r] * head_stride;
-    acc_t<T>* out = dst + r * dpad;
-    for (int c = 0; c < d; ++c) out[c] = Traits<T>::load(src[c]) * factor;
-    for (int c = d; c < dpad; ++c) out[c] = acc_t<T>(0);
+    Out* out = dst + r * dpad;
+    for (int c = 0; c < d; ++c) out[c] = static_cast<Out>(Traits<T>::load(src[c]) * factor);
+    for (int c = d; c < dpad; ++c) out[c] = Out(0);
   }
 }
 

@@ -11,6 +11,7 @@
 // sequence length, like FA2's dq_accum.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../common/softmax_state.h"
@@ -25,8 +26,12 @@ namespace {
 template <typename T>
 struct BwdScratch {
   using Acc = acc_t<T>;
-  // Tiles (thread-local, reused across calls).
-  std::vector<Acc> qs, dout, kt, ks, vt, s, tanh_s, dp, pz, dk, dv;
+  using Prob = prob_t<T>;
+  // Tiles (thread-local, reused across calls). Acc: the logits and the gradient accumulators;
+  // Prob: the operands of the four products after S (the same buffers as Acc's when the types
+  // agree, see bwd_task).
+  std::vector<Acc> qs, qt, kt, kr, s, tanh_s, dp, dk, dv, m, off, l, do_a, vt_a;
+  std::vector<Prob> q_p, do_p, k_p, p_p, ds_p;
   std::vector<uint8_t> keep;
   TileRows<Acc> rows;
   KvTileRows kv;
@@ -37,20 +42,27 @@ struct BwdScratch {
   Acc* dsum = nullptr;
 
   void ensure(int dpad) {
-    grow_to(qs, kBlockM * dpad);
-    grow_to(dout, kBlockM * dpad);
-    grow_to(kt, dpad * kBlockN);
-    grow_to(ks, kBlockN * dpad);
-    grow_to(vt, dpad * kBlockN);
-    grow_to(s, kBlockM * kBlockN);
-    grow_to(tanh_s, kBlockM * kBlockN);
-    grow_to(dp, kBlockM * kBlockN);
-    grow_to(pz, kBlockM * kBlockN);
-    grow_to(dk, kBlockN * dpad);
-    grow_to(dv, kBlockN * dpad);
+    for (auto* x : {&qs, &dk, &dv, &kr, &do_a}) grow_to(*x, std::max(kBlockM, kBlockN) * dpad);
+    for (auto* x : {&qt, &kt, &vt_a}) grow_to(*x, dpad * std::max(kBlockM, kBlockN));
+    for (auto* x : {&s, &tanh_s, &dp}) grow_to(*x, kBlockM * kBlockN);
+    for (auto* x : {&m, &off, &l}) grow_to(*x, kBlockM);
+    for (auto* x : {&q_p, &do_p, &k_p}) grow_to(*x, std::max(kBlockM, kBlockN) * dpad);
+    for (auto* x : {&p_p, &ds_p}) grow_to(*x, kBlockM * kBlockN);
     grow_to(keep, kBlockM * kBlockN);
   }
 };
+
+// C (Acc) += A B with operands in Prob. When Prob is narrower (fp32 inputs), the product runs in
+// Prob over chains of kChain depth steps, each chain added to C in Acc (the forward's rule,
+// docs/cpu_backend.md "Numerics").
+template <typename Acc, typename Prob>
+void gemm_acc(const Prob* A, long ars, long aks, const Prob* B, int ldb, Acc* C, int ldc, int rows,
+              int depth, int cols) {
+  if constexpr (std::is_same<Acc, Prob>::value)
+    gemm(A, ars, aks, B, ldb, C, ldc, rows, depth, cols, /*accumulate=*/true);
+  else
+    gemm_widen(A, ars, aks, B, ldb, C, ldc, rows, depth, cols, kChain);
+}
 
 // Per-sequence offsets of the gradient-side tensors (the backward has no paging or left padding).
 struct BwdOffsets {
@@ -82,43 +94,53 @@ BwdOffsets bwd_offsets(const BwdParams& p, int b) {
   return o;
 }
 
-// lse of every packed row of the task, recomputed in Acc with the forward's online softmax.
+// lse of every packed row of the task, recomputed in Acc with the forward's online softmax (its
+// transposed tiles: K row-major, one query per column).
 template <typename T>
 void recompute_lse(const AttnCtx<T>& c, const SeqInfo& s, const Mask& mask, int b, int hk,
-                   BwdScratch<T>& sc) {
+                   int64_t k_off, BwdScratch<T>& sc) {
   using Acc = acc_t<T>;
   const int packed = s.seqlen_q * c.pr.group;
+  const Acc ninf = -static_cast<Acc>(INFINITY);
+  const T* kbase = c.k() + k_off + hk * c.p.k_head_stride;
+  Acc *m = sc.m.data(), *off = sc.off.data(), *l = sc.l.data(), *factor = sc.dk.data();
   for (int pr0 = 0; pr0 < packed; pr0 += kBlockM) {
     const int nrows = packed - pr0 < kBlockM ? packed - pr0 : kBlockM;
+    const int mt = pad_up(nrows);
     make_tile_rows(c, b, hk, pr0, nrows, &sc.rows);
-    load_rows(c.q() + s.q_off, c.p.q_row_stride, c.p.q_head_stride, sc.rows, c.pr.d, c.pr.dpad,
-              c.scale, sc.qs.data());
-    SoftmaxState<Acc> state[kBlockM];
-    for (int r = 0; r < nrows; ++r) state[r] = SoftmaxState<Acc>::empty();
+    load_rows_t(c.q() + s.q_off, c.p.q_row_stride, c.p.q_head_stride, sc.rows, c.pr.d, mt,
+                c.scale, sc.qt.data());
+    for (int r = 0; r < mt; ++r) {
+      m[r] = ninf;
+      l[r] = Acc(0);
+    }
     int nb, ne;
     mask.kv_range(sc.rows.i_first, sc.rows.i_last + 1, &nb, &ne);
     for (int n0 = nb; n0 < ne; n0 += kBlockN) {
       const int n = ne - n0 < kBlockN ? ne - n0 : kBlockN;
-      kv_row_offsets(c.p, s, n0, n, sc.kv.k, sc.kv.v);
-      load_k_transposed(c, sc.kv, hk, n, sc.kt.data());
-      compute_scores(c, mask, sc.rows, sc.qs.data(), sc.kt.data(), n0, n, sc.s.data(),
-                     static_cast<Acc*>(nullptr));
-      for (int r = 0; r < nrows; ++r) {
-        Acc* srow = sc.s.data() + r * kBlockN;
-        Acc mx = -static_cast<Acc>(INFINITY);
-        for (int j = 0; j < n; ++j) mx = srow[j] > mx ? srow[j] : mx;
-        state[r].rescale(mx);
-        for (int j = n; j < pad_up(n); ++j) srow[j] = -static_cast<Acc>(INFINITY);
-        state[r].add(exp_row(srow, pad_up(n), state[r].offset()));
+      for (int j = 0; j < n; ++j) sc.kv.k[j] = static_cast<int64_t>(n0 + j) * c.p.k_row_stride;
+      load_kv_rows(kbase, sc.kv.k, n, c.pr.d, c.pr.dpad, sc.kr.data());
+      compute_scores_t(c, mask, sc.rows, sc.qt.data(), mt, sc.kr.data(), n0, n, sc.s.data());
+      for (int r = 0; r < mt; ++r) off[r] = m[r];
+      col_max(sc.s.data(), mt, n, mt, off);
+      for (int r = 0; r < mt; ++r) {
+        factor[r] = m[r];
+        m[r] = off[r];
+        if (off[r] == ninf) off[r] = Acc(0);
       }
+      exp_diff(factor, off, factor, mt);
+      for (int r = 0; r < mt; ++r) l[r] *= factor[r];
+      exp_cols(sc.s.data(), mt, sc.s.data(), mt, n, mt, off, l);
     }
-    for (int r = 0; r < nrows; ++r) sc.lse[pr0 + r] = state[r].lse();
+    for (int r = 0; r < nrows; ++r)
+      sc.lse[pr0 + r] = l[r] > Acc(0) ? off[r] + std::log(l[r]) : static_cast<Acc>(INFINITY);
   }
 }
 
 template <typename T>
 void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch<T>& sc) {
   using Acc = acc_t<T>;
+  using Prob = prob_t<T>;
   const SeqInfo& s = c.pr.seqs[b];
   const BwdOffsets off = bwd_offsets(p, b);
   const int d = c.pr.d, dpad = c.pr.dpad, group = c.pr.group;
@@ -146,7 +168,7 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
   }
   // fp32 and fp64 inputs (fp64 accumulation) recompute lse at that precision: the saved lse is
   // fp32, and its rounding (~1e-7 relative in P) would be the largest error of their gradients.
-  if (sizeof(Acc) > sizeof(float)) recompute_lse(c, s, mask, b, hk, sc);
+  if (sizeof(Acc) > sizeof(float)) recompute_lse(c, s, mask, b, hk, off.k, sc);
 
   T* dk_out = static_cast<T*>(p.dk_ptr) + off.dk + hk * p.dk_head_stride;
   T* dv_out = static_cast<T*>(p.dv_ptr) + off.dv + hk * p.dv_head_stride;
@@ -154,22 +176,44 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
   const T* vbase = c.v() + off.v + hk * p.v_head_stride;
   const Acc ninf = -static_cast<Acc>(INFINITY);
 
+  // Operands of dV, dQ and dK, in Prob. When Prob is Acc they are the Acc tiles themselves
+  // (scaled Q, so dK needs no final scale); otherwise separate copies, Q unscaled (exact in
+  // fp32) and softmax_scale applied when dK is written. S and dP are computed in Acc: dS = P (dP
+  // - D) cancels where a row sees few keys, and fp32 rounding of dP would then dominate.
+  constexpr bool same = std::is_same<Acc, Prob>::value;
+  Prob *q_op, *k_op, *do_op, *p_op, *ds_op;
+  if constexpr (same) {
+    q_op = sc.qs.data();
+    k_op = sc.kr.data();
+    do_op = sc.do_a.data();
+    p_op = sc.s.data();
+    ds_op = sc.dp.data();
+  } else {
+    q_op = sc.q_p.data();
+    k_op = sc.k_p.data();
+    do_op = sc.do_p.data();
+    p_op = sc.p_p.data();
+    ds_op = sc.ds_p.data();
+  }
+  const Acc dk_scale = same ? Acc(1) : c.scale;
+
   for (int n0 = 0; n0 < s.seqlen_k; n0 += kBlockN) {
     const int n = s.seqlen_k - n0 < kBlockN ? s.seqlen_k - n0 : kBlockN;
     for (int e = 0; e < n * dpad; ++e) sc.dk[e] = sc.dv[e] = Acc(0);
     int ib, ie;
     mask.q_range(n0, n0 + n, &ib, &ie);
     if (ib < ie) {
-      // K tile row-major (for dQ) and transposed (for S), V transposed (for dP).
+      // K tile transposed (for S, in Acc) and row-major (for dQ), V transposed (for dP).
       for (int j = 0; j < n; ++j) {
         sc.kv.k[j] = static_cast<int64_t>(n0 + j) * p.k_row_stride;
         sc.kv.v[j] = static_cast<int64_t>(n0 + j) * p.v_row_stride;
       }
-      load_kv_rows(kbase, sc.kv.k, n, d, dpad, sc.ks.data());
-      transpose(sc.ks.data(), dpad, sc.kt.data(), kBlockN, n, d);
+      load_kv_rows(kbase, sc.kv.k, n, d, dpad, sc.kr.data());
+      transpose(sc.kr.data(), dpad, sc.kt.data(), kBlockN, n, d);
+      if constexpr (!same) load_kv_rows<T, Prob>(kbase, sc.kv.k, n, d, dpad, k_op);
       for (int j = 0; j < n; ++j) {
         const T* src = vbase + sc.kv.v[j];
-        for (int col = 0; col < d; ++col) sc.vt[col * kBlockN + j] = Traits<T>::load(src[col]);
+        for (int col = 0; col < d; ++col) sc.vt_a[col * kBlockN + j] = Traits<T>::load(src[col]);
       }
     }
     for (int pr0 = ib * group; pr0 < ie * group; pr0 += kBlockM) {
@@ -178,60 +222,63 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
       make_tile_rows(c, b, hk, pr0, nrows, &rows);
       load_rows(c.q() + s.q_off, p.q_row_stride, p.q_head_stride, rows, d, dpad, c.scale,
                 sc.qs.data());
-      load_rows(dout, p.do_row_stride, p.do_head_stride, rows, d, dpad, Acc(1), sc.dout.data());
-      // S = Q K^T, then P = exp(S - lse)
+      if constexpr (!same)
+        load_rows<T, Prob>(c.q() + s.q_off, p.q_row_stride, p.q_head_stride, rows, d, dpad,
+                           Acc(1), q_op);
+      load_rows(dout, p.do_row_stride, p.do_head_stride, rows, d, dpad, Acc(1), sc.do_a.data());
+      if constexpr (!same)
+        load_rows<T, Prob>(dout, p.do_row_stride, p.do_head_stride, rows, d, dpad, Acc(1), do_op);
+      // S = Q K^T, then P = exp(S - lse) (in Prob; rows with lse = +inf and masked entries: 0)
       compute_scores(c, mask, rows, sc.qs.data(), sc.kt.data(), n0, n, sc.s.data(),
                      c.has_softcap ? sc.tanh_s.data() : static_cast<Acc*>(nullptr));
       for (int r = 0; r < nrows; ++r) {
         Acc* srow = sc.s.data() + r * kBlockN;
         for (int j = n; j < pad_up(n); ++j) srow[j] = ninf;
-        exp_row(srow, pad_up(n), sc.lse[pr0 + r]);  // masked -inf, and rows with lse = +inf, give 0
+        exp_row(srow, p_op + r * kBlockN, pad_up(n), sc.lse[pr0 + r]);
       }
       if (c.has_dropout) dropout_keep_tile(c, rows, n0, n, sc.keep.data());
       // dV += (P o Z)^T dO, with Z = keep * keep_scale; the transpose is read in place (element
-      // (j, r) of the product's A at pz[r * kBlockN + j])
-      const Acc* pz = sc.s.data();
+      // (j, r) of the product's A at pz[r * kBlockN + j]). ds_op holds P o Z until dS.
+      const Prob* pz = p_op;
       if (c.has_dropout) {
+        const Prob ks = static_cast<Prob>(c.keep_scale);
         for (int r = 0; r < nrows; ++r)
           for (int j = 0; j < n; ++j)
-            sc.pz[r * kBlockN + j] =
-                sc.keep[r * kBlockN + j] ? sc.s[r * kBlockN + j] * c.keep_scale : Acc(0);
-        pz = sc.pz.data();
+            ds_op[r * kBlockN + j] = sc.keep[r * kBlockN + j] ? p_op[r * kBlockN + j] * ks : Prob(0);
+        pz = ds_op;
       }
-      gemm(pz, 1, kBlockN, sc.dout.data(), dpad, sc.dv.data(), dpad, n, nrows, dpad,
-           /*accumulate=*/true);
-      // dP = (dO V^T) o Z
-      gemm(sc.dout.data(), dpad, sc.vt.data(), kBlockN, sc.dp.data(), kBlockN, nrows, d,
+      gemm_acc(pz, 1, kBlockN, do_op, dpad, sc.dv.data(), dpad, n, nrows, dpad);
+      // dP = dO V^T (Acc)
+      gemm(sc.do_a.data(), dpad, sc.vt_a.data(), kBlockN, sc.dp.data(), kBlockN, nrows, d,
            pad_up(n), /*accumulate=*/false);
-      // dS = P o (dP - D), o (1 - tanh^2) under softcap; kept in dp
+      // dS = P o (dP o Z - D), o (1 - tanh^2) under softcap
       for (int r = 0; r < nrows; ++r) {
         const Acc dsum = sc.dsum[pr0 + r];
-        const Acc* prow = sc.s.data() + r * kBlockN;
-        Acc* dprow = sc.dp.data() + r * kBlockN;
+        const Prob* prow = p_op + r * kBlockN;
+        const Acc* dprow = sc.dp.data() + r * kBlockN;
+        Prob* dsrow = ds_op + r * kBlockN;
         for (int j = 0; j < n; ++j) {
           Acc dpz = dprow[j];
           if (c.has_dropout) dpz = sc.keep[r * kBlockN + j] ? dpz * c.keep_scale : Acc(0);
-          Acc ds = prow[j] * (dpz - dsum);
+          Acc ds = static_cast<Acc>(prow[j]) * (dpz - dsum);
           if (c.has_softcap) {
             const Acc t = sc.tanh_s[r * kBlockN + j];
             ds *= Acc(1) - t * t;
           }
-          dprow[j] = ds;
+          dsrow[j] = static_cast<Prob>(ds);
         }
       }
       // dQ += dS K (softmax_scale applied once when dQ is written)
       Acc* dq_tile = sc.dq + static_cast<int64_t>(pr0) * dpad;
-      gemm(sc.dp.data(), kBlockN, sc.ks.data(), dpad, dq_tile, dpad, nrows, n, dpad,
-           /*accumulate=*/true);
-      // dK += dS^T (scale Q), dS^T read in place
-      gemm(sc.dp.data(), 1, kBlockN, sc.qs.data(), dpad, sc.dk.data(), dpad, n, nrows, dpad,
-           /*accumulate=*/true);
+      gemm_acc(ds_op, kBlockN, 1, k_op, dpad, dq_tile, dpad, nrows, n, dpad);
+      // dK += dS^T Q, dS^T read in place
+      gemm_acc(ds_op, 1, kBlockN, q_op, dpad, sc.dk.data(), dpad, n, nrows, dpad);
     }
     for (int j = 0; j < n; ++j) {
       T* dkrow = dk_out + static_cast<int64_t>(n0 + j) * p.dk_row_stride;
       T* dvrow = dv_out + static_cast<int64_t>(n0 + j) * p.dv_row_stride;
       for (int col = 0; col < d; ++col) {
-        dkrow[col] = Traits<T>::store(sc.dk[j * dpad + col]);
+        dkrow[col] = Traits<T>::store(sc.dk[j * dpad + col] * dk_scale);
         dvrow[col] = Traits<T>::store(sc.dv[j * dpad + col]);
       }
     }

@@ -18,9 +18,6 @@ FLASH_NAMESPACE_BEGIN
 namespace cpu {
 namespace {
 
-// fp32 inputs: keys per fp32 P V chain (see fwd_tile).
-constexpr int kChain = 16;
-
 template <typename T>
 struct FwdScratch {
   using Acc = acc_t<T>;
@@ -29,7 +26,7 @@ struct FwdScratch {
   // Per query column of the tile: running max (row_max of SoftmaxState), the reference point the
   // tile's exponentials use, the rescale factor (Acc, and as Prob).
   std::vector<Acc> m, off, factor, l;
-  std::vector<Prob> v, p, pv, lt;  // p, pv: only when Prob != Acc
+  std::vector<Prob> v, p, lt;  // p: only when Prob != Acc
   std::vector<uint8_t> keep;
   TileRows<Acc> rows;
   KvTileRows kv, kv_next;
@@ -42,10 +39,7 @@ struct FwdScratch {
     grow_to(o, kBlockM * dpad);
     for (auto* x : {&m, &off, &factor, &l}) grow_to(*x, kBlockM);
     grow_to(lt, kBlockM);
-    if (!std::is_same<Acc, Prob>::value) {
-      grow_to(p, kBlockN * kBlockM);
-      grow_to(pv, kBlockM * dpad);
-    }
+    if (!std::is_same<Acc, Prob>::value) grow_to(p, kBlockN * kBlockM);
     grow_to(keep, kBlockM * kBlockN);
   }
 };
@@ -156,26 +150,17 @@ void fwd_tile(const AttnCtx<T>& c, int b, int hk, int m_block, FwdScratch<T>& sc
         for (int j = 0; j < n; ++j)
           if (!sc.keep[r * kBlockN + j]) pt[j * mt + r] = Prob(0);
     }
-    // O = factor * O + P V, P read through the transposed tile (element (r, j) at pt[j * mt + r])
-    if constexpr (same) {
-      for (int r = 0; r < nrows; ++r) {
-        if (factor[r] == Acc(1)) continue;
-        Acc* orow = o + r * dpad;
-        for (int col = 0; col < dpad; ++col) orow[col] *= factor[r];
-      }
-      gemm(pt, 1, mt, sc.v.data(), dpad, o, dpad, nrows, n, dpad, /*accumulate=*/true);
-    } else {
-      // P V of this tile summed in Prob, then added to O in Acc
-      // P V in Prob over chains of kChain keys, each added to O in Acc: the fp32 sum of one
-      // chain stays well inside the fp32 rule where a 64-key chain does not (docs/cpu_backend.md)
-      Prob* pv = sc.pv.data();
-      for (int j0 = 0; j0 < n; j0 += kChain) {
-        const int nj = n - j0 < kChain ? n - j0 : kChain;
-        gemm(pt + j0 * mt, 1, mt, sc.v.data() + j0 * dpad, dpad, pv, dpad, nrows, nj, dpad,
-             /*accumulate=*/false);
-        add_rows_widen(o, dpad, pv, dpad, j0 == 0 ? factor : nullptr, nrows, dpad);
-      }
+    // O = factor * O + P V, P read through the transposed tile (element (r, j) at pt[j * mt + r]);
+    // with fp32 inputs P V is summed in fp32 over chains of kChain keys, each added to O in fp64
+    for (int r = 0; r < nrows; ++r) {
+      if (factor[r] == Acc(1)) continue;
+      Acc* orow = o + r * dpad;
+      for (int col = 0; col < dpad; ++col) orow[col] *= factor[r];
     }
+    if constexpr (same)
+      gemm(pt, 1, mt, sc.v.data(), dpad, o, dpad, nrows, n, dpad, /*accumulate=*/true);
+    else
+      gemm_widen(pt, 1, mt, sc.v.data(), dpad, o, dpad, nrows, n, dpad, kChain);
   }
 
   // epilogue: O /= row_sum (x keep_scale), lse; rows that saw no key get O = 0, lse = +inf

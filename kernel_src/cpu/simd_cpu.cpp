@@ -117,7 +117,7 @@ bool use_avx2() {
 template <typename Acc>
 struct Table {
   void (*gemm)(const Acc*, long, long, const Acc*, int, Acc*, int, int, int, int, bool);
-  Acc (*exp_row)(Acc*, int, Acc);
+  Acc (*exp_row)(const Acc*, Acc*, int, Acc);
   void (*col_max)(const Acc*, int, int, int, Acc*);
   void (*exp_cols)(const Acc*, int, Acc*, int, int, int, const Acc*, Acc*);
   void (*exp_diff)(const Acc*, const Acc*, Acc*, int);
@@ -147,7 +147,9 @@ const Table<Acc>& table() {
             int depth, int cols, bool accumulate) {                                             \
     table<Acc>().gemm(A, ars, aks, B, ldb, C, ldc, rows, depth, cols, accumulate);              \
   }                                                                                             \
-  Acc exp_row(Acc* x, int n_pad, Acc offset) { return table<Acc>().exp_row(x, n_pad, offset); } \
+  Acc exp_row(const Acc* x, Acc* out, int n_pad, Acc offset) {                                  \
+    return table<Acc>().exp_row(x, out, n_pad, offset);                                         \
+  }                                                                                             \
   void col_max(const Acc* X, int ld, int rows, int cols, Acc* m) {                              \
     table<Acc>().col_max(X, ld, rows, cols, m);                                                 \
   }                                                                                             \
@@ -161,6 +163,22 @@ const Table<Acc>& table() {
 FLASH_CPU_ENTRY_POINTS(float)
 FLASH_CPU_ENTRY_POINTS(double)
 #undef FLASH_CPU_ENTRY_POINTS
+
+float exp_row(const double* x, float* out, int n_pad, double offset) {
+#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
+  if (use_avx2()) return avx2::exp_row_narrow(x, out, n_pad, offset);
+#endif
+  return base::exp_row_narrow(x, out, n_pad, offset);
+}
+
+void gemm_widen(const float* A, long a_row, long a_depth, const float* B, int ldb, double* C,
+                int ldc, int rows, int depth, int cols, int chain) {
+#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
+  if (use_avx2())
+    return avx2::gemm_widen_impl(A, a_row, a_depth, B, ldb, C, ldc, rows, depth, cols, chain);
+#endif
+  base::gemm_widen_impl(A, a_row, a_depth, B, ldb, C, ldc, rows, depth, cols, chain);
+}
 
 void add_rows_widen(double* o, int ldo, const float* x, int ldx, const double* f, int rows,
                     int cols) {

@@ -34,12 +34,18 @@ inline void gemm(const Acc* A, int lda, const Acc* B, int ldb, Acc* C, int ldc, 
   gemm(A, lda, 1, B, ldb, C, ldc, rows, depth, cols, accumulate);
 }
 
-// x[j] = exp(x[j] - offset) for j < n_pad; returns the sum of the results. -inf (masked) gives
-// exactly 0, and so does anything below the smallest normal result (~1e-38 fp32, ~1e-308 fp64):
-// softmax rows hold a 1 (their maximum), so flushing those terms changes no result. Accuracy:
-// within ~1 ulp of the correctly rounded exp.
-float exp_row(float* x, int n_pad, float offset);
-double exp_row(double* x, int n_pad, double offset);
+// out[j] = exp(x[j] - offset) for j < n_pad (out may be x); returns the sum of the results. -inf
+// (masked) gives exactly 0, and so does anything below the smallest normal result (~1e-38 fp32,
+// ~1e-308 fp64): softmax rows hold a 1 (their maximum), so flushing those terms changes no
+// result. Accuracy: within ~1 ulp of the correctly rounded exp. The fp64 -> fp32 form computes
+// the difference in fp64 (see exp_cols).
+float exp_row(const float* x, float* out, int n_pad, float offset);
+double exp_row(const double* x, double* out, int n_pad, double offset);
+float exp_row(const double* x, float* out, int n_pad, double offset);
+template <typename Acc>
+inline Acc exp_row(Acc* x, int n_pad, Acc offset) {
+  return exp_row(x, x, n_pad, offset);
+}
 
 // Column forms, for tiles with one query per column (X[j * ld + i]: key j, query i); `cols` is a
 // multiple of kPad, `rows` arbitrary.
@@ -55,6 +61,10 @@ void exp_cols(const double* X, int ldx, double* P, int ldp, int rows, int cols,
               const double* off, double* sum);
 void exp_cols(const double* X, int ldx, float* P, int ldp, int rows, int cols, const double* off,
               float* sum);
+// C (fp64) += A B (fp32, A addressed as in gemm), each element summed in fp32 over chains of at
+// most `chain` depth steps, each chain's sum added to C in fp64.
+void gemm_widen(const float* A, long a_row, long a_depth, const float* B, int ldb, double* C,
+                int ldc, int rows, int depth, int cols, int chain);
 // o[r][c] = o[r][c] * f[r] + x[r][c] for r < rows, c < cols (a multiple of kPad); f null: 1.
 void add_rows_widen(double* o, int ldo, const float* x, int ldx, const double* f, int rows,
                     int cols);
