@@ -35,11 +35,6 @@ struct BwdScratch {
   std::vector<uint8_t> keep;
   TileRows<Acc> rows;
   KvTileRows kv;
-  // Per task, (seqlen_q * group) rows: pointers into the task's own buffers (not kept across
-  // calls, since their size follows the sequence length).
-  Acc* dq = nullptr;
-  Acc* lse = nullptr;
-  Acc* dsum = nullptr;
 
   void ensure(int dpad) {
     for (auto* x : {&qs, &dk, &dv, &kr, &do_a}) grow_to(*x, std::max(kBlockM, kBlockN) * dpad);
@@ -94,51 +89,73 @@ BwdOffsets bwd_offsets(const BwdParams& p, int b) {
   return o;
 }
 
-// lse of every packed row of the task, recomputed in Acc with the forward's online softmax (its
-// transposed tiles: K row-major, one query per column).
+// Phase 1, one query tile of (b, hk): D = rowsum(dO * O) and the lse of each packed row. fp32
+// and fp64 inputs (fp64 logits) recompute lse at that precision, with the forward's online
+// softmax on its transposed tiles: the saved lse is fp32, and its rounding (~1e-7 relative in P)
+// would be the largest error of their gradients.
 template <typename T>
-void recompute_lse(const AttnCtx<T>& c, const SeqInfo& s, const Mask& mask, int b, int hk,
-                   int64_t k_off, BwdScratch<T>& sc) {
+void bwd_stats_tile(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int m_block,
+                    acc_t<T>* lse, acc_t<T>* dsum, BwdScratch<T>& sc) {
   using Acc = acc_t<T>;
-  const int packed = s.seqlen_q * c.pr.group;
-  const Acc ninf = -static_cast<Acc>(INFINITY);
-  const T* kbase = c.k() + k_off + hk * c.p.k_head_stride;
-  Acc *m = sc.m.data(), *off = sc.off.data(), *l = sc.l.data(), *factor = sc.dk.data();
-  for (int pr0 = 0; pr0 < packed; pr0 += kBlockM) {
-    const int nrows = packed - pr0 < kBlockM ? packed - pr0 : kBlockM;
-    const int mt = pad_up(nrows);
-    make_tile_rows(c, b, hk, pr0, nrows, &sc.rows);
-    load_rows_t(c.q() + s.q_off, c.p.q_row_stride, c.p.q_head_stride, sc.rows, c.pr.d, mt,
-                c.scale, sc.qt.data());
-    for (int r = 0; r < mt; ++r) {
-      m[r] = ninf;
-      l[r] = Acc(0);
-    }
-    int nb, ne;
-    mask.kv_range(sc.rows.i_first, sc.rows.i_last + 1, &nb, &ne);
-    for (int n0 = nb; n0 < ne; n0 += kBlockN) {
-      const int n = ne - n0 < kBlockN ? ne - n0 : kBlockN;
-      for (int j = 0; j < n; ++j) sc.kv.k[j] = static_cast<int64_t>(n0 + j) * c.p.k_row_stride;
-      load_kv_rows(kbase, sc.kv.k, n, c.pr.d, c.pr.dpad, sc.kr.data());
-      compute_scores_t(c, mask, sc.rows, sc.qt.data(), mt, sc.kr.data(), n0, n, sc.s.data());
-      for (int r = 0; r < mt; ++r) off[r] = m[r];
-      col_max(sc.s.data(), mt, n, mt, off);
-      for (int r = 0; r < mt; ++r) {
-        factor[r] = m[r];
-        m[r] = off[r];
-        if (off[r] == ninf) off[r] = Acc(0);
-      }
-      exp_diff(factor, off, factor, mt);
-      for (int r = 0; r < mt; ++r) l[r] *= factor[r];
-      exp_cols(sc.s.data(), mt, sc.s.data(), mt, n, mt, off, l);
-    }
-    for (int r = 0; r < nrows; ++r)
-      sc.lse[pr0 + r] = l[r] > Acc(0) ? off[r] + std::log(l[r]) : static_cast<Acc>(INFINITY);
+  const SeqInfo& s = c.pr.seqs[b];
+  const BwdOffsets off = bwd_offsets(p, b);
+  const int group = c.pr.group, d = c.pr.d;
+  const int packed = s.seqlen_q * group;
+  const int pr0 = m_block * kBlockM;
+  const int nrows = packed - pr0 < kBlockM ? packed - pr0 : kBlockM;
+  const T* dout = static_cast<const T*>(p.do_ptr) + off.dout;
+  const T* out = static_cast<const T*>(p.o_ptr) + s.o_off;
+  for (int pi = pr0; pi < pr0 + nrows; ++pi) {
+    const int i = pi / group, h = hk * group + pi % group;
+    const T* dorow = dout + i * p.do_row_stride + h * p.do_head_stride;
+    const T* orow = out + i * p.o_row_stride + h * p.o_head_stride;
+    Acc acc = Acc(0);
+    for (int col = 0; col < d; ++col)
+      acc += Traits<T>::load(dorow[col]) * Traits<T>::load(orow[col]);
+    dsum[pi] = acc;
+    lse[pi] = static_cast<Acc>(p.softmax_lse_ptr[s.lse_off + h * c.pr.lse_head_stride + i]);
   }
+  if (sizeof(Acc) == sizeof(float)) return;
+
+  const Mask mask(s.seqlen_q, s.seqlen_k, p.window_left, p.window_right);
+  const Acc ninf = -static_cast<Acc>(INFINITY);
+  const T* kbase = c.k() + off.k + hk * c.p.k_head_stride;
+  Acc *m = sc.m.data(), *offv = sc.off.data(), *l = sc.l.data(), *factor = sc.dk.data();
+  const int mt = pad_up(nrows);
+  make_tile_rows(c, b, hk, pr0, nrows, &sc.rows);
+  load_rows_t(c.q() + s.q_off, c.p.q_row_stride, c.p.q_head_stride, sc.rows, d, mt, c.scale,
+              sc.qt.data());
+  for (int r = 0; r < mt; ++r) {
+    m[r] = ninf;
+    l[r] = Acc(0);
+  }
+  int nb, ne;
+  mask.kv_range(sc.rows.i_first, sc.rows.i_last + 1, &nb, &ne);
+  for (int n0 = nb; n0 < ne; n0 += kBlockN) {
+    const int n = ne - n0 < kBlockN ? ne - n0 : kBlockN;
+    for (int j = 0; j < n; ++j) sc.kv.k[j] = static_cast<int64_t>(n0 + j) * c.p.k_row_stride;
+    load_kv_rows(kbase, sc.kv.k, n, d, c.pr.dpad, sc.kr.data());
+    compute_scores_t(c, mask, sc.rows, sc.qt.data(), mt, sc.kr.data(), n0, n, sc.s.data());
+    for (int r = 0; r < mt; ++r) offv[r] = m[r];
+    col_max(sc.s.data(), mt, n, mt, offv);
+    for (int r = 0; r < mt; ++r) {
+      factor[r] = m[r];
+      m[r] = offv[r];
+      if (offv[r] == ninf) offv[r] = Acc(0);
+    }
+    exp_diff(factor, offv, factor, mt);
+    for (int r = 0; r < mt; ++r) l[r] *= factor[r];
+    exp_cols(sc.s.data(), mt, sc.s.data(), mt, n, mt, offv, l);
+  }
+  for (int r = 0; r < nrows; ++r)
+    lse[pr0 + r] = l[r] > Acc(0) ? offv[r] + std::log(l[r]) : static_cast<Acc>(INFINITY);
 }
 
+// Phase 2, keys [k_begin, k_end) of (b, hk): dK and dV of those keys, and their share of dQ
+// (unscaled) added into dq, (seqlen_q * group) x dpad rows that this task alone writes.
 template <typename T>
-void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch<T>& sc) {
+void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int k_begin, int k_end,
+              const acc_t<T>* lse, const acc_t<T>* dsum, acc_t<T>* dq, BwdScratch<T>& sc) {
   using Acc = acc_t<T>;
   using Prob = prob_t<T>;
   const SeqInfo& s = c.pr.seqs[b];
@@ -147,28 +164,7 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
   const int packed = s.seqlen_q * group;
   const Mask mask(s.seqlen_q, s.seqlen_k, p.window_left, p.window_right);
   const T* dout = static_cast<const T*>(p.do_ptr) + off.dout;
-  const T* out = static_cast<const T*>(p.o_ptr) + s.o_off;
-
-  std::vector<Acc> dq_acc(static_cast<size_t>(packed) * dpad, Acc(0));
-  std::vector<Acc> row_stats(2 * static_cast<size_t>(packed));
-  sc.dq = dq_acc.data();
-  sc.lse = row_stats.data();
-  sc.dsum = row_stats.data() + packed;
-
-  // D = rowsum(dO * O) and the lse of every row of the group.
-  for (int pi = 0; pi < packed; ++pi) {
-    const int i = pi / group, h = hk * group + pi % group;
-    const T* dorow = dout + i * p.do_row_stride + h * p.do_head_stride;
-    const T* orow = out + i * p.o_row_stride + h * p.o_head_stride;
-    Acc acc = Acc(0);
-    for (int col = 0; col < d; ++col)
-      acc += Traits<T>::load(dorow[col]) * Traits<T>::load(orow[col]);
-    sc.dsum[pi] = acc;
-    sc.lse[pi] = static_cast<Acc>(p.softmax_lse_ptr[s.lse_off + h * c.pr.lse_head_stride + i]);
-  }
-  // fp32 and fp64 inputs (fp64 accumulation) recompute lse at that precision: the saved lse is
-  // fp32, and its rounding (~1e-7 relative in P) would be the largest error of their gradients.
-  if (sizeof(Acc) > sizeof(float)) recompute_lse(c, s, mask, b, hk, off.k, sc);
+  for (int64_t e = 0; e < static_cast<int64_t>(packed) * dpad; ++e) dq[e] = Acc(0);
 
   T* dk_out = static_cast<T*>(p.dk_ptr) + off.dk + hk * p.dk_head_stride;
   T* dv_out = static_cast<T*>(p.dv_ptr) + off.dv + hk * p.dv_head_stride;
@@ -197,8 +193,8 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
   }
   const Acc dk_scale = same ? Acc(1) : c.scale;
 
-  for (int n0 = 0; n0 < s.seqlen_k; n0 += kBlockN) {
-    const int n = s.seqlen_k - n0 < kBlockN ? s.seqlen_k - n0 : kBlockN;
+  for (int n0 = k_begin; n0 < k_end; n0 += kBlockN) {
+    const int n = k_end - n0 < kBlockN ? k_end - n0 : kBlockN;
     for (int e = 0; e < n * dpad; ++e) sc.dk[e] = sc.dv[e] = Acc(0);
     int ib, ie;
     mask.q_range(n0, n0 + n, &ib, &ie);
@@ -234,7 +230,7 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
       for (int r = 0; r < nrows; ++r) {
         Acc* srow = sc.s.data() + r * kBlockN;
         for (int j = n; j < pad_up(n); ++j) srow[j] = ninf;
-        exp_row(srow, p_op + r * kBlockN, pad_up(n), sc.lse[pr0 + r]);
+        exp_row(srow, p_op + r * kBlockN, pad_up(n), lse[pr0 + r]);
       }
       if (c.has_dropout) dropout_keep_tile(c, rows, n0, n, sc.keep.data());
       // dV += (P o Z)^T dO, with Z = keep * keep_scale; the transpose is read in place (element
@@ -253,14 +249,14 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
            pad_up(n), /*accumulate=*/false);
       // dS = P o (dP o Z - D), o (1 - tanh^2) under softcap
       for (int r = 0; r < nrows; ++r) {
-        const Acc dsum = sc.dsum[pr0 + r];
+        const Acc drow = dsum[pr0 + r];
         const Prob* prow = p_op + r * kBlockN;
         const Acc* dprow = sc.dp.data() + r * kBlockN;
         Prob* dsrow = ds_op + r * kBlockN;
         for (int j = 0; j < n; ++j) {
           Acc dpz = dprow[j];
           if (c.has_dropout) dpz = sc.keep[r * kBlockN + j] ? dpz * c.keep_scale : Acc(0);
-          Acc ds = static_cast<Acc>(prow[j]) * (dpz - dsum);
+          Acc ds = static_cast<Acc>(prow[j]) * (dpz - drow);
           if (c.has_softcap) {
             const Acc t = sc.tanh_s[r * kBlockN + j];
             ds *= Acc(1) - t * t;
@@ -269,7 +265,7 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
         }
       }
       // dQ += dS K (softmax_scale applied once when dQ is written)
-      Acc* dq_tile = sc.dq + static_cast<int64_t>(pr0) * dpad;
+      Acc* dq_tile = dq + static_cast<int64_t>(pr0) * dpad;
       gemm_acc(ds_op, kBlockN, 1, k_op, dpad, dq_tile, dpad, nrows, n, dpad);
       // dK += dS^T Q, dS^T read in place
       gemm_acc(ds_op, 1, kBlockN, q_op, dpad, sc.dk.data(), dpad, n, nrows, dpad);
@@ -283,30 +279,105 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
       }
     }
   }
-  // Keys the sequence owns but does not use (seqused_k) get zero gradients.
-  for (int j = s.seqlen_k; j < s.seqlen_k_rows; ++j) {
-    T* dkrow = dk_out + static_cast<int64_t>(j) * p.dk_row_stride;
-    T* dvrow = dv_out + static_cast<int64_t>(j) * p.dv_row_stride;
-    for (int col = 0; col < d; ++col) dkrow[col] = dvrow[col] = Traits<T>::store(Acc(0));
-  }
-  // dQ = scale * accumulated dS K
-  T* dq_out = static_cast<T*>(p.dq_ptr) + off.dq;
-  for (int pi = 0; pi < packed; ++pi) {
-    const int i = pi / group, h = hk * group + pi % group;
-    T* dst = dq_out + i * p.dq_row_stride + h * p.dq_head_stride;
-    const Acc* src = sc.dq + static_cast<int64_t>(pi) * dpad;
-    for (int col = 0; col < d; ++col) dst[col] = Traits<T>::store(src[col] * c.scale);
+  // Keys the sequence owns but does not use (seqused_k) get zero gradients (the last split).
+  if (k_end == s.seqlen_k) {
+    for (int j = s.seqlen_k; j < s.seqlen_k_rows; ++j) {
+      T* dkrow = dk_out + static_cast<int64_t>(j) * p.dk_row_stride;
+      T* dvrow = dv_out + static_cast<int64_t>(j) * p.dv_row_stride;
+      for (int col = 0; col < d; ++col) dkrow[col] = dvrow[col] = Traits<T>::store(Acc(0));
+    }
   }
 }
 
+// Phase 3, one query tile of (b, hk): dQ = softmax_scale * the splits' sums, added in split
+// order.
+template <typename T>
+void bwd_write_dq(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int m_block,
+                  const acc_t<T>* dq, int64_t split_stride, int nsplit) {
+  using Acc = acc_t<T>;
+  const SeqInfo& s = c.pr.seqs[b];
+  const int group = c.pr.group, d = c.pr.d, dpad = c.pr.dpad;
+  const int packed = s.seqlen_q * group;
+  const int pr0 = m_block * kBlockM;
+  const int pr1 = packed - pr0 < kBlockM ? packed : pr0 + kBlockM;
+  T* dq_out = static_cast<T*>(p.dq_ptr) + bwd_offsets(p, b).dq;
+  Acc row[256];
+  for (int pi = pr0; pi < pr1; ++pi) {
+    const int i = pi / group, h = hk * group + pi % group;
+    const Acc* src = dq + static_cast<int64_t>(pi) * dpad;
+    for (int col = 0; col < d; ++col) row[col] = src[col];
+    for (int k = 1; k < nsplit; ++k)
+      for (int col = 0; col < d; ++col) row[col] += src[k * split_stride + col];
+    T* dst = dq_out + i * p.dq_row_stride + h * p.dq_head_stride;
+    for (int col = 0; col < d; ++col) dst[col] = Traits<T>::store(row[col] * c.scale);
+  }
+}
+
+// Three parallel phases: (1) per query tile, D and lse; (2) per (sequence, K/V head, key
+// split), dK/dV of its keys and its share of dQ in its own buffer; (3) per query tile, dQ = the
+// splits' sum. Keys are split only when (sequence, K/V head) pairs are too few to occupy the
+// threads (nsplit = 1 otherwise, and the result does not depend on the thread count).
 template <typename T>
 void run_bwd_typed(const BwdParams& p, const Problem& pr) {
+  using Acc = acc_t<T>;
   const AttnCtx<T> c(p, pr);
-  const int64_t ntasks = static_cast<int64_t>(pr.batch) * pr.nheads_k;
-  parallel_tasks(ntasks, pr.work, [&](int64_t t) {
+  const int64_t pairs = static_cast<int64_t>(pr.batch) * pr.nheads_k;
+  // Per sequence: first packed row (of K/V head 0) in the row buffers, and first query-tile task.
+  std::vector<int64_t> row0(pr.batch + 1, 0), tile0(pr.batch + 1, 0);
+  int max_key_tiles = 1;
+  for (int b = 0; b < pr.batch; ++b) {
+    const int64_t packed = static_cast<int64_t>(pr.seqs[b].seqlen_q) * pr.group;
+    row0[b + 1] = row0[b] + packed * pr.nheads_k;
+    tile0[b + 1] = tile0[b] + (packed + kBlockM - 1) / kBlockM * pr.nheads_k;
+    max_key_tiles = std::max(max_key_tiles, (pr.seqs[b].seqlen_k + kBlockN - 1) / kBlockN);
+  }
+  const int64_t rows = row0[pr.batch];
+  int nsplit = 1;
+  const int threads = max_threads();
+  if (pr.work >= kParallelMinWork && pairs < 2 * threads)
+    nsplit = static_cast<int>(std::min<int64_t>(max_key_tiles, (2 * threads + pairs - 1) / pairs));
+  std::vector<Acc> stats(2 * static_cast<size_t>(rows));
+  std::vector<Acc> dq(static_cast<size_t>(nsplit) * rows * pr.dpad);
+  Acc* lse = stats.data();
+  Acc* dsum = stats.data() + rows;
+  const int64_t split_stride = rows * pr.dpad;
+
+  // (b, hk, query tile) of a flattened query-tile task, and the first row of (b, hk).
+  auto tile_task = [&](int64_t t, int* b, int* hk, int* m_block, int64_t* first_row) {
+    *b = static_cast<int>(std::upper_bound(tile0.begin(), tile0.end(), t) - tile0.begin() - 1);
+    const int64_t nblocks = (tile0[*b + 1] - tile0[*b]) / pr.nheads_k;
+    const int64_t local = t - tile0[*b];
+    *hk = static_cast<int>(local / nblocks);
+    *m_block = static_cast<int>(local % nblocks);
+    *first_row = row0[*b] + static_cast<int64_t>(*hk) * pr.seqs[*b].seqlen_q * pr.group;
+  };
+  parallel_tasks(tile0[pr.batch], pr.work, [&](int64_t t) {
     BwdScratch<T>& sc = thread_scratch<BwdScratch<T>>();
     sc.ensure(pr.dpad);
-    bwd_task<T>(c, p, static_cast<int>(t / pr.nheads_k), static_cast<int>(t % pr.nheads_k), sc);
+    int b, hk, m_block;
+    int64_t r0;
+    tile_task(t, &b, &hk, &m_block, &r0);
+    bwd_stats_tile<T>(c, p, b, hk, m_block, lse + r0, dsum + r0, sc);
+  });
+  parallel_tasks(pairs * nsplit, pr.work, [&](int64_t t) {
+    BwdScratch<T>& sc = thread_scratch<BwdScratch<T>>();
+    sc.ensure(pr.dpad);
+    const int split = static_cast<int>(t % nsplit);
+    const int b = static_cast<int>(t / nsplit / pr.nheads_k);
+    const int hk = static_cast<int>(t / nsplit % pr.nheads_k);
+    const int seqlen_k = pr.seqs[b].seqlen_k;
+    const int chunk = ((seqlen_k + nsplit - 1) / nsplit + kBlockN - 1) / kBlockN * kBlockN;
+    const int k_begin = std::min(seqlen_k, split * chunk);
+    const int k_end = split == nsplit - 1 ? seqlen_k : std::min(seqlen_k, k_begin + chunk);
+    const int64_t r0 = row0[b] + static_cast<int64_t>(hk) * pr.seqs[b].seqlen_q * pr.group;
+    bwd_task<T>(c, p, b, hk, k_begin, k_end, lse + r0, dsum + r0,
+                dq.data() + split * split_stride + r0 * pr.dpad, sc);
+  });
+  parallel_tasks(tile0[pr.batch], pr.work, [&](int64_t t) {
+    int b, hk, m_block;
+    int64_t r0;
+    tile_task(t, &b, &hk, &m_block, &r0);
+    bwd_write_dq<T>(c, p, b, hk, m_block, dq.data() + r0 * pr.dpad, split_stride, nsplit);
   });
 }
 

@@ -15,6 +15,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "../common/namespace.h"
 
@@ -48,6 +51,15 @@ void parallel_tasks(int64_t ntasks, int64_t work, Body&& body) {
     }
   }
   if (error) std::rethrow_exception(error);
+}
+
+// The number of threads a parallel_tasks loop would use (1 without OpenMP).
+inline int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
 }
 
 // Grow-only resize for scratch vectors (contents beyond what a call writes are never read).
