@@ -22,11 +22,6 @@
 FLASH_NAMESPACE_BEGIN
 namespace cpu {
 
-// Where Prob is narrower than Acc (fp32 inputs), products in Prob are summed over chains of at
-// most kChain depth steps, each chain added to the Acc accumulator (docs/cpu_backend.md,
-// "Numerics": a 64-step fp32 chain came within 10% of the tolerance rule, 16 steps stay at half).
-constexpr int kChain = 16;
-
 // Per-call constants, converted once to the accumulation type.
 template <typename T>
 struct AttnCtx {

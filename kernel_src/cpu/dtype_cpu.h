@@ -86,14 +86,14 @@ struct Traits;
 template <>
 struct Traits<Half> {
   using Acc = float;
-  using Prob = float;
+  static constexpr bool kExpF32 = false;
   static float load(Half x) { return half_to_float(x.bits); }
   static Half store(float x) { return Half{float_to_half(x)}; }
 };
 template <>
 struct Traits<BFloat16> {
   using Acc = float;
-  using Prob = float;
+  static constexpr bool kExpF32 = false;
   static float load(BFloat16 x) { return bf16_to_float(x.bits); }
   static BFloat16 store(float x) { return BFloat16{float_to_bf16(x)}; }
 };
@@ -105,27 +105,24 @@ struct Traits<BFloat16> {
 template <>
 struct Traits<float> {
   using Acc = double;
-  using Prob = float;
+  // The softmax exponentials of its fp64 logits are evaluated in fp32 (exp_cols_f32): the
+  // probabilities' fp32 rounding measurably changes no error ratio, while every product and
+  // every sum stays fp64 (an fp32 product or row sum, even over 16 terms, did: see
+  // docs/cpu_backend.md, "Numerics").
+  static constexpr bool kExpF32 = true;
   static double load(float x) { return x; }
   static float store(double x) { return static_cast<float>(x); }
 };
 template <>
 struct Traits<double> {
   using Acc = double;
-  using Prob = double;
+  static constexpr bool kExpF32 = false;
   static double load(double x) { return x; }
   static double store(double x) { return x; }
 };
 
 template <typename T>
 using acc_t = typename Traits<T>::Acc;
-// The forward's probabilities P, their row sums and the P V products of one key tile (added to
-// an Acc output accumulator). fp32 inputs compute logits at fp64 but P V in fp32: the logits'
-// rounding is what made fp32 accumulation fail the tolerance rule (the LSE of a row with one
-// key is its logit), while fp32 products of exact-logit probabilities, summed in fp32 over one
-// key tile and in fp64 across tiles, stay well inside it (docs/cpu_backend.md, "Numerics").
-template <typename T>
-using prob_t = typename Traits<T>::Prob;
 
 // Runtime dtype -> storage type, the one switch of the CPU backend. The default branch throws:
 // an unknown dtype must never fall through to some other instantiation.

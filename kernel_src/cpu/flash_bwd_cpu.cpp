@@ -11,7 +11,6 @@
 // sequence length, like FA2's dq_accum.
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 #include "../common/softmax_state.h"
@@ -26,38 +25,20 @@ namespace {
 template <typename T>
 struct BwdScratch {
   using Acc = acc_t<T>;
-  using Prob = prob_t<T>;
-  // Tiles (thread-local, reused across calls). Acc: the logits and the gradient accumulators;
-  // Prob: the operands of the four products after S (the same buffers as Acc's when the types
-  // agree, see bwd_task).
-  std::vector<Acc> qs, qt, kt, kr, s, tanh_s, dp, dk, dv, m, off, l, do_a, vt_a;
-  std::vector<Prob> q_p, do_p, k_p, p_p, ds_p;
+  // Tiles (thread-local, reused across calls).
+  std::vector<Acc> qs, qt, kt, kr, s, tanh_s, dp, pz, dk, dv, m, off, l, dout, vt;
   std::vector<uint8_t> keep;
   TileRows<Acc> rows;
   KvTileRows kv;
 
   void ensure(int dpad) {
-    for (auto* x : {&qs, &dk, &dv, &kr, &do_a}) grow_to(*x, std::max(kBlockM, kBlockN) * dpad);
-    for (auto* x : {&qt, &kt, &vt_a}) grow_to(*x, dpad * std::max(kBlockM, kBlockN));
-    for (auto* x : {&s, &tanh_s, &dp}) grow_to(*x, kBlockM * kBlockN);
+    for (auto* x : {&qs, &dk, &dv, &kr, &dout}) grow_to(*x, std::max(kBlockM, kBlockN) * dpad);
+    for (auto* x : {&qt, &kt, &vt}) grow_to(*x, dpad * std::max(kBlockM, kBlockN));
+    for (auto* x : {&s, &tanh_s, &dp, &pz}) grow_to(*x, kBlockM * kBlockN);
     for (auto* x : {&m, &off, &l}) grow_to(*x, kBlockM);
-    for (auto* x : {&q_p, &do_p, &k_p}) grow_to(*x, std::max(kBlockM, kBlockN) * dpad);
-    for (auto* x : {&p_p, &ds_p}) grow_to(*x, kBlockM * kBlockN);
     grow_to(keep, kBlockM * kBlockN);
   }
 };
-
-// C (Acc) += A B with operands in Prob. When Prob is narrower (fp32 inputs), the product runs in
-// Prob over chains of kChain depth steps, each chain added to C in Acc (the forward's rule,
-// docs/cpu_backend.md "Numerics").
-template <typename Acc, typename Prob>
-void gemm_acc(const Prob* A, long ars, long aks, const Prob* B, int ldb, Acc* C, int ldc, int rows,
-              int depth, int cols) {
-  if constexpr (std::is_same<Acc, Prob>::value)
-    gemm(A, ars, aks, B, ldb, C, ldc, rows, depth, cols, /*accumulate=*/true);
-  else
-    gemm_widen(A, ars, aks, B, ldb, C, ldc, rows, depth, cols, kChain);
-}
 
 // Per-sequence offsets of the gradient-side tensors (the backward has no paging or left padding).
 struct BwdOffsets {
@@ -145,7 +126,10 @@ void bwd_stats_tile(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int 
     }
     exp_diff(factor, offv, factor, mt);
     for (int r = 0; r < mt; ++r) l[r] *= factor[r];
-    exp_cols(sc.s.data(), mt, sc.s.data(), mt, n, mt, offv, l);
+    if constexpr (Traits<T>::kExpF32)
+      exp_cols_f32(sc.s.data(), mt, sc.s.data(), mt, n, mt, offv, l);
+    else
+      exp_cols(sc.s.data(), mt, sc.s.data(), mt, n, mt, offv, l);
   }
   for (int r = 0; r < nrows; ++r)
     lse[pr0 + r] = l[r] > Acc(0) ? offv[r] + std::log(l[r]) : static_cast<Acc>(INFINITY);
@@ -157,7 +141,6 @@ template <typename T>
 void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int k_begin, int k_end,
               const acc_t<T>* lse, const acc_t<T>* dsum, acc_t<T>* dq, BwdScratch<T>& sc) {
   using Acc = acc_t<T>;
-  using Prob = prob_t<T>;
   const SeqInfo& s = c.pr.seqs[b];
   const BwdOffsets off = bwd_offsets(p, b);
   const int d = c.pr.d, dpad = c.pr.dpad, group = c.pr.group;
@@ -172,44 +155,22 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int k_begi
   const T* vbase = c.v() + off.v + hk * p.v_head_stride;
   const Acc ninf = -static_cast<Acc>(INFINITY);
 
-  // Operands of dV, dQ and dK, in Prob. When Prob is Acc they are the Acc tiles themselves
-  // (scaled Q, so dK needs no final scale); otherwise separate copies, Q unscaled (exact in
-  // fp32) and softmax_scale applied when dK is written. S and dP are computed in Acc: dS = P (dP
-  // - D) cancels where a row sees few keys, and fp32 rounding of dP would then dominate.
-  constexpr bool same = std::is_same<Acc, Prob>::value;
-  Prob *q_op, *k_op, *do_op, *p_op, *ds_op;
-  if constexpr (same) {
-    q_op = sc.qs.data();
-    k_op = sc.kr.data();
-    do_op = sc.do_a.data();
-    p_op = sc.s.data();
-    ds_op = sc.dp.data();
-  } else {
-    q_op = sc.q_p.data();
-    k_op = sc.k_p.data();
-    do_op = sc.do_p.data();
-    p_op = sc.p_p.data();
-    ds_op = sc.ds_p.data();
-  }
-  const Acc dk_scale = same ? Acc(1) : c.scale;
-
   for (int n0 = k_begin; n0 < k_end; n0 += kBlockN) {
     const int n = k_end - n0 < kBlockN ? k_end - n0 : kBlockN;
     for (int e = 0; e < n * dpad; ++e) sc.dk[e] = sc.dv[e] = Acc(0);
     int ib, ie;
     mask.q_range(n0, n0 + n, &ib, &ie);
     if (ib < ie) {
-      // K tile transposed (for S, in Acc) and row-major (for dQ), V transposed (for dP).
+      // K tile row-major (for dQ) and transposed (for S), V transposed (for dP).
       for (int j = 0; j < n; ++j) {
         sc.kv.k[j] = static_cast<int64_t>(n0 + j) * p.k_row_stride;
         sc.kv.v[j] = static_cast<int64_t>(n0 + j) * p.v_row_stride;
       }
       load_kv_rows(kbase, sc.kv.k, n, d, dpad, sc.kr.data());
       transpose(sc.kr.data(), dpad, sc.kt.data(), kBlockN, n, d);
-      if constexpr (!same) load_kv_rows<T, Prob>(kbase, sc.kv.k, n, d, dpad, k_op);
       for (int j = 0; j < n; ++j) {
         const T* src = vbase + sc.kv.v[j];
-        for (int col = 0; col < d; ++col) sc.vt_a[col * kBlockN + j] = Traits<T>::load(src[col]);
+        for (int col = 0; col < d; ++col) sc.vt[col * kBlockN + j] = Traits<T>::load(src[col]);
       }
     }
     for (int pr0 = ib * group; pr0 < ie * group; pr0 += kBlockM) {
@@ -218,63 +179,62 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int k_begi
       make_tile_rows(c, b, hk, pr0, nrows, &rows);
       load_rows(c.q() + s.q_off, p.q_row_stride, p.q_head_stride, rows, d, dpad, c.scale,
                 sc.qs.data());
-      if constexpr (!same)
-        load_rows<T, Prob>(c.q() + s.q_off, p.q_row_stride, p.q_head_stride, rows, d, dpad,
-                           Acc(1), q_op);
-      load_rows(dout, p.do_row_stride, p.do_head_stride, rows, d, dpad, Acc(1), sc.do_a.data());
-      if constexpr (!same)
-        load_rows<T, Prob>(dout, p.do_row_stride, p.do_head_stride, rows, d, dpad, Acc(1), do_op);
-      // S = Q K^T, then P = exp(S - lse) (in Prob; rows with lse = +inf and masked entries: 0)
+      load_rows(dout, p.do_row_stride, p.do_head_stride, rows, d, dpad, Acc(1), sc.dout.data());
+      // S = Q K^T, then P = exp(S - lse) (rows with lse = +inf and masked entries give 0)
       compute_scores(c, mask, rows, sc.qs.data(), sc.kt.data(), n0, n, sc.s.data(),
                      c.has_softcap ? sc.tanh_s.data() : static_cast<Acc*>(nullptr));
       for (int r = 0; r < nrows; ++r) {
         Acc* srow = sc.s.data() + r * kBlockN;
         for (int j = n; j < pad_up(n); ++j) srow[j] = ninf;
-        exp_row(srow, p_op + r * kBlockN, pad_up(n), lse[pr0 + r]);
+        if constexpr (Traits<T>::kExpF32)
+          exp_row_f32(srow, srow, pad_up(n), lse[pr0 + r]);
+        else
+          exp_row(srow, pad_up(n), lse[pr0 + r]);
       }
       if (c.has_dropout) dropout_keep_tile(c, rows, n0, n, sc.keep.data());
       // dV += (P o Z)^T dO, with Z = keep * keep_scale; the transpose is read in place (element
-      // (j, r) of the product's A at pz[r * kBlockN + j]). ds_op holds P o Z until dS.
-      const Prob* pz = p_op;
+      // (j, r) of the product's A at pz[r * kBlockN + j])
+      const Acc* pz = sc.s.data();
       if (c.has_dropout) {
-        const Prob ks = static_cast<Prob>(c.keep_scale);
         for (int r = 0; r < nrows; ++r)
           for (int j = 0; j < n; ++j)
-            ds_op[r * kBlockN + j] = sc.keep[r * kBlockN + j] ? p_op[r * kBlockN + j] * ks : Prob(0);
-        pz = ds_op;
+            sc.pz[r * kBlockN + j] =
+                sc.keep[r * kBlockN + j] ? sc.s[r * kBlockN + j] * c.keep_scale : Acc(0);
+        pz = sc.pz.data();
       }
-      gemm_acc(pz, 1, kBlockN, do_op, dpad, sc.dv.data(), dpad, n, nrows, dpad);
-      // dP = dO V^T (Acc)
-      gemm(sc.do_a.data(), dpad, sc.vt_a.data(), kBlockN, sc.dp.data(), kBlockN, nrows, d,
+      gemm(pz, 1, kBlockN, sc.dout.data(), dpad, sc.dv.data(), dpad, n, nrows, dpad,
+           /*accumulate=*/true);
+      // dP = (dO V^T) o Z
+      gemm(sc.dout.data(), dpad, sc.vt.data(), kBlockN, sc.dp.data(), kBlockN, nrows, d,
            pad_up(n), /*accumulate=*/false);
-      // dS = P o (dP o Z - D), o (1 - tanh^2) under softcap
+      // dS = P o (dP - D), o (1 - tanh^2) under softcap; kept in dp
       for (int r = 0; r < nrows; ++r) {
         const Acc drow = dsum[pr0 + r];
-        const Prob* prow = p_op + r * kBlockN;
-        const Acc* dprow = sc.dp.data() + r * kBlockN;
-        Prob* dsrow = ds_op + r * kBlockN;
+        const Acc* prow = sc.s.data() + r * kBlockN;
+        Acc* dprow = sc.dp.data() + r * kBlockN;
         for (int j = 0; j < n; ++j) {
           Acc dpz = dprow[j];
           if (c.has_dropout) dpz = sc.keep[r * kBlockN + j] ? dpz * c.keep_scale : Acc(0);
-          Acc ds = static_cast<Acc>(prow[j]) * (dpz - drow);
+          Acc ds = prow[j] * (dpz - drow);
           if (c.has_softcap) {
             const Acc t = sc.tanh_s[r * kBlockN + j];
             ds *= Acc(1) - t * t;
           }
-          dsrow[j] = static_cast<Prob>(ds);
+          dprow[j] = ds;
         }
       }
       // dQ += dS K (softmax_scale applied once when dQ is written)
-      Acc* dq_tile = dq + static_cast<int64_t>(pr0) * dpad;
-      gemm_acc(ds_op, kBlockN, 1, k_op, dpad, dq_tile, dpad, nrows, n, dpad);
-      // dK += dS^T Q, dS^T read in place
-      gemm_acc(ds_op, 1, kBlockN, q_op, dpad, sc.dk.data(), dpad, n, nrows, dpad);
+      gemm(sc.dp.data(), kBlockN, sc.kr.data(), dpad, dq + static_cast<int64_t>(pr0) * dpad, dpad,
+           nrows, n, dpad, /*accumulate=*/true);
+      // dK += dS^T (scale Q), dS^T read in place
+      gemm(sc.dp.data(), 1, kBlockN, sc.qs.data(), dpad, sc.dk.data(), dpad, n, nrows, dpad,
+           /*accumulate=*/true);
     }
     for (int j = 0; j < n; ++j) {
       T* dkrow = dk_out + static_cast<int64_t>(n0 + j) * p.dk_row_stride;
       T* dvrow = dv_out + static_cast<int64_t>(n0 + j) * p.dv_row_stride;
       for (int col = 0; col < d; ++col) {
-        dkrow[col] = Traits<T>::store(sc.dk[j * dpad + col] * dk_scale);
+        dkrow[col] = Traits<T>::store(sc.dk[j * dpad + col]);
         dvrow[col] = Traits<T>::store(sc.dv[j * dpad + col]);
       }
     }

@@ -164,36 +164,19 @@ FLASH_CPU_ENTRY_POINTS(float)
 FLASH_CPU_ENTRY_POINTS(double)
 #undef FLASH_CPU_ENTRY_POINTS
 
-float exp_row(const double* x, float* out, int n_pad, double offset) {
+double exp_row_f32(const double* x, double* out, int n_pad, double offset) {
 #ifdef FLASH_CPU_HAVE_AVX2_VARIANT
-  if (use_avx2()) return avx2::exp_row_narrow(x, out, n_pad, offset);
+  if (use_avx2()) return avx2::exp_row_f32(x, out, n_pad, offset);
 #endif
-  return base::exp_row_narrow(x, out, n_pad, offset);
+  return base::exp_row_f32(x, out, n_pad, offset);
 }
 
-void gemm_widen(const float* A, long a_row, long a_depth, const float* B, int ldb, double* C,
-                int ldc, int rows, int depth, int cols, int chain) {
+void exp_cols_f32(const double* X, int ldx, double* P, int ldp, int rows, int cols,
+                  const double* off, double* sum) {
 #ifdef FLASH_CPU_HAVE_AVX2_VARIANT
-  if (use_avx2())
-    return avx2::gemm_widen_impl(A, a_row, a_depth, B, ldb, C, ldc, rows, depth, cols, chain);
+  if (use_avx2()) return avx2::exp_cols_f32(X, ldx, P, ldp, rows, cols, off, sum);
 #endif
-  base::gemm_widen_impl(A, a_row, a_depth, B, ldb, C, ldc, rows, depth, cols, chain);
-}
-
-void add_rows_widen(double* o, int ldo, const float* x, int ldx, const double* f, int rows,
-                    int cols) {
-#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
-  if (use_avx2()) return avx2::add_rows_widen_impl(o, ldo, x, ldx, f, rows, cols);
-#endif
-  base::add_rows_widen_impl(o, ldo, x, ldx, f, rows, cols);
-}
-
-void exp_cols(const double* X, int ldx, float* P, int ldp, int rows, int cols, const double* off,
-              float* sum) {
-#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
-  if (use_avx2()) return avx2::exp_cols_narrow(X, ldx, P, ldp, rows, cols, off, sum);
-#endif
-  base::exp_cols_narrow(X, ldx, P, ldp, rows, cols, off, sum);
+  base::exp_cols_f32(X, ldx, P, ldp, rows, cols, off, sum);
 }
 
 }  // namespace cpu

@@ -37,11 +37,9 @@ inline void gemm(const Acc* A, int lda, const Acc* B, int ldb, Acc* C, int ldc, 
 // out[j] = exp(x[j] - offset) for j < n_pad (out may be x); returns the sum of the results. -inf
 // (masked) gives exactly 0, and so does anything below the smallest normal result (~1e-38 fp32,
 // ~1e-308 fp64): softmax rows hold a 1 (their maximum), so flushing those terms changes no
-// result. Accuracy: within ~1 ulp of the correctly rounded exp. The fp64 -> fp32 form computes
-// the difference in fp64 (see exp_cols).
+// result. Accuracy: within ~1 ulp of the correctly rounded exp.
 float exp_row(const float* x, float* out, int n_pad, float offset);
 double exp_row(const double* x, double* out, int n_pad, double offset);
-float exp_row(const double* x, float* out, int n_pad, double offset);
 template <typename Acc>
 inline Acc exp_row(Acc* x, int n_pad, Acc offset) {
   return exp_row(x, x, n_pad, offset);
@@ -53,21 +51,17 @@ inline Acc exp_row(Acc* x, int n_pad, Acc offset) {
 void col_max(const float* X, int ld, int rows, int cols, float* m);
 void col_max(const double* X, int ld, int rows, int cols, double* m);
 // P[j][i] = exp(X[j][i] - off[i]) (exp_row's accuracy, -inf gives 0), P may be X;
-// sum[i] += sum_j P[j][i], added in order of j. The fp64 -> fp32 form rounds X - off to fp32
-// and exponentiates in fp32 (fp32 inputs: fp64 logits, fp32 probabilities).
+// sum[i] += sum_j P[j][i], added in order of j.
 void exp_cols(const float* X, int ldx, float* P, int ldp, int rows, int cols, const float* off,
               float* sum);
 void exp_cols(const double* X, int ldx, double* P, int ldp, int rows, int cols,
               const double* off, double* sum);
-void exp_cols(const double* X, int ldx, float* P, int ldp, int rows, int cols, const double* off,
-              float* sum);
-// C (fp64) += A B (fp32, A addressed as in gemm), each element summed in fp32 over chains of at
-// most `chain` depth steps, each chain's sum added to C in fp64.
-void gemm_widen(const float* A, long a_row, long a_depth, const float* B, int ldb, double* C,
-                int ldc, int rows, int depth, int cols, int chain);
-// o[r][c] = o[r][c] * f[r] + x[r][c] for r < rows, c < cols (a multiple of kPad); f null: 1.
-void add_rows_widen(double* o, int ldo, const float* x, int ldx, const double* f, int rows,
-                    int cols);
+// The same on fp64 data with the exponential evaluated in fp32 (fp32 inputs): the fp64
+// difference is split into an fp32 head h and tail t (h + t = x - off to ~2^-48 relative) and
+// exp(h + t) = exp(h) (1 + t); the results are fp32-accurate, stored and summed in fp64.
+void exp_cols_f32(const double* X, int ldx, double* P, int ldp, int rows, int cols,
+                  const double* off, double* sum);
+double exp_row_f32(const double* x, double* out, int n_pad, double offset);
 // out[i] = exp(a[i] - b[i]) for i < n_pad (out may be a).
 void exp_diff(const float* a, const float* b, float* out, int n_pad);
 void exp_diff(const double* a, const double* b, double* out, int n_pad);
