@@ -19,7 +19,7 @@ import operator
 import torch
 
 from . import _checks
-from . import _ops_meta  # noqa: F401  (registers fakes and autograd)
+from . import _ops_meta  # registers fakes and autograd; PackedAttn
 from ._ops import ops
 
 __all__ = [
@@ -102,23 +102,23 @@ def _rng_state(dropout_p):
     return None
 
 
-def _attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-          deterministic, return_attn_probs):
+def _fwd_args(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+              deterministic, return_attn_probs):
+    """The arguments of ops.fwd, checked (q/k/v with unit last strides)."""
     q, k, v, softmax_scale, window_left, window_right = _prepare(q, k, v, softmax_scale, window_size)
     dropout_p, softcap = float(dropout_p), float(softcap)
     rng_state = _rng_state(dropout_p)
     _checks.fwd(q, k, v, alibi_slopes, dropout_p, softmax_scale, softcap, window_left, window_right,
                 rng_state)
-    out, softmax_lse, s_dmask, _ = ops.fwd(
-        q, k, v, alibi_slopes, dropout_p, softmax_scale, bool(causal), window_left, window_right,
-        softcap, bool(return_attn_probs) and dropout_p > 0, rng_state, bool(deterministic),
-    )
-    return (out, softmax_lse, s_dmask) if return_attn_probs else out
+    return (q, k, v, alibi_slopes, dropout_p, softmax_scale, bool(causal), window_left,
+            window_right, softcap, bool(return_attn_probs) and dropout_p > 0, rng_state,
+            bool(deterministic))
 
 
-def _varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                 softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                 return_attn_probs, block_table, seqused_k):
+def _varlen_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                     softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                     return_attn_probs, block_table, seqused_k):
+    """The arguments of ops.varlen_fwd, checked."""
     q, k, v, softmax_scale, window_left, window_right = _prepare(q, k, v, softmax_scale, window_size)
     dropout_p, softcap = float(dropout_p), float(softcap)
     want_probs = bool(return_attn_probs) and dropout_p > 0
@@ -129,20 +129,67 @@ def _varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     _checks.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
                        max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, softcap, window_left,
                        window_right, want_probs, rng_state)
-    out, softmax_lse, s_dmask, _ = ops.varlen_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes, max_seqlen_q,
-        max_seqlen_k, dropout_p, softmax_scale, bool(causal), window_left, window_right, softcap,
-        want_probs, rng_state, bool(deterministic),
-    )
-    return (out, softmax_lse, s_dmask) if return_attn_probs else out
+    return (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
+            max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, bool(causal), window_left,
+            window_right, softcap, want_probs, rng_state, bool(deterministic))
+
+
+def _public(out, softmax_lse, s_dmask, return_attn_probs):
+    # The forward ops give fp64 inputs an fp64 LSE for the autograd path; callers get fp32.
+    return (out, softmax_lse.float(), s_dmask) if return_attn_probs else out
+
+
+def _attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+          deterministic, return_attn_probs):
+    out, softmax_lse, s_dmask, _ = ops.fwd(*_fwd_args(
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+        deterministic, return_attn_probs))
+    return _public(out, softmax_lse, s_dmask, return_attn_probs)
+
+
+def _varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                 softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                 return_attn_probs, block_table, seqused_k):
+    out, softmax_lse, s_dmask, _ = ops.varlen_fwd(*_varlen_fwd_args(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+        causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table,
+        seqused_k))
+    return _public(out, softmax_lse, s_dmask, return_attn_probs)
 
 
 def _unpack(packed, rank, dim, n, name, layout):
-    """Splits a packed qkv/kv tensor of the given rank along dim (of size n) into views."""
+    """Checks a packed qkv/kv tensor of the given rank (size n along dim); returns it with a unit
+    last stride and its views along dim."""
     _checks.rank(packed, name, rank, layout)
     if packed.dim() <= dim or packed.shape[dim] != n:
         _checks.fail(f"{name} must have shape {layout}, got {tuple(packed.shape)}")
-    return packed.unbind(dim)
+    packed = _maybe_contiguous(packed)
+    return packed, packed.unbind(dim)
+
+
+def _packed_attn(q, packed, dim, parts, varlen, dropout_p, softmax_scale, causal, window_size,
+                 softcap, alibi_slopes, deterministic, return_attn_probs):
+    """The packed functions: q is None for a packed qkv (parts = its q, k, v views), else parts
+    are the k, v views of a packed kv. varlen: (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k) or None. Runs PackedAttn, whose backward writes the packed gradient in place."""
+    q_, k, v = parts if q is None else (q, *parts)
+    if varlen is None:
+        (q_, _, _, alibi_slopes, dropout_p, softmax_scale, causal, window_left, window_right,
+         softcap, want_probs, rng_state, deterministic) = _fwd_args(
+            q_, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+            deterministic, return_attn_probs)
+        cu_seqlens_q = cu_seqlens_k = None
+        max_seqlen_q = max_seqlen_k = -1
+    else:
+        (q_, _, _, cu_seqlens_q, cu_seqlens_k, _, _, alibi_slopes, max_seqlen_q, max_seqlen_k,
+         dropout_p, softmax_scale, causal, window_left, window_right, softcap, want_probs,
+         rng_state, deterministic) = _varlen_fwd_args(
+            q_, k, v, *varlen, dropout_p, softmax_scale, causal, window_size, softcap,
+            alibi_slopes, deterministic, return_attn_probs, None, None)
+    return _ops_meta.PackedAttn.apply(
+        None if q is None else q_, packed, dim, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, alibi_slopes, dropout_p, softmax_scale, causal, window_left, window_right,
+        softcap, want_probs, rng_state, deterministic, bool(return_attn_probs))
 
 
 def flash_attn_qkvpacked_func(
@@ -159,9 +206,9 @@ def flash_attn_qkvpacked_func(
     """Attention over packed qkv (batch, seqlen, 3, nheads, headdim) -> out (batch, seqlen, nheads,
     headdim); with return_attn_probs also softmax_lse (batch, nheads, seqlen) and S_dmask (testing
     only; empty unless dropout_p > 0). dropout_p should be 0.0 in evaluation."""
-    q, k, v = _unpack(qkv, 5, 2, 3, "qkv", "(batch, seqlen, 3, nheads, headdim)")
-    return _attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                 deterministic, return_attn_probs)
+    qkv, parts = _unpack(qkv, 5, 2, 3, "qkv", "(batch, seqlen, 3, nheads, headdim)")
+    return _packed_attn(None, qkv, 2, parts, None, dropout_p, softmax_scale, causal, window_size,
+                        softcap, alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_kvpacked_func(
@@ -178,9 +225,9 @@ def flash_attn_kvpacked_func(
 ):
     """Attention of q (batch, seqlen_q, nheads, headdim) over packed kv (batch, seqlen_k, 2,
     nheads_k, headdim); MQA/GQA when nheads_k < nheads. Returns as flash_attn_func."""
-    k, v = _unpack(kv, 5, 2, 2, "kv", "(batch, seqlen_k, 2, nheads_k, headdim)")
-    return _attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                 deterministic, return_attn_probs)
+    kv, parts = _unpack(kv, 5, 2, 2, "kv", "(batch, seqlen_k, 2, nheads_k, headdim)")
+    return _packed_attn(q, kv, 2, parts, None, dropout_p, softmax_scale, causal, window_size,
+                        softcap, alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_func(
@@ -221,10 +268,10 @@ def flash_attn_varlen_qkvpacked_func(
     """Varlen attention over packed qkv (total, 3, nheads, headdim) with int32 cu_seqlens
     (batch + 1,). Returns out (total, nheads, headdim); with return_attn_probs also softmax_lse
     (nheads, total) and S_dmask."""
-    q, k, v = _unpack(qkv, 4, 1, 3, "qkv", "(total, 3, nheads, headdim)")
-    return _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
-                        softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                        return_attn_probs, None, None)
+    qkv, parts = _unpack(qkv, 4, 1, 3, "qkv", "(total, 3, nheads, headdim)")
+    return _packed_attn(None, qkv, 1, parts, (cu_seqlens, cu_seqlens, max_seqlen, max_seqlen),
+                        dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                        deterministic, return_attn_probs)
 
 
 def flash_attn_varlen_kvpacked_func(
@@ -245,10 +292,10 @@ def flash_attn_varlen_kvpacked_func(
 ):
     """Varlen attention of q (total_q, nheads, headdim) over packed kv (total_k, 2, nheads_k,
     headdim). Returns as flash_attn_varlen_func."""
-    k, v = _unpack(kv, 4, 1, 2, "kv", "(total_k, 2, nheads_k, headdim)")
-    return _varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                        softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                        return_attn_probs, None, None)
+    kv, parts = _unpack(kv, 4, 1, 2, "kv", "(total_k, 2, nheads_k, headdim)")
+    return _packed_attn(q, kv, 1, parts, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                        dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                        deterministic, return_attn_probs)
 
 
 def flash_attn_varlen_func(
