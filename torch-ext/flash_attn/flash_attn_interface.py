@@ -388,3 +388,164 @@ def flash_attn_with_kvcache(
             window_right, softcap, bool(rotary_interleaved), int(num_splits),
         )
     return (out, softmax_lse) if return_softmax_lse else out
+
+
+# ---- FlashAttention-2.8's internal API ------------------------------------------------------------
+# The four functions sequence-parallel libraries (ring-flash-attn, yunchang) build on, with 2.8's
+# names, argument names, order, defaults and return values. They are plain functions over this
+# kernel's ops: `inspect.getfullargspec` sees 2.8's signature, and torch.compile traces them into
+# the ops (whose fakes and, for the backward, declared mutations of dq/dk/dv it needs). The
+# backward uses the `out` and `softmax_lse` it is given on every backend and dtype, so it may be
+# called per K/V block with the global out/LSE of a longer key sequence (ring attention).
+# Differences from 2.8, all widenings or documented no-ops: softmax_scale may be None (the
+# default 1/sqrt(d)); rng_state is this kernel's int64 CPU [seed, offset] (empty without
+# dropout); S_dmask and softmax_d are not padded to multiples of 128 (softmax_d has the LSE's
+# shape); zero_tensors is accepted and changes nothing (the backward zero-fills dq/dk/dv anyway;
+# the forward writes every row of every sequence); leftpad_k must be None.
+
+
+def _flash_attn_forward(
+    q,
+    k,
+    v,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size_left,
+    window_size_right,
+    softcap,
+    alibi_slopes,
+    return_softmax,
+):
+    """-> (out, softmax_lse, S_dmask, rng_state) for q (batch, seqlen_q, nheads, headdim), k/v
+    (batch, seqlen_k, nheads_k, headdim). softmax_lse (batch, nheads, seqlen_q) is fp32; S_dmask
+    is empty unless return_softmax and dropout_p > 0. No autograd needed: pass out, softmax_lse
+    and rng_state to _flash_attn_backward."""
+    args = _fwd_args(q, k, v, dropout_p, softmax_scale, causal,
+                     (window_size_left, window_size_right), softcap, alibi_slopes, False,
+                     return_softmax)
+    out, softmax_lse, s_dmask, rng_state = ops.fwd(*args)
+    return out, softmax_lse.float(), s_dmask, rng_state
+
+
+def _flash_attn_varlen_forward(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size_left=-1,
+    window_size_right=-1,
+    softcap=0.0,
+    alibi_slopes=None,
+    return_softmax=False,
+    block_table=None,
+    leftpad_k=None,
+    seqused_k=None,
+    zero_tensors=False,
+):
+    """-> (out, softmax_lse, S_dmask, rng_state) for packed sequences: q (total_q, nheads,
+    headdim), k/v (total_k, nheads_k, headdim) or a paged pool with block_table; softmax_lse
+    (nheads, total_q) fp32."""
+    if leftpad_k is not None:
+        _checks.fail("leftpad_k is not supported by _flash_attn_varlen_forward; pass None")
+    args = _varlen_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            dropout_p, softmax_scale, causal,
+                            (window_size_left, window_size_right), softcap, alibi_slopes, False,
+                            return_softmax, block_table, seqused_k)
+    out, softmax_lse, s_dmask, rng_state = ops.varlen_fwd(*args)
+    return out, softmax_lse.float(), s_dmask, rng_state
+
+
+def _bwd_inputs(dout, q, k, v, out, dq, dk, dv, softmax_scale, window_size_left,
+                window_size_right, dropout_p, rng_state):
+    dout, q, k, v, out = [_maybe_contiguous(x) for x in (dout, q, k, v, out)]
+    # 2.8 declares dq/dk/dv Optional; it then computes gradients nobody sees. Same here.
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
+    softmax_scale = _softmax_scale(softmax_scale, q)
+    window_left, window_right = _window((window_size_left, window_size_right))
+    dropout_p = float(dropout_p)
+    return (dout, q, k, v, out, dq, dk, dv, softmax_scale, window_left, window_right, dropout_p,
+            rng_state if dropout_p > 0 else None)
+
+
+def _flash_attn_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    softmax_lse,
+    dq,
+    dk,
+    dv,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size_left,
+    window_size_right,
+    softcap,
+    alibi_slopes,
+    deterministic,
+    rng_state=None,
+):
+    """Writes the gradients of q, k, v into dq, dk, dv (shaped like q, k, v; any strides with a
+    contiguous last dimension, e.g. views of one packed gradient) from the given out and
+    softmax_lse (fp32, or fp64 for fp64 inputs). Returns softmax_d = rowsum(dout * out), fp32,
+    shaped like softmax_lse."""
+    (dout, q, k, v, out, dq, dk, dv, softmax_scale, window_left, window_right, dropout_p,
+     rng_state) = _bwd_inputs(dout, q, k, v, out, dq, dk, dv, softmax_scale, window_size_left,
+                              window_size_right, dropout_p, rng_state)
+    return ops.bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, alibi_slopes, dropout_p,
+                   softmax_scale, bool(causal), window_left, window_right, float(softcap),
+                   bool(deterministic), rng_state)
+
+
+def _flash_attn_varlen_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    softmax_lse,
+    dq,
+    dk,
+    dv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size_left,
+    window_size_right,
+    softcap,
+    alibi_slopes,
+    deterministic,
+    rng_state=None,
+    zero_tensors=False,
+):
+    """_flash_attn_backward for packed sequences (softmax_lse and softmax_d (nheads, total_q))."""
+    (dout, q, k, v, out, dq, dk, dv, softmax_scale, window_left, window_right, dropout_p,
+     rng_state) = _bwd_inputs(dout, q, k, v, out, dq, dk, dv, softmax_scale, window_size_left,
+                              window_size_right, dropout_p, rng_state)
+    return ops.varlen_bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
+                          None, alibi_slopes, _max_seqlen(max_seqlen_q, "max_seqlen_q"),
+                          _max_seqlen(max_seqlen_k, "max_seqlen_k"), dropout_p, softmax_scale,
+                          bool(causal), window_left, window_right, float(softcap),
+                          bool(deterministic), rng_state)
+
+
+# 2.8 also exposes its registered ops under these names; some libraries import them.
+_wrapped_flash_attn_forward = _flash_attn_forward
+_wrapped_flash_attn_varlen_forward = _flash_attn_varlen_forward
+_wrapped_flash_attn_backward = _flash_attn_backward
+_wrapped_flash_attn_varlen_backward = _flash_attn_varlen_backward
