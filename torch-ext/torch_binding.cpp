@@ -25,15 +25,16 @@ STABLE_TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "-> (Tensor out, Tensor softmax_lse, Tensor S_dmask, Tensor rng_state)");
   ops.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
-      "Tensor? alibi_slopes, float dropout_p, float softmax_scale, bool is_causal, "
-      "int window_size_left, int window_size_right, float softcap, bool deterministic, "
-      "Tensor? rng_state) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor? alibi_slopes, float dropout_p, "
+      "float softmax_scale, bool is_causal, int window_size_left, int window_size_right, "
+      "float softcap, bool deterministic, Tensor? rng_state) -> Tensor softmax_d");
   ops.def(
       "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
-      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, Tensor? alibi_slopes, "
-      "SymInt max_seqlen_q, SymInt max_seqlen_k, float dropout_p, float softmax_scale, "
-      "bool is_causal, int window_size_left, int window_size_right, float softcap, "
-      "bool deterministic, Tensor? rng_state) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "Tensor? seqused_k, Tensor? alibi_slopes, SymInt max_seqlen_q, SymInt max_seqlen_k, "
+      "float dropout_p, float softmax_scale, bool is_causal, int window_size_left, "
+      "int window_size_right, float softcap, bool deterministic, Tensor? rng_state) "
+      "-> Tensor softmax_d");
   ops.def(
       "fwd_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
       "Tensor? cache_seqlens, Tensor? rotary_cos, Tensor? rotary_sin, Tensor? cache_batch_idx, "

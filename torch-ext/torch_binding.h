@@ -31,21 +31,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mha_varlen_fwd(
     double softmax_scale, bool is_causal, int64_t window_size_left, int64_t window_size_right,
     double softcap, bool return_softmax, const OptTensor& rng_state, bool deterministic);
 
-// -> (dq, dk, dv)
-std::tuple<Tensor, Tensor, Tensor> mha_bwd(
+// Writes the gradients into the caller's dq, dk, dv (any strides, last dim contiguous; zeroed
+// first). -> softmax_d, D = rowsum(dout o out) in the LSE's layout (fp32).
+Tensor mha_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-    const Tensor& softmax_lse, const OptTensor& alibi_slopes, double dropout_p,
-    double softmax_scale, bool is_causal, int64_t window_size_left, int64_t window_size_right,
-    double softcap, bool deterministic, const OptTensor& rng_state);
+    const Tensor& softmax_lse, Tensor dq, Tensor dk, Tensor dv, const OptTensor& alibi_slopes,
+    double dropout_p, double softmax_scale, bool is_causal, int64_t window_size_left,
+    int64_t window_size_right, double softcap, bool deterministic, const OptTensor& rng_state);
 
-// -> (dq, dk, dv)
-std::tuple<Tensor, Tensor, Tensor> mha_varlen_bwd(
+// As mha_bwd, for packed sequences. -> softmax_d (nheads, total_q)
+Tensor mha_varlen_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-    const Tensor& softmax_lse, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
-    const OptTensor& seqused_k, const OptTensor& alibi_slopes, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, double dropout_p, double softmax_scale, bool is_causal,
-    int64_t window_size_left, int64_t window_size_right, double softcap, bool deterministic,
-    const OptTensor& rng_state);
+    const Tensor& softmax_lse, Tensor dq, Tensor dk, Tensor dv, const Tensor& cu_seqlens_q,
+    const Tensor& cu_seqlens_k, const OptTensor& seqused_k, const OptTensor& alibi_slopes,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, double softmax_scale,
+    bool is_causal, int64_t window_size_left, int64_t window_size_right, double softcap,
+    bool deterministic, const OptTensor& rng_state);
 
 // Appends k/v to the cache in place (k_cache, v_cache are mutated), then attends.
 // -> (out, softmax_lse)

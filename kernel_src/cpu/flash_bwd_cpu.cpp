@@ -1,7 +1,11 @@
 // Owns: run_bwd_cpu, the CPU backward. Exact gradients by recomputation (FA2 algorithm 2):
-// P is rebuilt from the saved lse (fp32/fp64 inputs recompute lse in fp64, so that e.g. gradcheck
-// sees the exact gradient of the fp64 forward), the dropout mask is regenerated from the same
-// Philox stream, D = rowsum(dO * O), dS = P * (dP - D), softcap's chain rule dS *= 1 - tanh^2.
+// P = exp(S - lse) is rebuilt from the lse and out it is given, never from an lse recomputed
+// from K/V (a caller may hand the out/lse of a longer key sequence, as ring attention does for
+// each K/V block), the dropout mask is regenerated from the same Philox stream,
+// D = rowsum(dO * O) (also returned, softmax_d), dS = P * (dP - D), softcap's chain rule
+// dS *= 1 - tanh^2. fp64 inputs get an fp64 lse from the autograd path (params.h), so gradcheck
+// sees the exact gradient of the fp64 forward. dQ/dK/dV are written through their own strides
+// (views of one packed gradient work).
 //
 // Parallel over (sequence, K/V head): one task owns dK/dV of its K/V head and dQ of the query
 // heads of its group, so nothing is shared between threads and the result is deterministic and
@@ -13,7 +17,6 @@
 #include <cmath>
 #include <vector>
 
-#include "../common/softmax_state.h"
 #include "attn_tile_cpu.h"
 #include "flash_api_cpu.h"
 #include "parallel_cpu.h"
@@ -83,40 +86,6 @@ BwdOffsets bwd_offsets(const BwdParams& p, int b) {
   return o;
 }
 
-// lse of every packed row of the task, recomputed in Acc with the forward's online softmax.
-template <typename T>
-void recompute_lse(const AttnCtx<T>& c, const SeqInfo& s, const Mask& mask, int b, int hk,
-                   BwdScratch<T>& sc) {
-  using Acc = acc_t<T>;
-  const int packed = s.seqlen_q * c.pr.group;
-  for (int pr0 = 0; pr0 < packed; pr0 += kBlockM) {
-    const int nrows = packed - pr0 < kBlockM ? packed - pr0 : kBlockM;
-    make_tile_rows(c, b, hk, pr0, nrows, &sc.rows);
-    load_rows(c.q() + s.q_off, c.p.q_row_stride, c.p.q_head_stride, sc.rows, c.pr.d, c.pr.dpad,
-              c.scale, sc.qs.data());
-    SoftmaxState<Acc> state[kBlockM];
-    for (int r = 0; r < nrows; ++r) state[r] = SoftmaxState<Acc>::empty();
-    int nb, ne;
-    mask.kv_range(sc.rows.i_first, sc.rows.i_last + 1, &nb, &ne);
-    for (int n0 = nb; n0 < ne; n0 += kBlockN) {
-      const int n = ne - n0 < kBlockN ? ne - n0 : kBlockN;
-      kv_row_offsets(c.p, s, n0, n, sc.kv.k, sc.kv.v);
-      load_k_transposed(c, sc.kv, hk, n, sc.kt.data());
-      compute_scores(c, mask, sc.rows, sc.qs.data(), sc.kt.data(), n0, n, sc.s.data(),
-                     static_cast<Acc*>(nullptr));
-      for (int r = 0; r < nrows; ++r) {
-        Acc* srow = sc.s.data() + r * kBlockN;
-        Acc mx = -static_cast<Acc>(INFINITY);
-        for (int j = 0; j < n; ++j) mx = srow[j] > mx ? srow[j] : mx;
-        state[r].rescale(mx);
-        for (int j = n; j < pad_up(n); ++j) srow[j] = -static_cast<Acc>(INFINITY);
-        state[r].add(exp_row(srow, pad_up(n), state[r].offset()));
-      }
-    }
-    for (int r = 0; r < nrows; ++r) sc.lse[pr0 + r] = state[r].lse();
-  }
-}
-
 template <typename T>
 void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch<T>& sc) {
   using Acc = acc_t<T>;
@@ -134,7 +103,8 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
   sc.lse = row_stats.data();
   sc.dsum = row_stats.data() + packed;
 
-  // D = rowsum(dO * O) and the lse of every row of the group.
+  // D = rowsum(dO * O) (also written out as softmax_d) and the given lse of every row of the
+  // group.
   for (int pi = 0; pi < packed; ++pi) {
     const int i = pi / group, h = hk * group + pi % group;
     const T* dorow = dout + i * p.do_row_stride + h * p.do_head_stride;
@@ -143,11 +113,12 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, BwdScratch
     for (int col = 0; col < d; ++col)
       acc += Traits<T>::load(dorow[col]) * Traits<T>::load(orow[col]);
     sc.dsum[pi] = acc;
-    sc.lse[pi] = static_cast<Acc>(p.softmax_lse_ptr[s.lse_off + h * c.pr.lse_head_stride + i]);
+    const int64_t lse_idx = s.lse_off + h * c.pr.lse_head_stride + i;
+    if (p.dsoftmax_sum_ptr != nullptr) p.dsoftmax_sum_ptr[lse_idx] = static_cast<float>(acc);
+    sc.lse[pi] = p.softmax_lse_f64_ptr != nullptr
+                     ? static_cast<Acc>(p.softmax_lse_f64_ptr[lse_idx])
+                     : static_cast<Acc>(p.softmax_lse_ptr[lse_idx]);
   }
-  // fp32 and fp64 inputs (fp64 accumulation) recompute lse at that precision: the saved lse is
-  // fp32, and its rounding (~1e-7 relative in P) would be the largest error of their gradients.
-  if (sizeof(Acc) > sizeof(float)) recompute_lse(c, s, mask, b, hk, sc);
 
   T* dk_out = static_cast<T*>(p.dk_ptr) + off.dk + hk * p.dk_head_stride;
   T* dv_out = static_cast<T*>(p.dv_ptr) + off.dv + hk * p.dv_head_stride;

@@ -132,8 +132,12 @@ void fwd_tile(const AttnCtx<T>& c, int b, int hk, int m_block, FwdScratch<T>& sc
     T* dst = out + rows.i[r] * p.o_row_stride + rows.h[r] * p.o_head_stride;
     for (int col = 0; col < d; ++col) dst[col] = Traits<T>::store(orow[col] * inv);
     lse[r] = st.lse();
-    p.softmax_lse_ptr[s.lse_off + rows.h[r] * c.pr.lse_head_stride + rows.i[r]] =
-        static_cast<float>(lse[r]);
+    const int64_t lse_idx = s.lse_off + rows.h[r] * c.pr.lse_head_stride + rows.i[r];
+    if (p.softmax_lse_f64_ptr != nullptr) {
+      p.softmax_lse_f64_ptr[lse_idx] = static_cast<double>(lse[r]);
+    } else {
+      p.softmax_lse_ptr[lse_idx] = static_cast<float>(lse[r]);
+    }
   }
   if (p.p_ptr != nullptr) write_dmask_tile(c, s, mask, b, hk, nb, ne, sc, lse);
 }
