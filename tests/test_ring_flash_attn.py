@@ -23,13 +23,14 @@ to copy (`copy=True`, `q.dtype`) in a scratch copy of the library, every fp32 ca
 the 3x rule on this kernel; the llama3 variant, which has no such buffer, passes unchanged.
 """
 import importlib.util
-import json
-import os
-import socket
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# flash_attn_hub (hf_integration/): the kernel as `flash_attn` for the library under test
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf_integration"))
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("ring_flash_attn") is None,
@@ -52,12 +53,8 @@ H, HK, D = 4, 2, 32
 
 def _import_ring_flash_attn():
     import kernel_loader
-    fa = kernel_loader.load_local()
-    sys.modules["flash_attn"] = fa
-    sys.modules["flash_attn.flash_attn_interface"] = fa.flash_attn_interface
-    import transformers.modeling_flash_attention_utils as mfa
-    if not hasattr(mfa, "is_flash_attn_greater_or_equal_2_10"):
-        mfa.is_flash_attn_greater_or_equal_2_10 = lambda *args, **kwargs: True
+    from flash_attn_hub.as_flash_attn import install
+    install(kernel_loader.load_local())
     import ring_flash_attn
     return ring_flash_attn
 
@@ -126,12 +123,10 @@ def _run_case(rfa, name, causal, dtype, rank, world, group):
 
 def _worker(rank, world, port, out_path, seed):
     import torch.distributed as dist
+    from gloo_ranks import finish_rank, init_rank
     from reference import error_ratio
 
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_rank(rank, world, port)
     rfa = _import_ring_flash_attn()
     rows = []
     for dname, dtype in DTYPES.items():
@@ -143,30 +138,12 @@ def _worker(rank, world, port, out_path, seed):
                                          scales[q])
                 rows.append(dict(case=f"{name}-{'causal' if causal else 'full'}-{dname}",
                                  quantity=q, rank=rank, ratio=ratio, msg=msg))
-    gathered = [None] * world
-    dist.all_gather_object(gathered, rows)
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump([r for part in gathered for r in part], f)
-    dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    finish_rank(rows, rank, world, out_path)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_flash_attn_on_gloo(flash, tmp_path, world):
-    import torch.multiprocessing as mp
+    from gloo_ranks import run_ranks
 
-    out_path = tmp_path / "ratios.json"
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    mp.spawn(_worker, args=(world, _free_port(), str(out_path), seed), nprocs=world, join=True)
-    rows = json.loads(out_path.read_text())
     per_rank = sum(len(_checked(n, dt)) for dt in DTYPES.values() for n, _ in CASES)
-    assert len(rows) == world * per_rank
-    bad = [f"{r['case']} {r['quantity']} rank {r['rank']}: ratio {r['ratio']:.2f} ({r['msg']})"
-           for r in rows if not r["ratio"] <= 1.0]
-    assert not bad, "\n".join(bad)
+    run_ranks(_worker, world, tmp_path, world * per_rank)

@@ -29,13 +29,14 @@ Not checked:
   itself (`Pair is not connected`); NCCL can, so this is a gloo limit, not the kernel's.
 """
 import importlib.util
-import json
-import os
-import socket
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# flash_attn_hub (hf_integration/): the kernel as `flash_attn` for the library under test
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hf_integration"))
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("yunchang") is None,
@@ -65,10 +66,8 @@ def _checked(layer, dtype):
 
 def _import_yunchang():
     import kernel_loader
-    fa = kernel_loader.load_local()
-    fa.__version__ = "2.8.3"
-    sys.modules["flash_attn"] = fa
-    sys.modules["flash_attn.flash_attn_interface"] = fa.flash_attn_interface
+    from flash_attn_hub.as_flash_attn import install
+    install(kernel_loader.load_local())
     import yunchang
     assert yunchang.globals.HAS_FLASH_ATTN
     return yunchang
@@ -114,14 +113,10 @@ def _run_case(yc, layer, impl, causal, dtype, rank, world):
 
 
 def _worker(rank, world, port, out_path, seed):
-    import torch.distributed as dist
-
+    from gloo_ranks import finish_rank, init_rank
     from reference import error_ratio
 
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_rank(rank, world, port)
     yc = _import_yunchang()
     # Ulysses inside, ring across: ranks (0, 1) and (2, 3) are Ulysses groups on 4 processes.
     yc.set_seq_parallel_pg(world // 2, 2, rank, world)
@@ -133,30 +128,12 @@ def _worker(rank, world, port, out_path, seed):
             ratio, msg = error_ratio(ours, ref, pt, dtype, 2.0 if q == "out" else 3.0, scales[q])
             rows.append(dict(case=f"{layer}-{impl}-{'causal' if causal else 'full'}-{dname}",
                              quantity=q, rank=rank, ratio=ratio, msg=msg))
-    gathered = [None] * world
-    dist.all_gather_object(gathered, rows)
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump([r for part in gathered for r in part], f)
-    dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    finish_rank(rows, rank, world, out_path)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_yunchang_on_gloo(flash, tmp_path, world):
-    import torch.multiprocessing as mp
+    from gloo_ranks import run_ranks
 
-    out_path = tmp_path / "ratios.json"
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    mp.spawn(_worker, args=(world, _free_port(), str(out_path), seed), nprocs=world, join=True)
-    rows = json.loads(out_path.read_text())
     per_rank = sum(len(_checked(layer, dt)) for _, dt, layer, _, _ in _cases(world))
-    assert len(rows) == world * per_rank
-    bad = [f"{r['case']} {r['quantity']} rank {r['rank']}: ratio {r['ratio']:.2f} ({r['msg']})"
-           for r in rows if not r["ratio"] <= 1.0]
-    assert not bad, "\n".join(bad)
+    run_ranks(_worker, world, tmp_path, world * per_rank)

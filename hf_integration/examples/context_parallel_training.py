@@ -25,8 +25,8 @@ batch reaches the attention function as a mask and is refused instead of silentl
 name contains no "flash", which would make Transformers preload it as a Hub kernel.
 
 ring-flash-attn is written against the `flash_attn` package: the kernel module stands in for
-it (`sys.modules`), and its Transformers adapter, imported by its `__init__` but not used here,
-imports a helper that Transformers 5 removed, for which a stand-in is set first.
+it (`flash_attn_hub.as_flash_attn.install`, which also stands in for a Transformers helper that
+the library's adapter imports and Transformers 5 removed).
 """
 
 import argparse
@@ -34,7 +34,6 @@ import json
 import math
 import os
 import socket
-import sys
 import warnings
 
 import torch
@@ -48,11 +47,9 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 
 
 def import_ring_flash_attn(kernel):
-    sys.modules["flash_attn"] = kernel
-    sys.modules["flash_attn.flash_attn_interface"] = kernel.flash_attn_interface
-    import transformers.modeling_flash_attention_utils as mfau
-    if not hasattr(mfau, "is_flash_attn_greater_or_equal_2_10"):
-        mfau.is_flash_attn_greater_or_equal_2_10 = lambda *args, **kwargs: True
+    from flash_attn_hub.as_flash_attn import install
+
+    install(kernel)  # the kernel as `flash_attn`, which ring-flash-attn imports
     import ring_flash_attn
     return ring_flash_attn
 
