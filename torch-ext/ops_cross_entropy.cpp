@@ -21,7 +21,8 @@ constexpr const char* kBwdWhat = "the backward of CrossEntropyLoss (op cross_ent
 
 struct CeShape {
   int64_t rows, cols;
-  ScalarType stats;
+  ScalarType stats;  // losses, z_losses, dlosses
+  ScalarType lse;    // lse, precomputed_lse
 };
 
 CeShape check_logits_labels(const Tensor& logits, const Tensor& labels, const char* what) {
@@ -29,10 +30,12 @@ CeShape check_logits_labels(const Tensor& logits, const Tensor& labels, const ch
   check_rank(logits, "logits", 2, "(batch, vocab_size)");
   float_dtype(logits, "logits");
   check_last_dim_contiguous(logits, "logits");
-  // fp64 logits keep fp64 per-row values (losses, lse): gradcheck precision; else fp32.
+  // fp64 logits keep fp64 losses (gradcheck precision), others fp32; the lse is fp64 for
+  // fp32 logits too (kernel_src/common/fused_params.h).
   const CeShape s{logits.size(0), logits.size(1),
                   logits.scalar_type() == ScalarType::Double ? ScalarType::Double
-                                                             : ScalarType::Float};
+                                                             : ScalarType::Float,
+                  stats_dtype_for(logits.scalar_type())};
   FLASH_CHECK(s.cols >= 1, "logits has vocab_size 0; it needs at least one class");
   check_same_device(labels, "labels", logits, "logits");
   FLASH_CHECK(labels.scalar_type() == ScalarType::Long || labels.scalar_type() == ScalarType::Int,
@@ -72,10 +75,13 @@ void check_label_values(const Tensor& labels, int64_t ignore_index, int64_t tota
 }
 
 Tensor check_row_values(const Tensor& t, const char* name, const Tensor& logits,
-                        const CeShape& s) {
+                        const CeShape& s, bool is_lse) {
   check_same_device(t, name, logits, "logits");
-  check_dtype_is(t, name, s.stats,
-                 "torch.float64 for fp64 logits, else torch.float32");
+  if (is_lse) {
+    check_dtype_is(t, name, s.lse, "torch.float64 for fp32/fp64 logits, else torch.float32");
+  } else {
+    check_dtype_is(t, name, s.stats, "torch.float64 for fp64 logits, else torch.float32");
+  }
   FLASH_CHECK(t.dim() == 1 && t.size(0) == s.rows, name, " must have shape (", s.rows,
               ",) (one per row of logits), got ", shape_str(t));
   return t;
@@ -98,6 +104,7 @@ void fill_common(CrossEntropyParams& p, const Tensor& logits, const Tensor& labe
   p.total_classes = total_classes;
   p.class_start_idx = class_start_idx;
   p.stats_f64 = s.stats == ScalarType::Double;
+  p.lse_f64 = s.lse == ScalarType::Double;
 }
 
 // The backward's checks and params (both the out-of-place and the in-place op).
@@ -108,8 +115,8 @@ CrossEntropyParams bwd_params(const Tensor& dlosses, const Tensor& logits, const
   const CeShape s = check_logits_labels(logits, labels, kBwdWhat);
   check_scalars_ce(smoothing, logit_scale, lse_square_scale, total_classes, class_start_idx,
                    s.cols);
-  check_row_values(dlosses, "dlosses", logits, s);
-  check_row_values(lse, "lse", logits, s);
+  check_row_values(dlosses, "dlosses", logits, s, false);
+  check_row_values(lse, "lse", logits, s, true);
   *labels_c = torch::stable::contiguous(labels);
   CrossEntropyParams p;
   fill_common(p, logits, *labels_c, s, smoothing, logit_scale, lse_square_scale, ignore_index,
@@ -140,14 +147,14 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd(
     FLASH_CHECK(smoothing == 0.0 && logit_scale == 1.0 && !split,
                 "precomputed_lse can only be used with label_smoothing = 0, logit_scale = 1 and "
                 "no process group");
-    pre = torch::stable::contiguous(check_row_values(*precomputed_lse, "precomputed_lse", logits, s));
+    pre = torch::stable::contiguous(check_row_values(*precomputed_lse, "precomputed_lse", logits, s, true));
   }
   const Tensor labels_c = torch::stable::contiguous(labels);
 
   // Outputs.
   Tensor losses = alloc_vec(logits, {s.rows}, s.stats);
   Tensor z_losses = alloc_vec(logits, {s.rows}, s.stats);
-  Tensor lse = alloc_vec(logits, {s.rows}, s.stats);
+  Tensor lse = alloc_vec(logits, {s.rows}, s.lse);
 
   // Params.
   CrossEntropyParams p;

@@ -112,9 +112,12 @@ struct CrossEntropyParams {
   double smoothing = 0.0, logit_scale = 1.0, lse_square_scale = 0.0;
   int64_t ignore_index = -100, total_classes = 0, class_start_idx = 0;
   bool split = false;  // tensor parallel: losses without the lse and z-loss terms
-  // Per-row outputs and inputs (losses, z_losses, lse, precomputed lse, dlosses): fp64 when
-  // stats_f64 (fp64 logits), else fp32.
+  // Per-row values. losses, z_losses and dlosses: fp64 when stats_f64 (fp64 logits), else fp32
+  // (FlashAttention-2's dtype). The lse (written, precomputed or read back): fp64 when lse_f64
+  // (fp32 or fp64 logits: the CPU accumulation type for them; an fp32 lse would cost the
+  // backward's exp(l - lse) a relative error of |lse| * 2^-24), else fp32.
   bool stats_f64 = false;
+  bool lse_f64 = false;
   // Forward.
   void* losses = nullptr;
   void* z_losses = nullptr;

@@ -60,11 +60,11 @@ void row_lse(const CrossEntropyParams& p, double* buf, int64_t r, double* lse, d
 void fwd_row(const CrossEntropyParams& p, double* buf, int64_t r) {
   double lse, sum = 0.0;
   if (p.precomputed_lse != nullptr) {
-    lse = load_stat(p.precomputed_lse, p.stats_f64, r);
+    lse = load_stat(p.precomputed_lse, p.lse_f64, r);
   } else {
     row_lse(p, buf, r, &lse, &sum);
   }
-  store_stat(p.lse, p.stats_f64, r, lse);
+  store_stat(p.lse, p.lse_f64, r, lse);
   const int64_t label = label_of(p, r);
   double loss = 0.0, z_loss = 0.0;
   if (label != p.ignore_index) {
@@ -92,7 +92,7 @@ void bwd_row(const CrossEntropyParams& p, double* buf, int64_t r) {
   const int64_t label = label_of(p, r);
   const bool ignored = label == p.ignore_index;
   const double dloss = ignored ? 0.0 : load_stat(p.dlosses, p.stats_f64, r * p.dlosses_stride);
-  const double lse = load_stat(p.lse_in, p.stats_f64, r);
+  const double lse = load_stat(p.lse_in, p.lse_f64, r);
   const int64_t y = label - p.class_start_idx;
   const double eps = p.smoothing;
   const double neg = eps / static_cast<double>(p.total_classes);

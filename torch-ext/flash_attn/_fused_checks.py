@@ -193,9 +193,19 @@ def ce_row_dtype(logits):
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def _ce_row_values(t, name, logits, rows):
+def ce_lse_dtype(logits):
+    """The per-row lse: fp64 for fp32/fp64 logits (the CPU accumulation type), else fp32."""
+    return stats_dtype(logits.dtype)
+
+
+def _ce_row_values(t, name, logits, rows, is_lse=False):
     same_device(t, name, logits, "logits")
-    dtype_is(t, name, ce_row_dtype(logits), "torch.float64 for fp64 logits, else torch.float32")
+    if is_lse:
+        dtype_is(t, name, ce_lse_dtype(logits),
+                 "torch.float64 for fp32/fp64 logits, else torch.float32")
+    else:
+        dtype_is(t, name, ce_row_dtype(logits),
+                 "torch.float64 for fp64 logits, else torch.float32")
     if t.dim() != 1 or t.shape[0] != rows:
         fail(f"{name} must have shape ({rows},) (one per row of logits), got {tuple(t.shape)}")
 
@@ -223,7 +233,7 @@ def ce_fwd(logits, labels, precomputed_lse, smoothing, logit_scale, lse_square_s
         if smoothing != 0.0 or logit_scale != 1.0 or split:
             fail("precomputed_lse can only be used with label_smoothing = 0, logit_scale = 1 and "
                  "no process group")
-        _ce_row_values(precomputed_lse, "precomputed_lse", logits, rows)
+        _ce_row_values(precomputed_lse, "precomputed_lse", logits, rows, is_lse=True)
 
 
 def ce_bwd(dlosses, logits, lse, labels, smoothing, logit_scale, lse_square_scale,
@@ -231,4 +241,4 @@ def ce_bwd(dlosses, logits, lse, labels, smoothing, logit_scale, lse_square_scal
     rows, cols = _ce_common(logits, labels, _CE_BWD)
     _ce_scalars(smoothing, logit_scale, lse_square_scale, total_classes, class_start_idx, cols)
     _ce_row_values(dlosses, "dlosses", logits, rows)
-    _ce_row_values(lse, "lse", logits, rows)
+    _ce_row_values(lse, "lse", logits, rows, is_lse=True)

@@ -105,7 +105,8 @@ def _ce_fwd_fake(logits, labels, precomputed_lse, smoothing, logit_scale, lse_sq
               total_classes, class_start_idx, split)
     rows = logits.shape[0]
     dtype = fc.ce_row_dtype(logits)
-    return tuple(logits.new_empty((rows,), dtype=dtype) for _ in range(3))
+    return (logits.new_empty((rows,), dtype=dtype), logits.new_empty((rows,), dtype=dtype),
+            logits.new_empty((rows,), dtype=fc.ce_lse_dtype(logits)))
 
 
 @torch.library.register_fake(add_op_namespace_prefix("cross_entropy_bwd"))

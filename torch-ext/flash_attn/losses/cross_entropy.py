@@ -54,11 +54,13 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         dist.all_reduce(losses, op=dist.ReduceOp.SUM, group=process_group)
         lse = torch.logsumexp(torch.stack(gathered), dim=0)
         ignored = labels == ignore_index
-        losses = losses + lse
+        # The lse is fp64 for fp32 logits (docs/fused_ops.md); the losses keep their dtype.
+        losses = (losses + lse).to(losses.dtype)
         z_losses = torch.zeros_like(losses)
         if lse_square_scale != 0.0:
             z_losses = (lse_square_scale * lse.square()).masked_fill(ignored, 0.0)
-            losses = losses + z_losses
+            losses = (losses + z_losses).to(losses.dtype)
+            z_losses = z_losses.to(losses.dtype)
         losses = losses.masked_fill(ignored, 0.0)
         ctx.save_for_backward(logits, lse, labels)
         ctx.scalars = (smoothing, logit_scale, lse_square_scale, ignore_index, total, start)
@@ -95,7 +97,7 @@ def cross_entropy_loss(logits, labels, precomputed_lse=None, label_smoothing=0.0
                                           process_group, world_size, rank)
     use_lse = precomputed_lse is not None and smoothing == 0.0 and logit_scale == 1.0
     if use_lse:
-        precomputed_lse = precomputed_lse.to(_fused_checks.ce_row_dtype(logits)).reshape(-1)
+        precomputed_lse = precomputed_lse.to(_fused_checks.ce_lse_dtype(logits)).reshape(-1)
     losses, z_losses, _lse = ops.cross_entropy_fwd(
         logits, labels, precomputed_lse if use_lse else None, smoothing, logit_scale,
         lse_square_scale, ignore_index, logits.shape[1], 0, False, bool(inplace_backward))
