@@ -2,8 +2,6 @@
 and 2 processes: each rank holds half of the vocabulary; the losses, z-losses and each rank's
 slice of the logits gradient must equal the single-process result on the full vocabulary (the
 same op, so up to the rounding of combining the two shards' lse)."""
-import os
-import socket
 import traceback
 
 import pytest
@@ -12,14 +10,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import kernel_loader
+from gloo_ranks import free_port, init_rank
 
 WORLD = 2
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(flash, logits, labels, kw, process_group=None, rank=0, world=1):
@@ -36,8 +29,7 @@ def _run(flash, logits, labels, kw, process_group=None, rank=0, world=1):
 
 def _worker(rank, port, cases, results):
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=WORLD)
+        init_rank(rank, WORLD, port)
         flash = kernel_loader.load_local()
         results[rank] = [_run(flash, logits, labels, kw, dist.group.WORLD, rank, WORLD)
                          for logits, labels, kw in cases]
@@ -60,8 +52,7 @@ def test_tensor_parallel_cross_entropy_gloo_two_processes(flash):
         labels[0], labels[1], labels[2] = -100, 5, 1531 + 7  # ignored, in shard 0, in shard 1
         cases.append((logits, labels, kw))
     results = mp.get_context("spawn").Manager().dict()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(_worker, args=(_free_port(), cases, results), nprocs=WORLD, join=True,
+    mp.start_processes(_worker, args=(free_port(), cases, results), nprocs=WORLD, join=True,
                        start_method="spawn")
     for rank in range(WORLD):
         assert not isinstance(results[rank], str), results[rank]
