@@ -279,3 +279,26 @@ def test_norm_on_cuda_raises_not_implemented_yet(flash, ops):
             lambda: flash.ops.rms_norm.rms_norm(x, w, 1e-5))
     _raises(r"flash_attn: .*not implemented for CUDA yet", lambda: ops.dropout_add_ln_fwd(
         x, None, w, None, None, None, 0.0, 1e-5, None, False, False, False))
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("used", ["z", "x"])
+def test_prenorm_with_one_output_used(flash, used):
+    """Autograd hands the backward None for the unused output (no materialised zeros)."""
+    x0 = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    res = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    z, x = flash.ops.layer_norm.dropout_add_layer_norm(x0, res, w, None, 0.0, 1e-5,
+                                                       prenorm=True)
+    out = z if used == "z" else x
+    g = torch.autograd.grad(out.square().sum(), (x0, res, w), allow_unused=True)
+    x0r, resr, wr = (t.detach().clone().requires_grad_() for t in (x0, res, w))
+    xr = x0r + resr
+    zr = torch.nn.functional.layer_norm(xr, (10,), wr, None, 1e-5)
+    outr = zr if used == "z" else xr
+    gr = torch.autograd.grad(outr.square().sum(), (x0r, resr, wr), allow_unused=True)
+    for a, b in zip(g, gr):
+        if b is None:
+            assert a is None or bool((a == 0).all())
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

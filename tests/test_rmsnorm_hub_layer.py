@@ -93,3 +93,14 @@ def test_layer_matches_llama_rmsnorm_semantics(flash, tol, x_dtype, w_dtype):
     xd = x.double()
     ref = ref_mod.weight * (xd * torch.rsqrt(xd.square().mean(-1, keepdim=True) + 1e-6))
     tol.check("rmsnorm", out, ref, want, x_dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layer_on_cuda_raises_not_implemented_yet(flash):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(16).cuda()
+    norm.forward = flash.layers.RMSNorm.forward.__get__(norm)
+    with pytest.raises(RuntimeError, match=r"flash_attn: .*not implemented for CUDA yet"):
+        norm(torch.randn(2, 16, device="cuda"))
