@@ -179,3 +179,12 @@ def test_cross_entropy_on_cuda_raises_not_implemented_yet(flash, ops):
             lambda: flash.losses.cross_entropy.CrossEntropyLoss()(logits, labels))
     _raises(r"flash_attn: .*not implemented for CUDA yet", lambda: ops.cross_entropy_fwd(
         logits, labels, None, 0.0, 1.0, 0.0, -100, 10, 0, False, False))
+
+
+@pytest.mark.fast
+def test_no_rows(flash):
+    logits = torch.randn(0, 10, requires_grad=True)
+    loss = flash.losses.cross_entropy.CrossEntropyLoss(reduction="sum")(
+        logits, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0 and logits.grad.shape == (0, 10)

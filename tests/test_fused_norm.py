@@ -302,3 +302,14 @@ def test_prenorm_with_one_output_used(flash, used):
             assert a is None or bool((a == 0).all())
         else:
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.fast
+def test_no_rows(flash):
+    x0 = torch.randn(0, 5, 8, requires_grad=True)
+    w, ls = torch.randn(8, requires_grad=True), torch.rand(8, requires_grad=True)
+    z = flash.ops.layer_norm.dropout_add_layer_norm(x0, torch.randn(0, 5, 8), w, None, 0.1, 1e-5,
+                                                    layerscale=ls)
+    z.sum().backward()
+    assert z.shape == x0.shape and x0.grad.shape == x0.shape
+    assert bool((w.grad == 0).all()) and bool((ls.grad == 0).all())

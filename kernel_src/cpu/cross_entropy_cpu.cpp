@@ -126,10 +126,13 @@ void for_rows(const CrossEntropyParams& p, RowFn&& row_fn) {
   });
 }
 
-void check_common(const CrossEntropyParams& p) {
+// Returns false when there is nothing to do (no rows: every pointer may be null).
+bool check_common(const CrossEntropyParams& p) {
   if (p.cols < 1) fail("logits", "must have at least one column (vocabulary entry)", p.cols);
   if (p.total_classes < 1) fail("total_classes", "must be >= 1", p.total_classes);
+  if (p.rows == 0) return false;
   if (p.logits == nullptr || p.labels == nullptr) fail("logits / labels is null");
+  return true;
 }
 
 }  // namespace
@@ -137,18 +140,18 @@ void check_common(const CrossEntropyParams& p) {
 
 void run_cross_entropy_fwd_cpu(const CrossEntropyParams& p) {
   using namespace cpu;
-  check_common(p);
+  if (!check_common(p)) return;
   if (p.losses == nullptr || p.z_losses == nullptr || p.lse == nullptr)
     fail("losses / z_losses / lse is null");
-  if (p.rows > 0) for_rows(p, fwd_row);
+  for_rows(p, fwd_row);
 }
 
 void run_cross_entropy_bwd_cpu(const CrossEntropyParams& p) {
   using namespace cpu;
-  check_common(p);
+  if (!check_common(p)) return;
   if (p.dlosses == nullptr || p.lse_in == nullptr || p.dlogits == nullptr)
     fail("dlosses / lse / dlogits is null");
-  if (p.rows > 0) for_rows(p, bwd_row);
+  for_rows(p, bwd_row);
 }
 
 FLASH_NAMESPACE_END

@@ -92,11 +92,12 @@ void bwd_row(const NormBwdParams& p, const std::vector<double>& gamma,
 void run_norm_bwd_cpu(const NormBwdParams& p) {
   using namespace cpu;
   if (p.cols < 1) fail("cols", "must be >= 1", p.cols);
-  if (p.x == nullptr || p.dz == nullptr || p.rsigma == nullptr || p.gamma == nullptr ||
-      p.dx0 == nullptr || p.dgamma == nullptr)
-    fail("x / dz / rsigma / gamma / dx0 / dgamma is null");
-  if (!p.is_rms_norm && p.mu == nullptr) fail("mu is null (LayerNorm needs it)");
-  if (p.colscale != nullptr && (p.x0 == nullptr || p.dcolscale == nullptr))
+  if (p.gamma == nullptr || p.dgamma == nullptr) fail("gamma / dgamma is null");
+  // Without rows the per-row tensors are empty (null); dgamma/dbeta/dcolscale are then zeros.
+  if (p.rows > 0 && (p.x == nullptr || p.dz == nullptr || p.rsigma == nullptr || p.dx0 == nullptr))
+    fail("x / dz / rsigma / dx0 is null");
+  if (p.rows > 0 && !p.is_rms_norm && p.mu == nullptr) fail("mu is null (LayerNorm needs it)");
+  if (p.colscale != nullptr && ((p.rows > 0 && p.x0 == nullptr) || p.dcolscale == nullptr))
     fail("x0 and dcolscale are needed with colscale");
   const int64_t n = p.cols;
   std::vector<double> gamma, colscale;
