@@ -313,3 +313,22 @@ def test_no_rows(flash):
     z.sum().backward()
     assert z.shape == x0.shape and x0.grad.shape == x0.shape
     assert bool((w.grad == 0).all()) and bool((ls.grad == 0).all())
+
+
+@pytest.mark.fast
+def test_strided_rows_equal_contiguous(flash):
+    """x0 and residual with a row stride larger than the row (slices of wider tensors) give
+    bitwise the contiguous result, forward and backward."""
+    ln = flash.ops.layer_norm.dropout_add_layer_norm
+    wide_x, wide_r = torch.randn(2, 6, 40), torch.randn(2, 6, 41)
+    w, b = torch.randn(33), torch.randn(33)
+    outs = []
+    for x0, res in ((wide_x[..., 3:36], wide_r[..., :33]),
+                    (wide_x[..., 3:36].contiguous(), wide_r[..., :33].contiguous())):
+        x0 = x0.detach().requires_grad_()
+        torch.manual_seed(1)
+        z, x = ln(x0, res, w, b, 0.2, 1e-5, prenorm=True)
+        (g,) = torch.autograd.grad((z * z).sum() + x.sum(), x0)
+        outs.append((z, x, g))
+    for a, b_ in zip(*outs):
+        assert torch.equal(a, b_)
