@@ -27,7 +27,8 @@ What this module adds around the ops (all of it part of the peer's timed step):
   is top-left): the keys before the diagonal square are attended without a mask, the square with
   one, and the two results merged by their LSE; the backward runs both parts against the merged
   out and LSE. Causal with seqlen_q > seqlen_k raises NotImplementedError.
-* varlen: a loop over the sequences (cu_seqlens read to the host), each a dense call.
+* varlen: a loop over the sequences (cu_seqlens read to the host), each a dense call on
+  contiguous copies of the sequence's rows (llama3 hands head slices of q).
 
 Unsupported (NotImplementedError): dropout, local windows, softcap, ALiBi, returning the
 softmax, paged K/V, seqused_k, leftpad_k.
@@ -190,7 +191,9 @@ def _flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32,
                      device=q.device)
     for sq, sk in _seq_bounds(cu_seqlens_q, cu_seqlens_k):
-        o, l = _attn_fwd(q[None, sq], k[None, sk], v[None, sk], softmax_scale, bool(causal))
+        # contiguous copies: llama3 hands head slices of q (a copy is small beside the call)
+        o, l = _attn_fwd(*(x[None, s].contiguous() for x, s in ((q, sq), (k, sk), (v, sk))),
+                         softmax_scale, bool(causal))
         out[sq], lse[:, sq] = o[0], l[0]
     return out, lse, None, None
 
@@ -208,9 +211,9 @@ def _flash_attn_varlen_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_
     for buf in (dq, dk, dv):
         buf.zero_()
     for sq, sk in _seq_bounds(cu_seqlens_q, cu_seqlens_k):
-        gq, gk, gv = _attn_bwd(dout[None, sq], q[None, sq], k[None, sk], v[None, sk],
-                               out[None, sq], softmax_lse[None, :, sq], softmax_scale,
-                               bool(causal))
+        gq, gk, gv = _attn_bwd(*(x[None, s].contiguous() for x, s in (
+            (dout, sq), (q, sq), (k, sk), (v, sk), (out, sq))), softmax_lse[None, :, sq],
+            softmax_scale, bool(causal))
         dq[sq].copy_(gq[0])
         dk[sk].add_(gk[0])
         dv[sk].add_(gv[0])
