@@ -111,7 +111,8 @@ void fill_common(CrossEntropyParams& p, const Tensor& logits, const Tensor& labe
 CrossEntropyParams bwd_params(const Tensor& dlosses, const Tensor& logits, const Tensor& lse,
                               const Tensor& labels, double smoothing, double logit_scale,
                               double lse_square_scale, int64_t ignore_index,
-                              int64_t total_classes, int64_t class_start_idx, Tensor* labels_c) {
+                              int64_t total_classes, int64_t class_start_idx, Tensor* labels_c,
+                              Tensor* lse_c) {
   const CeShape s = check_logits_labels(logits, labels, kBwdWhat);
   check_scalars_ce(smoothing, logit_scale, lse_square_scale, total_classes, class_start_idx,
                    s.cols);
@@ -123,6 +124,8 @@ CrossEntropyParams bwd_params(const Tensor& dlosses, const Tensor& logits, const
               total_classes, class_start_idx);
   p.dlosses = dlosses.const_data_ptr();
   p.dlosses_stride = dlosses.stride(0);
+  *lse_c = torch::stable::contiguous(lse);
+  p.lse_in = lse_c->const_data_ptr();
   return p;
 }
 
@@ -174,12 +177,10 @@ Tensor cross_entropy_bwd(const Tensor& dlosses, const Tensor& logits, const Tens
                          const Tensor& labels, double smoothing, double logit_scale,
                          double lse_square_scale, int64_t ignore_index, int64_t total_classes,
                          int64_t class_start_idx) {
-  Tensor labels_c;
+  Tensor labels_c, lse_c;
   CrossEntropyParams p = bwd_params(dlosses, logits, lse, labels, smoothing, logit_scale,
                                     lse_square_scale, ignore_index, total_classes,
-                                    class_start_idx, &labels_c);
-  const Tensor lse_c = torch::stable::contiguous(lse);
-  p.lse_in = lse_c.const_data_ptr();
+                                    class_start_idx, &labels_c, &lse_c);
   Tensor dlogits = alloc_vec(logits, {p.rows, p.cols}, logits.scalar_type());
   p.dlogits = dlogits.mutable_data_ptr();
   p.dlogits_row_stride = p.cols;
@@ -191,12 +192,10 @@ void cross_entropy_bwd_inplace(const Tensor& dlosses, Tensor logits, const Tenso
                                const Tensor& labels, double smoothing, double logit_scale,
                                double lse_square_scale, int64_t ignore_index,
                                int64_t total_classes, int64_t class_start_idx) {
-  Tensor labels_c;
+  Tensor labels_c, lse_c;
   CrossEntropyParams p = bwd_params(dlosses, logits, lse, labels, smoothing, logit_scale,
                                     lse_square_scale, ignore_index, total_classes,
-                                    class_start_idx, &labels_c);
-  const Tensor lse_c = torch::stable::contiguous(lse);
-  p.lse_in = lse_c.const_data_ptr();
+                                    class_start_idx, &labels_c, &lse_c);
   p.dlogits = logits.mutable_data_ptr();  // each chunk is read before it is overwritten
   p.dlogits_row_stride = logits.stride(0);
   run_cross_entropy_bwd_cpu(p);
