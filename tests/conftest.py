@@ -12,7 +12,8 @@ Options:
                     several calls or machines
 
 Environment: FLASH_TEST_GPUS=0,1,... pins xdist worker k to GPU k mod len(list) (set before
-CUDA starts, at import of this file), so one tier spreads over several GPUs.
+CUDA starts, at import of this file), so one tier spreads over several GPUs. Under xdist each
+worker runs CPU ops on cores // workers threads unless OMP_NUM_THREADS is set.
 """
 import hashlib
 import json
@@ -33,6 +34,11 @@ _WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ...
 if _WORKER and os.environ.get("FLASH_TEST_GPUS"):
     _gpus = os.environ["FLASH_TEST_GPUS"].split(",")
     os.environ["CUDA_VISIBLE_DEVICES"] = _gpus[int(_WORKER[2:]) % len(_gpus)]
+# N xdist workers on C cores: each worker's CPU ops (references, error checks) get C // N threads;
+# with torch's default of C threads each, N * C threads contend for C cores.
+if _WORKER and "OMP_NUM_THREADS" not in os.environ:
+    _n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _n))
 
 
 def pytest_addoption(parser):
