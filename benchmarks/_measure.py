@@ -66,6 +66,20 @@ def kernel_ms(fn):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def event_ms(fn):
+    """Milliseconds of one call of fn() between two CUDA events on the current stream, the device
+    synchronised before and after; no warm-up, repetition or L2 flush. The timer of one step of a
+    multi-process run: the caller repeats it the same number of times on every process, behind a
+    barrier, and takes the slowest process's time per step (bench_context_parallel.py)."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
 def wall_s(fn):
     """Seconds of one call of fn(), the device synchronised before and after: the end-to-end
     timer, where host work between kernels is part of what is measured."""

@@ -6,7 +6,14 @@ Options:
   --full-grid       full cartesian grids on the CPU too (also FLASH_FULL_GRID=1); CUDA always
                     runs the full product
   --seed N          reproduce a run: every test seeds torch with hash(N, test id)
-  --grid-summary P  write a JSON summary (configs run, worst error ratio per dtype) to P
+  --grid-summary P  write a JSON summary (configs run, worst error ratio per dtype, outcome
+                    counts) to P; with pytest-xdist (-n N) the workers' records are gathered
+  --shard I/N       run every N-th test (by sorted node id) starting at I: one tier split over
+                    several calls or machines
+
+Environment: FLASH_TEST_GPUS=0,1,... pins xdist worker k to GPU k mod len(list) (set before
+CUDA starts, at import of this file), so one tier spreads over several GPUs. Under xdist each
+worker runs CPU ops on cores // workers threads unless OMP_NUM_THREADS is set.
 """
 import hashlib
 import json
@@ -22,6 +29,16 @@ import grid
 import kernel_loader
 from reference import error_ratio
 
+# Before anything touches CUDA: an xdist worker takes its GPU from FLASH_TEST_GPUS.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ...
+if _WORKER and os.environ.get("FLASH_TEST_GPUS"):
+    _gpus = os.environ["FLASH_TEST_GPUS"].split(",")
+    os.environ["CUDA_VISIBLE_DEVICES"] = _gpus[int(_WORKER[2:]) % len(_gpus)]
+# N xdist workers on C cores: each worker's CPU ops (references, error checks) get C // N threads;
+# with torch's default of C threads each, N * C threads contend for C cores.
+if _WORKER and "OMP_NUM_THREADS" not in os.environ:
+    _n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _n))
 
 
 def pytest_addoption(parser):
@@ -32,14 +49,37 @@ def pytest_addoption(parser):
                     default=os.environ.get("FLASH_FULL_GRID", "") not in ("", "0"))
     group.addoption("--seed", type=int, default=None)
     group.addoption("--grid-summary", default=None, metavar="PATH")
+    group.addoption("--shard", default=None, metavar="I/N")
 
 
 def pytest_configure(config):
     seed = config.getoption("--seed")
     if seed is None:
         seed = random.SystemRandom().randrange(2**31)
+        # xdist hands the controller's options to its workers (started later), so every worker
+        # draws the same inputs as the printed seed reproduces.
+        config.option.seed = seed
     config.stash[SEED_KEY] = seed
     config.stash[RECORD_KEY] = []
+
+
+def pytest_collection_modifyitems(config, items):
+    shard = config.getoption("--shard")
+    if not shard:
+        return
+    index, count = (int(x) for x in shard.split("/"))
+    if not 0 <= index < count:
+        raise pytest.UsageError(f"--shard {shard}: need 0 <= I < N")
+    rank = {it.nodeid: r for r, it in enumerate(sorted(items, key=lambda it: it.nodeid))}
+    keep = [it for it in items if rank[it.nodeid] % count == index]
+    config.hook.pytest_deselected(items=[it for it in items if rank[it.nodeid] % count != index])
+    items[:] = keep
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist controller: gather a finished worker's tolerance records (see pytest_sessionfinish)."""
+    node.config.stash[RECORD_KEY].extend(getattr(node, "workeroutput", {}).get("flash_records", []))
 
 
 def pytest_report_header(config):
@@ -192,10 +232,16 @@ def _git_sha():
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: hand the records over
+        session.config.workeroutput["flash_records"] = session.config.stash[RECORD_KEY]
+        return
     path = session.config.getoption("--grid-summary")
     if not path:
         return
     records = session.config.stash[RECORD_KEY]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    outcomes = {k: len(v) for k, v in (reporter.stats.items() if reporter else [])
+                if k in ("passed", "failed", "error", "skipped", "xfailed", "xpassed")}
     worst = {}
     for r in records:
         key = f"{r['device']}/{r['dtype']}"
@@ -210,6 +256,8 @@ def pytest_sessionfinish(session, exitstatus):
         "seed": session.config.stash[SEED_KEY],
         "full_grid": session.config.getoption("--full-grid"),
         "exitstatus": int(exitstatus),
+        "outcomes": outcomes,
+        "shard": session.config.getoption("--shard"),
         "checks": len(records),
         "configs_run": len(configs),
         "worst_ratio_per_device_dtype": worst,

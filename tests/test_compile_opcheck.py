@@ -16,6 +16,14 @@ def _dtype(device):
     return torch.float32 if device == "cpu" else torch.float16
 
 
+def _grad_buffers(q, k, v, pack_dim):
+    """dq contiguous; dk/dv strided views of one packed kv gradient (what the packed functions
+    hand the backward ops)."""
+    dkv = torch.empty(k.shape[:pack_dim] + (2,) + k.shape[pack_dim:], dtype=k.dtype,
+                      device=k.device)
+    return (torch.empty_like(q), *dkv.unbind(pack_dim))
+
+
 def sample_args(ops, op, device, *, dropout=False, grad=False):
     """Positional args for each op, in schema order (docs/design.md)."""
     dtype = _dtype(device)
@@ -30,7 +38,8 @@ def sample_args(ops, op, device, *, dropout=False, grad=False):
         with torch.no_grad():
             out, lse, _, rng_out = ops.fwd(*fwd)
         dout = torch.randn_like(out)
-        return (dout, q, k, v, out, lse, slopes, p, 0.2, True, -1, -1, 0.0, False,
+        dq, dk, dv = _grad_buffers(q, k, v, pack_dim=2)
+        return (dout, q, k, v, out, lse, dq, dk, dv, slopes, p, 0.2, True, -1, -1, 0.0, False,
                 rng_out if dropout else None)
     if op in ("varlen_fwd", "varlen_bwd"):
         lens_q, lens_k = [3, 0, 5], [4, 2, 6]
@@ -45,8 +54,9 @@ def sample_args(ops, op, device, *, dropout=False, grad=False):
         with torch.no_grad():
             out, lse, _, rng_out = ops.varlen_fwd(*fwd)
         dout = torch.randn_like(out)
-        return (dout, q, k, v, out, lse, cu_q, cu_k, None, slopes, 5, 6, p, 0.2, True, -1, -1,
-                0.0, False, rng_out if dropout else None)
+        dq, dk, dv = _grad_buffers(q, k, v, pack_dim=1)
+        return (dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, None, slopes, 5, 6, p, 0.2, True,
+                -1, -1, 0.0, False, rng_out if dropout else None)
     # fwd_kvcache
     q = randn(2, 2, 4, 32, dtype=dtype, device=device)
     kc, vc = (randn(2, 16, 2, 32, dtype=dtype, device=device) for _ in range(2))

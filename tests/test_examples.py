@@ -7,12 +7,17 @@ routes, `source="build"` for the named backend, and for the lock-file example an
 built from what we ship plus a lock file naming its commit. A README block that cannot run here
 is marked on the line before its fence with `<!-- example: skip (reason) -->`; the reason is
 reported with the skip.
+
+context_parallel_training.py runs on 2 gloo processes with the run's seed (weights and tokens)
+and writes its losses; the test re-applies the rule to them (skipped without ring-flash-attn).
 """
+import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +26,8 @@ import kernel_loader
 ROOT = kernel_loader.REPO_ROOT
 EXAMPLES_DIR = ROOT / "hf_integration" / "examples"
 SCRIPTS = ("attn_implementation.py", "named_backend.py")
+CONTEXT_PARALLEL = "context_parallel_training.py"
+HAS_RING_FLASH_ATTN = importlib.util.find_spec("ring_flash_attn") is not None
 _BLOCK = re.compile(r"(?:<!-- example: skip \((?P<skip>[^)]*)\) -->\n)?```python\n(?P<code>.*?)```",
                     re.S)
 
@@ -53,7 +60,7 @@ def _locked_cache(tmp):
 
 
 @pytest.fixture(scope="module")
-def started(tmp_path_factory):
+def started(tmp_path_factory, pytestconfig):
     """Every case launched at once (each process spends most of its time importing Transformers
     on one core, so together they take about the time of the slowest on a two-core machine);
     a test then waits for its own process."""
@@ -64,6 +71,10 @@ def started(tmp_path_factory):
     del locked_env["LOCAL_KERNELS"]
     cases = {script: ([EXAMPLES_DIR / script], env) for script in SCRIPTS}
     cases["load_locked.py"] = ([EXAMPLES_DIR / "load_locked.py", lockfile], locked_env)
+    if HAS_RING_FLASH_ATTN:
+        losses = tmp_path_factory.mktemp("context_parallel") / "losses.json"
+        cases[CONTEXT_PARALLEL] = ([EXAMPLES_DIR / CONTEXT_PARALLEL, "--nproc", "2", "--seed",
+                                    str(pytestconfig.option.seed), "--json", losses], env)
     for param in readme_blocks():
         if not param.marks:  # skipped blocks are not run
             cases[param.id] = (["-c", param.values[0]], env)
@@ -86,7 +97,8 @@ def finish(started, name, timeout=300):
 
 def test_every_example_script_is_tested():
     """A new script under hf_integration/examples/ must get a case below."""
-    assert {p.name for p in EXAMPLES_DIR.glob("*.py")} == set(SCRIPTS) | {"load_locked.py"}
+    assert {p.name for p in EXAMPLES_DIR.glob("*.py")} == \
+        set(SCRIPTS) | {"load_locked.py", CONTEXT_PARALLEL}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -98,6 +110,25 @@ def test_example_script_generates(started, script):
 
 def test_example_load_locked_reads_the_locked_commit_offline(started):
     assert "torch.Size([2, 64, 4, 64])" in finish(started, "load_locked.py")
+
+
+@pytest.mark.skipif(not HAS_RING_FLASH_ATTN,
+                    reason="ring-flash-attn is not installed (tools/requirements.txt pins it)")
+def test_context_parallel_training_matches_single_process(started):
+    """Ring attention on 2 processes trains to the same losses as one process with the whole
+    row: max|ring - fp64| <= 2 * max|eager fp32 - fp64| + one fp32 rounding step over 5 steps."""
+    out = finish(started, CONTEXT_PARALLEL)
+    args = started[CONTEXT_PARALLEL].args
+    result = json.loads(Path(args[args.index("--json") + 1]).read_text())
+    losses = result["losses"]
+    assert result["dtype"] == "float32" and set(losses) == \
+        {"ring (2 proc)", "flash_hub", "eager", "eager fp64"}, out
+    ref, eager = losses["eager fp64"], losses["eager"]
+    assert len(ref) == 5 and ref[-1] < ref[0]  # it trained
+    bound = 2 * max(abs(e - r) for e, r in zip(eager, ref)) + 2**-23 * max(map(abs, ref))
+    for name in ("ring (2 proc)", "flash_hub"):
+        err = max(abs(o - r) for o, r in zip(losses[name], ref))
+        assert err <= bound, f"{name}: max|loss - fp64| = {err:.3e} > {bound:.3e}\n{out}"
 
 
 @pytest.mark.parametrize("code", readme_blocks())

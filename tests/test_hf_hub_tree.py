@@ -61,6 +61,27 @@ def test_kernel_card_front_matter_and_contents(tree):
         assert f"`{v.name}`" in card
 
 
+def test_kernel_card_shows_every_recorded_kernels_benchmark_row(tree, tmp_path):
+    """The card renders each `kernels benchmark --output` file of benchmarks/results as a table:
+    one row per workload and implementation, SDPA's time over ours where there is an sdpa twin."""
+    card = (tree / "README.md").read_text()
+    files = sorted((kernel_root() / "benchmarks" / "results").glob("*kernels-benchmark*.json"))
+    assert "{" + "kernels_benchmark}" not in card
+    for f in files:
+        assert f"benchmarks/results/{f.name}" in card
+        for r in json.loads(f.read_text())["results"]:
+            group, _, impl = r["workload"].partition(".")
+            assert f"| {group} | {impl} | {r['timingResults']['mean_ms']:.3f} |" in card
+    synthetic = {"kernelCommitSha": "abc", "machineInfo": {"pytorchVersion": "x"}, "results": [
+        {"workload": "W.flash", "timingResults": {"mean_ms": 2.0}, "verified": True},
+        {"workload": "W.sdpa", "timingResults": {"mean_ms": 3.0}, "verified": False}]}
+    (tmp_path / "gpu9-kernels-benchmark.json").write_text(json.dumps(synthetic))
+    table = hub_tree.kernels_benchmark_tables(tmp_path)
+    assert "| W | flash | 2.000 | 1.50x | yes |" in table and "| W | sdpa | 3.000 | - | no |" in table
+    assert "on `gpu9`" in table
+    assert "No `kernels benchmark` run" in hub_tree.kernels_benchmark_tables(tmp_path / "none")
+
+
 def test_tree_carries_benchmark_scripts_and_results(tree):
     bench = kernel_root() / "benchmarks"
     expected = sorted([p.name for p in bench.glob("*.py")]

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import device_params
+
 pytestmark = pytest.mark.fast
 
 
@@ -64,40 +66,43 @@ def _inputs(case, e=32, tgt=9, batch=3):
     return (x, key, value), call
 
 
-def _to(obj, dtype):
-    if torch.is_tensor(obj) and obj.is_floating_point():
-        return obj.to(dtype)
+def _to(obj, dtype, device="cpu"):
+    if torch.is_tensor(obj):
+        return obj.to(device, dtype) if obj.is_floating_point() else obj.to(device)
     return obj
 
 
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("name", list(CASES))
-def test_swapped_into_nn_multihead_attention_model_matches(flash, tol, name):
+def test_swapped_into_nn_multihead_attention_model_matches(flash, tol, name, device):
+    """CPU: the models in fp32 (pt: nn.MultiheadAttention in fp32); CUDA: in bf16 (the CUDA
+    kernels take fp16/bf16), pt = nn.MultiheadAttention in bf16 on the GPU."""
     case = CASES[name]
+    dt = torch.float32 if device == "cpu" else torch.bfloat16
     ref_model = Block(32, 4, **case["kw"]).double()
     with torch.no_grad():  # nonzero biases so the bias paths are exercised
         for p in ref_model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    pt_model = copy.deepcopy(ref_model).float()
+    pt_model = copy.deepcopy(ref_model).to(device, dt)
     ours_model = copy.deepcopy(pt_model)
-    ours_model.attn = flash.modules.mha.MultiheadAttention(32, 4, **case["kw"])
+    ours_model.attn = flash.modules.mha.MultiheadAttention(32, 4, **case["kw"]).to(device, dt)
     ours_model.load_state_dict(pt_model.state_dict())  # strict: the same parameter names
     inputs, call = _inputs(case)
     weight = "q_proj_weight" if "kdim" in case["kw"] else "in_proj_weight"
     results = {}
-    for label, model, dtype in (("ours", ours_model, torch.float32),
-                                ("ref", ref_model, torch.float64),
-                                ("pt", pt_model, torch.float32)):
-        x, key, value = (_to(t, dtype) for t in inputs)
+    for label, model, dtype, dev in (("ours", ours_model, dt, device),
+                                     ("ref", ref_model, torch.float64, "cpu"),
+                                     ("pt", pt_model, dt, device)):
+        x, key, value = (_to(t, dtype, dev) for t in inputs)
         x = x.clone().requires_grad_()
-        out = model(x, key, value, **{k: _to(v, dtype) for k, v in call.items()})
+        out = model(x, key, value, **{k: _to(v, dtype, dev) for k, v in call.items()})
         results[label] = (out, x, getattr(model.attn, weight))
-    dout = torch.randn_like(results["ours"][0])
-    tol.check("out", *(results[k][0] for k in ("ours", "ref", "pt")), torch.float32)
-    grads = {k: torch.autograd.grad(out, (x, w), dout.to(out.dtype))
+    dout = torch.randn_like(results["ref"][0])
+    tol.check("out", *(results[k][0] for k in ("ours", "ref", "pt")), dt)
+    grads = {k: torch.autograd.grad(out, (x, w), dout.to(out.device, out.dtype))
              for k, (out, x, w) in results.items()}
     for i, gname in enumerate(["dx", "d" + weight]):
-        tol.check(gname, *(grads[k][i] for k in ("ours", "ref", "pt")), torch.float32,
-                  factor=3.0)
+        tol.check(gname, *(grads[k][i] for k in ("ours", "ref", "pt")), dt, factor=3.0)
 
 
 def test_state_dict_keys_are_nn_multihead_attentions(flash):

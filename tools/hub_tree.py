@@ -83,6 +83,35 @@ def _variant_row(variant: Path) -> tuple[str, str]:
     return row, meta.get("license", "")
 
 
+def kernels_benchmark_tables(results_dir: Path) -> str:
+    """Markdown tables of the `kernels benchmark --output` files in results_dir
+    (`<gpu>-kernels-benchmark.json`): per workload and implementation the mean milliseconds the
+    command reports, SDPA's time over it where the workload has an `sdpa` twin, and whether the
+    row verified against its fp32 reference."""
+    blocks = []
+    for path in sorted(results_dir.glob("*kernels-benchmark*.json")):
+        doc = json.loads(path.read_text())
+        sdpa_ms = {}
+        for r in doc.get("results", []):
+            group, _, impl = r["workload"].partition(".")
+            if impl == "sdpa":
+                sdpa_ms[group] = r["timingResults"]["mean_ms"]
+        lines = [f"`kernels benchmark ./` on `{path.stem.split('-kernels-benchmark')[0]}` "
+                 f"(kernel {doc.get('kernelCommitSha', '?')}, torch "
+                 f"{doc.get('machineInfo', {}).get('pytorchVersion', '?')}; "
+                 f"[`benchmarks/results/{path.name}`](benchmarks/results/{path.name})):", "",
+                 "| workload | implementation | mean (ms) | sdpa / this | verified |",
+                 "|---|---|---|---|---|"]
+        for r in doc.get("results", []):
+            group, _, impl = r["workload"].partition(".")
+            ms = r["timingResults"]["mean_ms"]
+            ratio = f"{sdpa_ms[group] / ms:.2f}x" if group in sdpa_ms and impl != "sdpa" else "-"
+            lines.append(f"| {group} | {impl} | {ms:.3f} | {ratio} | "
+                         f"{'yes' if r.get('verified') else 'no'} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) or "No `kernels benchmark` run is recorded in this revision."
+
+
 def render_card(repo_root: Path, variants: list[Path], bench_files: list[str]) -> str:
     rows, licenses = zip(*(_variant_row(v) for v in variants))
     license_ = (next((lic for lic in licenses if lic), "")
@@ -93,6 +122,7 @@ def render_card(repo_root: Path, variants: list[Path], bench_files: list[str]) -
         version=version_of(repo_root),
         variant_rows="\n".join(rows),
         benchmark_files=", ".join(f"`{b}`" for b in bench_files) or "none yet",
+        kernels_benchmark=kernels_benchmark_tables(repo_root / "benchmarks" / "results"),
         git_sha=_git_sha(repo_root),
     )
 

@@ -41,11 +41,6 @@ inline Tensor alloc_zeros(const Tensor& t, std::initializer_list<int64_t> sizes,
   return torch::stable::new_zeros(t, std::vector<int64_t>(sizes), dtype);
 }
 
-inline Tensor zeros_like(const Tensor& t) {
-  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
-  return torch::stable::new_zeros(t, sizes, t.scalar_type());
-}
-
 constexpr double kLog2e = 1.4426950408889634;  // M_LOG2E is not in strict ISO C++
 
 // Scores and dropout, shared by every forward and backward.
@@ -185,11 +180,28 @@ inline void set_qkv(FwdParams& p, const Tensor& q, const Tensor& k, const Tensor
   read_strides(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
 }
 
-// The forward outputs: out (written) and the float32 LSE.
+// The dtype of the LSE that fwd and varlen_fwd return: fp32, except fp64 for fp64 inputs (CPU),
+// which the autograd path carries to the backward so that fp64 gradients need no recomputation
+// (the public functions hand out the fp32 LSE; docs/design.md).
+inline ScalarType fwd_lse_dtype(const Tensor& q) {
+  return q.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+}
+
+// Points the params at an LSE tensor: fp32 (softmax_lse_ptr) or fp64 (softmax_lse_f64_ptr).
+inline void set_lse(FwdParams& p, const Tensor& lse) {
+  void* ptr = const_cast<void*>(lse.const_data_ptr());
+  if (lse.scalar_type() == ScalarType::Double) {
+    p.softmax_lse_f64_ptr = static_cast<double*>(ptr);
+  } else {
+    p.softmax_lse_ptr = static_cast<float*>(ptr);
+  }
+}
+
+// The forward outputs: out (written) and the LSE (fwd_lse_dtype).
 inline void set_fwd_outputs(FwdParams& p, Tensor& out, Tensor& lse) {
   p.o_ptr = out.mutable_data_ptr();
   read_strides(out, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
-  p.softmax_lse_ptr = static_cast<float*>(lse.mutable_data_ptr());
+  set_lse(p, lse);
 }
 
 // Problem sizes; seqlen_q/k are named for the overflow error by what the caller read them from.
@@ -431,26 +443,21 @@ inline void run_fwd_kvcache(const FwdParams& p, const Tensor& q) {
   FLASH_RUN_CUDA_FWD(run_fwd_kvcache_cuda, p, q);
 }
 
-// The backward; on CUDA also its workspace (BwdParams), alive until the call returns (the
-// caching allocator orders its reuse on the stream): the fp32 dQ accumulator, D shaped like the
-// LSE tensor `lse`, and the deterministic mode's counters.
-inline void run_bwd(BwdParams& p, const Tensor& q, const Tensor& lse) {
+// The backward (p.dsoftmax_sum_ptr, D, is the op's output softmax_d, set by the caller); on CUDA
+// also its workspace (BwdParams), alive until the call returns (the caching allocator orders its
+// reuse on the stream): the fp32 dQ accumulator and the deterministic mode's counters.
+inline void run_bwd(BwdParams& p, const Tensor& q) {
   if (q.is_cpu()) return run_bwd_cpu(p);
 #ifdef CUDA_KERNEL
   const int64_t rows = p.cu_seqlens_q != nullptr ? int64_t(p.total_q) : int64_t(p.batch) * p.seqlen_q;
   Tensor dq_accum = alloc_zeros(q, {rows, p.nheads, dq_accum_width(p.head_dim)}, ScalarType::Float);
-  std::vector<int64_t> lse_sizes(lse.sizes().begin(), lse.sizes().end());
-  Tensor dsum = torch::stable::new_empty(q, lse_sizes, ScalarType::Float);
   p.dq_accum_ptr = dq_accum.mutable_data_ptr<float>();
-  p.dsoftmax_sum_ptr = dsum.mutable_data_ptr<float>();
   Tensor semaphores;
   if (p.deterministic) {
     semaphores = alloc_zeros(q, {std::max<int64_t>(1, bwd_cuda_semaphore_count(p))},
                              ScalarType::Int);
     p.dq_semaphore = semaphores.mutable_data_ptr<int32_t>();
   }
-#else
-  (void)lse;
 #endif
   FLASH_RUN_CUDA(run_bwd_cuda, p, q);
 }

@@ -37,7 +37,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mha_fwd(
 
   // Outputs.
   Tensor out = alloc(q, {batch, seqlen_q, nheads, head_dim}, q.scalar_type());
-  Tensor lse = alloc(q, {batch, nheads, seqlen_q}, ScalarType::Float);
+  Tensor lse = alloc(q, {batch, nheads, seqlen_q}, fwd_lse_dtype(q));
   Tensor s_dmask =
       alloc_s_dmask(q, return_softmax && dropout_p > 0, batch, nheads, seqlen_q, seqlen_k);
 
@@ -110,7 +110,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mha_varlen_fwd(
 
   // Outputs.
   Tensor out = alloc(q, {total_q, nheads, head_dim}, q.scalar_type());
-  Tensor lse = alloc(q, {nheads, total_q}, ScalarType::Float);
+  Tensor lse = alloc(q, {nheads, total_q}, fwd_lse_dtype(q));
   Tensor s_dmask = alloc_s_dmask(q, want_p, batch, nheads, max_seqlen_q, max_seqlen_k);
 
   // Params.

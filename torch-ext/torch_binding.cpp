@@ -25,15 +25,16 @@ STABLE_TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "-> (Tensor out, Tensor softmax_lse, Tensor S_dmask, Tensor rng_state)");
   ops.def(
       "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
-      "Tensor? alibi_slopes, float dropout_p, float softmax_scale, bool is_causal, "
-      "int window_size_left, int window_size_right, float softcap, bool deterministic, "
-      "Tensor? rng_state) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor? alibi_slopes, float dropout_p, "
+      "float softmax_scale, bool is_causal, int window_size_left, int window_size_right, "
+      "float softcap, bool deterministic, Tensor? rng_state) -> Tensor softmax_d");
   ops.def(
       "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
-      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, Tensor? alibi_slopes, "
-      "SymInt max_seqlen_q, SymInt max_seqlen_k, float dropout_p, float softmax_scale, "
-      "bool is_causal, int window_size_left, int window_size_right, float softcap, "
-      "bool deterministic, Tensor? rng_state) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "Tensor? seqused_k, Tensor? alibi_slopes, SymInt max_seqlen_q, SymInt max_seqlen_k, "
+      "float dropout_p, float softmax_scale, bool is_causal, int window_size_left, "
+      "int window_size_right, float softcap, bool deterministic, Tensor? rng_state) "
+      "-> Tensor softmax_d");
   ops.def(
       "fwd_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
       "Tensor? cache_seqlens, Tensor? rotary_cos, Tensor? rotary_sin, Tensor? cache_batch_idx, "
@@ -43,10 +44,35 @@ STABLE_TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(
       "rotary(Tensor x, Tensor cos, Tensor sin, Tensor? seqlen_offsets, Tensor? cu_seqlens, "
       "int seqlen_offset, SymInt max_seqlen, bool interleaved, bool conjugate) -> Tensor");
+  // The fused training ops (docs/fused_ops.md).
+  ops.def(
+      "dropout_add_ln_fwd(Tensor x0, Tensor? residual, Tensor gamma, Tensor? beta, "
+      "Tensor? rowscale, Tensor? colscale, float dropout_p, float epsilon, Tensor? rng_state, "
+      "bool residual_in_fp32, bool is_rms_norm, bool return_dropout_mask) "
+      "-> (Tensor z, Tensor x, Tensor dmask, Tensor mu, Tensor rsigma, Tensor rng_state)");
+  ops.def(
+      "dropout_add_ln_bwd(Tensor dz, Tensor? dx, Tensor x, Tensor? x0, Tensor mu, "
+      "Tensor rsigma, Tensor gamma, Tensor? rowscale, Tensor? colscale, float dropout_p, "
+      "Tensor? rng_state, bool has_residual, bool has_beta, bool is_rms_norm) "
+      "-> (Tensor dx0, Tensor dresidual, Tensor dgamma, Tensor dbeta, Tensor dcolscale)");
+  ops.def(
+      "cross_entropy_fwd(Tensor logits, Tensor labels, Tensor? precomputed_lse, "
+      "float smoothing, float logit_scale, float lse_square_scale, int ignore_index, "
+      "int total_classes, int class_start_idx, bool split, bool inplace_backward=False) "
+      "-> (Tensor losses, Tensor z_losses, Tensor lse)");
+  ops.def(
+      "cross_entropy_bwd(Tensor dlosses, Tensor logits, Tensor lse, Tensor labels, "
+      "float smoothing, float logit_scale, float lse_square_scale, int ignore_index, "
+      "int total_classes, int class_start_idx) -> Tensor dlogits");
+  ops.def(
+      "cross_entropy_bwd_inplace(Tensor dlosses, Tensor(a!) logits, Tensor lse, Tensor labels, "
+      "float smoothing, float logit_scale, float lse_square_scale, int ignore_index, "
+      "int total_classes, int class_start_idx) -> ()");
 }
 
 // One implementation per op serves both devices: it checks the device itself and calls the
-// matching backend (CUDA entries that have no kernel yet fail with a clear error).
+// matching backend (CUDA entries that have no kernel yet fail with a clear error: the fused ops
+// raise "... is not implemented for CUDA yet" on CUDA tensors).
 STABLE_TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, CPU, ops) {
   ops.impl("fwd", TORCH_BOX(&FLASH_NAMESPACE::mha_fwd));
   ops.impl("varlen_fwd", TORCH_BOX(&FLASH_NAMESPACE::mha_varlen_fwd));
@@ -54,6 +80,11 @@ STABLE_TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, CPU, ops) {
   ops.impl("varlen_bwd", TORCH_BOX(&FLASH_NAMESPACE::mha_varlen_bwd));
   ops.impl("fwd_kvcache", TORCH_BOX(&FLASH_NAMESPACE::mha_fwd_kvcache));
   ops.impl("rotary", TORCH_BOX(&FLASH_NAMESPACE::rotary));
+  ops.impl("dropout_add_ln_fwd", TORCH_BOX(&FLASH_NAMESPACE::dropout_add_ln_fwd));
+  ops.impl("dropout_add_ln_bwd", TORCH_BOX(&FLASH_NAMESPACE::dropout_add_ln_bwd));
+  ops.impl("cross_entropy_fwd", TORCH_BOX(&FLASH_NAMESPACE::cross_entropy_fwd));
+  ops.impl("cross_entropy_bwd", TORCH_BOX(&FLASH_NAMESPACE::cross_entropy_bwd));
+  ops.impl("cross_entropy_bwd_inplace", TORCH_BOX(&FLASH_NAMESPACE::cross_entropy_bwd_inplace));
 }
 
 #ifdef CUDA_KERNEL
@@ -64,6 +95,11 @@ STABLE_TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, CUDA, ops) {
   ops.impl("varlen_bwd", TORCH_BOX(&FLASH_NAMESPACE::mha_varlen_bwd));
   ops.impl("fwd_kvcache", TORCH_BOX(&FLASH_NAMESPACE::mha_fwd_kvcache));
   ops.impl("rotary", TORCH_BOX(&FLASH_NAMESPACE::rotary));
+  ops.impl("dropout_add_ln_fwd", TORCH_BOX(&FLASH_NAMESPACE::dropout_add_ln_fwd));
+  ops.impl("dropout_add_ln_bwd", TORCH_BOX(&FLASH_NAMESPACE::dropout_add_ln_bwd));
+  ops.impl("cross_entropy_fwd", TORCH_BOX(&FLASH_NAMESPACE::cross_entropy_fwd));
+  ops.impl("cross_entropy_bwd", TORCH_BOX(&FLASH_NAMESPACE::cross_entropy_bwd));
+  ops.impl("cross_entropy_bwd_inplace", TORCH_BOX(&FLASH_NAMESPACE::cross_entropy_bwd_inplace));
 }
 #endif
 

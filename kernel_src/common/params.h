@@ -41,6 +41,10 @@ struct FwdParams {
   void* o_ptr = nullptr;  // same shape as q (d = head_dim of v, equal to q's here)
   int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
   float* softmax_lse_ptr = nullptr;  // (batch, nheads, seqlen_q) or varlen (nheads, total_q)
+  // CPU backend, fp64 inputs of fwd/varlen_fwd/bwd/varlen_bwd: the LSE at fp64 in the same
+  // layout, used instead of softmax_lse_ptr (which is then null). It lets the autograd path carry
+  // an fp64-exact LSE from the forward to the backward (gradcheck); other backends never see it.
+  double* softmax_lse_f64_ptr = nullptr;
   void* p_ptr = nullptr;  // optional S_dmask (batch, nheads, seqlen_q, seqlen_k), input dtype,
                           // contiguous, seqlen_* = the max over the batch for varlen
 
@@ -105,7 +109,10 @@ inline bool varlen_rows_bounded(const FwdParams& p) {
 }
 
 struct BwdParams : FwdParams {
-  // Gradient inputs/outputs; o_ptr/softmax_lse_ptr above hold the forward's out and lse.
+  // Gradient inputs/outputs; o_ptr/softmax_lse_ptr above hold the forward's out and lse, which
+  // every backend uses as given (never recomputed from K/V: a caller may pass the out/lse of a
+  // longer key sequence, as ring attention does for each K/V block). dq/dk/dv may be strided
+  // views (e.g. of one packed qkv gradient); only their last dimension is contiguous.
   const void* do_ptr = nullptr;  // same shape as q
   int64_t do_batch_stride = 0, do_row_stride = 0, do_head_stride = 0;
   void* dq_ptr = nullptr;  // same shape as q
@@ -116,11 +123,14 @@ struct BwdParams : FwdParams {
   int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
   bool deterministic = false;
   // Workspace of the CUDA backward, allocated and zero-filled by the binding (the CPU backend
-  // ignores it): linear in the number of query rows, never in seqlen_q x seqlen_k.
+  // ignores the accumulator and the counters): linear in the number of query rows, never in
+  // seqlen_q x seqlen_k.
   float* dq_accum_ptr = nullptr;      // fp32 dQ accumulator: rows of q x nheads x
                                       //   dq_accum_width(head_dim), contiguous (row = packed
                                       //   varlen row or b * seqlen_q + i)
-  float* dsoftmax_sum_ptr = nullptr;  // D_i = dO_i . O_i, laid out like softmax_lse
+  float* dsoftmax_sum_ptr = nullptr;  // D_i = dO_i . O_i, laid out like softmax_lse (fp32);
+                                      //   an output of the op (softmax_d), written by every
+                                      //   backend for every row of every sequence
   int32_t* dq_semaphore = nullptr;    // deterministic: nheads x bwd_semaphores_per_head counters
 };
 

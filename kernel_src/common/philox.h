@@ -13,6 +13,8 @@
 //   The draw for (row, col) is word (col % 4) of the 4-word output.
 //   The element is DROPPED iff word < threshold, threshold = dropout_threshold(p) below; kept
 //   elements are scaled by 1 / (1 - p).
+//   The fused norm ops (common/fused_params.h) draw from the same stream: element (r, c) of their
+//   (rows, cols) input uses subsequence = offset, row = r, col = c (batch 0, head 0 above).
 #pragma once
 #include <cstdint>
 

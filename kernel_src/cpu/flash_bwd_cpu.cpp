@@ -1,19 +1,25 @@
 // Owns: run_bwd_cpu, the CPU backward. Exact gradients by recomputation (FA2 algorithm 2):
-// P is rebuilt from the saved lse (fp32/fp64 inputs recompute lse in fp64, so that e.g. gradcheck
-// sees the exact gradient of the fp64 forward), the dropout mask is regenerated from the same
-// Philox stream, D = rowsum(dO * O), dS = P * (dP - D), softcap's chain rule dS *= 1 - tanh^2.
+// P = exp(S - lse) is rebuilt from the lse and out it is given, never from an lse recomputed
+// from K/V (a caller may hand the out/lse of a longer key sequence, as ring attention does for
+// each K/V block), the dropout mask is regenerated from the same Philox stream,
+// D = rowsum(dO * O) (also returned, softmax_d), dS = P * (dP - D), softcap's chain rule
+// dS *= 1 - tanh^2. fp64 inputs get an fp64 lse from the autograd path (params.h), so gradcheck
+// sees the exact gradient of the fp64 forward. dQ/dK/dV are written through their own strides
+// (views of one packed gradient work).
 //
-// Parallel over (sequence, K/V head): one task owns dK/dV of its K/V head and dQ of the query
-// heads of its group, so nothing is shared between threads and the result is deterministic and
-// independent of the thread count (deterministic=true costs nothing here). Inside a task the
-// loop is key tile outer (dK, dV accumulate in a kBlockN x d tile), query tile inner over
-// Mask::q_range; dQ accumulates in an fp32/fp64 buffer of (seqlen_q x group) x d: linear in the
-// sequence length, like FA2's dq_accum.
+// Three parallel phases (run_bwd_typed): D and lse per query tile; dK/dV per (sequence, K/V
+// head, key split), each task owning its keys' dK/dV and writing its share of dQ (the query
+// heads of its group) into its own fp32/fp64 buffer of (seqlen_q x group) x d, linear in the
+// sequence length like FA2's dq_accum; dQ per query tile, the splits summed in split order. No
+// two threads write the same element, no atomics are needed, and the result is bitwise
+// repeatable (deterministic=true costs nothing here); keys are split only when the (sequence,
+// K/V head) pairs cannot occupy the threads, so only then does the dQ rounding depend on the
+// thread count. Inside a task the loop is key tile outer (dK, dV accumulate in a kBlockN x d
+// tile), query tile inner over Mask::q_range.
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-#include "../common/softmax_state.h"
 #include "attn_tile_cpu.h"
 #include "flash_api_cpu.h"
 #include "parallel_cpu.h"
@@ -26,16 +32,15 @@ template <typename T>
 struct BwdScratch {
   using Acc = acc_t<T>;
   // Tiles (thread-local, reused across calls).
-  std::vector<Acc> qs, qt, kt, kr, s, tanh_s, dp, pz, dk, dv, m, off, l, dout, vt;
+  std::vector<Acc> qs, kt, kr, s, tanh_s, dp, pz, dk, dv, dout, vt;
   std::vector<uint8_t> keep;
   TileRows<Acc> rows;
   KvTileRows kv;
 
   void ensure(int dpad) {
     for (auto* x : {&qs, &dk, &dv, &kr, &dout}) grow_to(*x, std::max(kBlockM, kBlockN) * dpad);
-    for (auto* x : {&qt, &kt, &vt}) grow_to(*x, dpad * std::max(kBlockM, kBlockN));
+    for (auto* x : {&kt, &vt}) grow_to(*x, dpad * std::max(kBlockM, kBlockN));
     for (auto* x : {&s, &tanh_s, &dp, &pz}) grow_to(*x, kBlockM * kBlockN);
-    for (auto* x : {&m, &off, &l}) grow_to(*x, kBlockM);
     grow_to(keep, kBlockM * kBlockN);
   }
 };
@@ -70,13 +75,11 @@ BwdOffsets bwd_offsets(const BwdParams& p, int b) {
   return o;
 }
 
-// Phase 1, one query tile of (b, hk): D = rowsum(dO * O) and the lse of each packed row. fp32
-// and fp64 inputs (fp64 logits) recompute lse at that precision, with the forward's online
-// softmax on its transposed tiles: the saved lse is fp32, and its rounding (~1e-7 relative in P)
-// would be the largest error of their gradients.
+// Phase 1, one query tile of (b, hk): D = rowsum(dO * O) (also written out as softmax_d) and
+// the given lse of each packed row (fp64 when the caller passes one, fp64 inputs).
 template <typename T>
 void bwd_stats_tile(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int m_block,
-                    acc_t<T>* lse, acc_t<T>* dsum, BwdScratch<T>& sc) {
+                    acc_t<T>* lse, acc_t<T>* dsum) {
   using Acc = acc_t<T>;
   const SeqInfo& s = c.pr.seqs[b];
   const BwdOffsets off = bwd_offsets(p, b);
@@ -94,45 +97,12 @@ void bwd_stats_tile(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int 
     for (int col = 0; col < d; ++col)
       acc += Traits<T>::load(dorow[col]) * Traits<T>::load(orow[col]);
     dsum[pi] = acc;
-    lse[pi] = static_cast<Acc>(p.softmax_lse_ptr[s.lse_off + h * c.pr.lse_head_stride + i]);
+    const int64_t lse_idx = s.lse_off + h * c.pr.lse_head_stride + i;
+    if (p.dsoftmax_sum_ptr != nullptr) p.dsoftmax_sum_ptr[lse_idx] = static_cast<float>(acc);
+    lse[pi] = p.softmax_lse_f64_ptr != nullptr
+                  ? static_cast<Acc>(p.softmax_lse_f64_ptr[lse_idx])
+                  : static_cast<Acc>(p.softmax_lse_ptr[lse_idx]);
   }
-  if (sizeof(Acc) == sizeof(float)) return;
-
-  const Mask mask(s.seqlen_q, s.seqlen_k, p.window_left, p.window_right);
-  const Acc ninf = -static_cast<Acc>(INFINITY);
-  const T* kbase = c.k() + off.k + hk * c.p.k_head_stride;
-  Acc *m = sc.m.data(), *offv = sc.off.data(), *l = sc.l.data(), *factor = sc.dk.data();
-  const int mt = pad_up(nrows);
-  make_tile_rows(c, b, hk, pr0, nrows, &sc.rows);
-  load_rows_t(c.q() + s.q_off, c.p.q_row_stride, c.p.q_head_stride, sc.rows, d, mt, c.scale,
-              sc.qt.data());
-  for (int r = 0; r < mt; ++r) {
-    m[r] = ninf;
-    l[r] = Acc(0);
-  }
-  int nb, ne;
-  mask.kv_range(sc.rows.i_first, sc.rows.i_last + 1, &nb, &ne);
-  for (int n0 = nb; n0 < ne; n0 += kBlockN) {
-    const int n = ne - n0 < kBlockN ? ne - n0 : kBlockN;
-    for (int j = 0; j < n; ++j) sc.kv.k[j] = static_cast<int64_t>(n0 + j) * c.p.k_row_stride;
-    load_kv_rows(kbase, sc.kv.k, n, d, c.pr.dpad, sc.kr.data());
-    compute_scores_t(c, mask, sc.rows, sc.qt.data(), mt, sc.kr.data(), n0, n, sc.s.data());
-    for (int r = 0; r < mt; ++r) offv[r] = m[r];
-    col_max(sc.s.data(), mt, n, mt, offv);
-    for (int r = 0; r < mt; ++r) {
-      factor[r] = m[r];
-      m[r] = offv[r];
-      if (offv[r] == ninf) offv[r] = Acc(0);
-    }
-    exp_diff(factor, offv, factor, mt);
-    for (int r = 0; r < mt; ++r) l[r] *= factor[r];
-    if constexpr (Traits<T>::kExpF32)
-      exp_cols_f32(sc.s.data(), mt, sc.s.data(), mt, n, mt, offv, l);
-    else
-      exp_cols(sc.s.data(), mt, sc.s.data(), mt, n, mt, offv, l);
-  }
-  for (int r = 0; r < nrows; ++r)
-    lse[pr0 + r] = l[r] > Acc(0) ? offv[r] + std::log(l[r]) : static_cast<Acc>(INFINITY);
 }
 
 // Phase 2, keys [k_begin, k_end) of (b, hk): dK and dV of those keys, and their share of dQ
@@ -312,12 +282,10 @@ void run_bwd_typed(const BwdParams& p, const Problem& pr) {
     *first_row = row0[*b] + static_cast<int64_t>(*hk) * pr.seqs[*b].seqlen_q * pr.group;
   };
   parallel_tasks(tile0[pr.batch], pr.work, [&](int64_t t) {
-    BwdScratch<T>& sc = thread_scratch<BwdScratch<T>>();
-    sc.ensure(pr.dpad);
     int b, hk, m_block;
     int64_t r0;
     tile_task(t, &b, &hk, &m_block, &r0);
-    bwd_stats_tile<T>(c, p, b, hk, m_block, lse + r0, dsum + r0, sc);
+    bwd_stats_tile<T>(c, p, b, hk, m_block, lse + r0, dsum + r0);
   });
   parallel_tasks(pairs * nsplit, pr.work, [&](int64_t t) {
     BwdScratch<T>& sc = thread_scratch<BwdScratch<T>>();

@@ -198,8 +198,12 @@ void fwd_task(const AttnCtx<T>& c, int b, int hk, int pr0, FwdScratch<T>& sc) {
       T* dst = out + q.rows.i[r] * p.o_row_stride + q.rows.h[r] * p.o_head_stride;
       for (int col = 0; col < d; ++col) dst[col] = Traits<T>::store(orow[col] * inv);
       const Acc lse = empty ? static_cast<Acc>(INFINITY) : q.off[r] + std::log(sum);
-      p.softmax_lse_ptr[s.lse_off + q.rows.h[r] * c.pr.lse_head_stride + q.rows.i[r]] =
-          static_cast<float>(lse);
+      const int64_t lse_idx = s.lse_off + q.rows.h[r] * c.pr.lse_head_stride + q.rows.i[r];
+      if (p.softmax_lse_f64_ptr != nullptr) {
+        p.softmax_lse_f64_ptr[lse_idx] = static_cast<double>(lse);
+      } else {
+        p.softmax_lse_ptr[lse_idx] = static_cast<float>(lse);
+      }
       q.off[r] = lse;
     }
     if (p.p_ptr != nullptr) write_dmask_tile(c, s, mask, b, hk, q, sc);

@@ -69,7 +69,10 @@ Problem make_problem(const FwdParams& p, bool is_bwd) {
   if (p.k_ptr == nullptr) fail("k is null");
   if (p.v_ptr == nullptr) fail("v is null");
   if (p.o_ptr == nullptr) fail("out is null");
-  if (p.softmax_lse_ptr == nullptr) fail("softmax_lse is null");
+  if (p.softmax_lse_ptr == nullptr && p.softmax_lse_f64_ptr == nullptr)
+    fail("softmax_lse is null");
+  if (p.softmax_lse_f64_ptr != nullptr && p.dtype != DType::kFloat64)
+    fail("an fp64 softmax_lse is only for fp64 inputs");
 
   if (p.cu_seqlens_q != nullptr) {
     check_cu_seqlens(p.cu_seqlens_q, p.batch, "cu_seqlens_q");

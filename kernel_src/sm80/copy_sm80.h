@@ -49,7 +49,7 @@ struct PagedRows {
                              //   when unknown (kv_bound())
   __device__ __forceinline__ const Element* operator()(int row) const {
     const int pos = pos0 + row;
-    int page = pages[pos / page_size];
+    int page = __ldg(pages + pos / page_size);
     // A page id outside [0, num_pages) (never validated on the host for device tensors) reads
     // page 0 instead: wrong values for a wrong input, but never an out-of-bounds read. One
     // unsigned compare covers both ends.
@@ -125,24 +125,30 @@ __device__ __forceinline__ void load_tile(typename Traits::Element* smem_tile,
 }
 
 // Same for paged K/V: the row pointer of each row comes from the block table (any page size).
+// All of the thread's block-table lookups are issued before its first copy, so their latencies
+// overlap (one L1 round trip per tile) instead of each copy waiting for its own lookup.
 template <typename Traits, int kRows, bool kAligned, typename Element>
 __device__ __forceinline__ void load_tile_paged(Element* smem_tile, const CopyThread<Traits>& ct,
                                                 const PagedRows<Element>& rows, int valid_rows,
                                                 int head_dim) {
   constexpr int kW = Traits::kSwizzleCols;
-  const Element* first = rows(0) + ct.col0;
+  constexpr int kSteps = kRows / Traits::kRowStep;
+  const Element* src[kSteps];
 #pragma unroll
-  for (int i = 0; i < kRows / Traits::kRowStep; ++i) {
+  for (int i = 0; i < kSteps; ++i) {
     const int row = ct.row0 + i * Traits::kRowStep;
-    const bool row_ok = row < valid_rows;
-    const Element* src = row_ok ? rows(row) + ct.col0 : first;
+    src[i] = rows(row < valid_rows ? row : 0) + ct.col0;
+  }
+#pragma unroll
+  for (int i = 0; i < kSteps; ++i) {
+    const bool row_ok = ct.row0 + i * Traits::kRowStep < valid_rows;
 #pragma unroll
     for (int b = 0; b < Traits::kColBlocks; ++b) {
       const int col = ct.col0 + b * kW;
       const bool ok = row_ok && col < head_dim;
       copy_chunk<Element, kAligned>(
           smem_tile + b * kRows * kW + i * Traits::kRowStep * kW + ct.smem_offset,
-          ok ? src + b * kW : first, ok, head_dim - col);
+          src[i] + b * kW, ok, head_dim - col);
     }
   }
 }

@@ -59,6 +59,8 @@ constexpr TileConfig tile_config(int head_dim, TileKind kind) {
   }
   // kDecode: the general kernel's rows, with two K/V stages at every head dim so that a tile's
   // copies (and paged lookups) overlap the previous tile's math: a decode step only streams K/V.
+  // (64 x 128 up to 64 columns, for 32 KB of K/V per stage, spilled ~250 bytes and measured
+  // slower: benchmarks/results/tuning/h200-decode-dda1cef.json, docs/cuda_decode.md.)
   if (kind == TileKind::kDecode) {
     if (head_dim <= 128) return {64, 64, 4, 2};  // 80 KB at 128
     return {64, 32, 4, 2};                       // 96 KB at 256

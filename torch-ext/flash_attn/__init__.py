@@ -3,11 +3,13 @@
 The public functions carry FlashAttention-2's names and keyword arguments, so Transformers and
 existing callers can use this package as a drop-in (see flash_attn_interface.py). The toolkit
 around them keeps FlashAttention-2's module paths: ``flash_attn.bert_padding``,
-``flash_attn.layers.rotary`` and ``flash_attn.modules.mha``. ``layers`` also holds this
+``flash_attn.layers.rotary``, ``flash_attn.modules.mha``, and the fused training ops
+``flash_attn.ops.layer_norm`` / ``ops.rms_norm`` / ``ops.fused_dense`` and
+``flash_attn.losses.cross_entropy`` (docs/fused_ops.md). ``layers`` also holds this
 repository's kernel-hub layers for ``kernels.kernelize``.
 """
 
-from . import bert_padding, flash_attn_interface, layers, modules
+from . import bert_padding, flash_attn_interface, layers, losses, modules, ops
 from .flash_attn_interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -20,5 +22,5 @@ from .flash_attn_interface import (
 from .modules import mha
 from .modules.mha import FlashCrossAttention, FlashSelfAttention
 
-__all__ = ["bert_padding", "layers", "modules", "FlashCrossAttention", "FlashSelfAttention",
+__all__ = ["bert_padding", "layers", "losses", "modules", "ops", "FlashCrossAttention", "FlashSelfAttention",
            *flash_attn_interface.__all__]

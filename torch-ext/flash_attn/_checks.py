@@ -232,31 +232,42 @@ def _varlen_index(q, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_se
     return batch
 
 
-def _bwd_extra(dout, out, lse, q, lse_shape, lse_layout):
-    for t, name in ((out, "out"), (dout, "dout")):
-        same_device_dtype(t, name, q)
-        if tuple(t.shape) != tuple(q.shape):
-            fail(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
-        last_dim_contiguous(t, name)
+def _like(t, name, like, like_name, q):
+    same_device_dtype(t, name, q)
+    if tuple(t.shape) != tuple(like.shape):
+        fail(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(t.shape)}")
+    last_dim_contiguous(t, name)
+
+
+def _bwd_extra(dout, out, lse, dq, dk, dv, q, k, v, lse_shape, lse_layout):
+    _like(out, "out", q, "q", q)
+    _like(dout, "dout", q, "q", q)
     on_q_device(lse, "softmax_lse", q)
-    if lse.dtype != torch.float32:
-        fail(f"softmax_lse must have dtype torch.float32, got {lse.dtype}")
+    # fp64 inputs may pass the fp64 LSE their forward op returns (the autograd path's exact one).
+    if lse.dtype != torch.float32 and not (lse.dtype == torch.float64 and q.dtype == torch.float64):
+        extra = " or torch.float64" if q.dtype == torch.float64 else ""
+        fail(f"softmax_lse must have dtype torch.float32{extra}, got {lse.dtype}")
     shape(lse, "softmax_lse", lse_shape, lse_layout)
+    # The caller's gradients: any strides with a contiguous last dimension.
+    _like(dq, "dq", q, "q", q)
+    _like(dk, "dk", k, "k", q)
+    _like(dv, "dv", v, "v", q)
 
 
-def bwd(dout, q, k, v, out, lse, alibi_slopes, dropout_p, softmax_scale, softcap, window_left,
-        window_right, rng):
+def bwd(dout, q, k, v, out, lse, dq, dk, dv, alibi_slopes, dropout_p, softmax_scale, softcap,
+        window_left, window_right, rng):
     fwd(q, k, v, alibi_slopes, dropout_p, softmax_scale, softcap, window_left, window_right, rng)
     b, sq, h, _ = q.shape
-    _bwd_extra(dout, out, lse, q, (b, h, sq), "(batch, nheads, seqlen_q)")
+    _bwd_extra(dout, out, lse, dq, dk, dv, q, k, v, (b, h, sq), "(batch, nheads, seqlen_q)")
 
 
-def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, max_seqlen_q,
-               max_seqlen_k, dropout_p, softmax_scale, softcap, window_left, window_right, rng):
+def varlen_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_k,
+               alibi_slopes, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, softcap,
+               window_left, window_right, rng):
     varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, None, alibi_slopes, max_seqlen_q,
                max_seqlen_k, dropout_p, softmax_scale, softcap, window_left, window_right, False, rng)
     total_q, h, _ = q.shape
-    _bwd_extra(dout, out, lse, q, (h, total_q), "(nheads, total_q)")
+    _bwd_extra(dout, out, lse, dq, dk, dv, q, k, v, (h, total_q), "(nheads, total_q)")
 
 
 def fwd_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos, rotary_sin, cache_batch_idx,

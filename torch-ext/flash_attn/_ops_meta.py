@@ -3,11 +3,16 @@
 The fakes give ``torch.compile`` / ``torch.export`` the output shapes, dtypes and devices without
 running a kernel; they repeat the static argument checks (``_checks``) so that a traced call fails
 with the same message as an eager one. Autograd is registered on ``fwd`` and ``varlen_fwd`` with
-``torch.library.register_autograd`` (no parallel ``autograd.Function``): the backward calls the
-``bwd`` / ``varlen_bwd`` ops. The backward ops get a formula that refuses double backward, so
-differentiating them fails loudly instead of silently returning nothing. ``fwd_kvcache`` mutates
-its caches, so it cannot carry an autograd formula; the public function runs it without grad, as
-FlashAttention-2 does.
+``torch.library.register_autograd``: the backward allocates dq/dk/dv and calls the ``bwd`` /
+``varlen_bwd`` ops, which write into them. The packed public functions use ``PackedAttn``
+instead, whose backward hands the ops views of one packed gradient, so the gradient of a packed
+qkv/kv needs no concatenation. The backward ops and ``fwd_kvcache`` mutate their arguments, so
+they cannot carry an autograd formula (torch refuses one for a non-functional op); the public
+functions run ``fwd_kvcache`` without grad, as FlashAttention-2 does.
+
+The forward ops return the LSE in fp32, except in fp64 for fp64 inputs: the autograd paths carry
+that exact LSE to the backward (which uses the LSE it is given, never one recomputed from K/V),
+while every public function hands out the fp32 LSE of FlashAttention-2's contract.
 """
 
 import torch
@@ -27,6 +32,11 @@ def _s_dmask(q, want, shape):
     return q.new_empty(shape if want else (0,))
 
 
+def _lse_dtype(q):
+    # The forward ops' LSE: fp64 for fp64 inputs (the autograd path's exact LSE), else fp32.
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 # ---- fakes --------------------------------------------------------------------------------------
 
 
@@ -37,7 +47,7 @@ def _fwd_fake(q, k, v, alibi_slopes, dropout_p, softmax_scale, is_causal, window
                 window_size_right, rng_state)
     b, sq, h, d = q.shape
     out = q.new_empty((b, sq, h, d))
-    lse = q.new_empty((b, h, sq), dtype=torch.float32)
+    lse = q.new_empty((b, h, sq), dtype=_lse_dtype(q))
     s_dmask = _s_dmask(q, return_softmax and dropout_p > 0, (b, h, sq, k.shape[1]))
     return out, lse, s_dmask, _rng_out(dropout_p, rng_state)
 
@@ -53,27 +63,29 @@ def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table
                                rng_state)
     total_q, h, d = q.shape
     out = q.new_empty((total_q, h, d))
-    lse = q.new_empty((h, total_q), dtype=torch.float32)
+    lse = q.new_empty((h, total_q), dtype=_lse_dtype(q))
     s_dmask = _s_dmask(q, return_softmax and dropout_p > 0, (batch, h, max_seqlen_q, max_seqlen_k))
     return out, lse, s_dmask, _rng_out(dropout_p, rng_state)
 
 
 @torch.library.register_fake(add_op_namespace_prefix("bwd"))
-def _bwd_fake(dout, q, k, v, out, softmax_lse, alibi_slopes, dropout_p, softmax_scale, is_causal,
-              window_size_left, window_size_right, softcap, deterministic, rng_state):
-    _checks.bwd(dout, q, k, v, out, softmax_lse, alibi_slopes, dropout_p, softmax_scale, softcap,
-                window_size_left, window_size_right, rng_state)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _bwd_fake(dout, q, k, v, out, softmax_lse, dq, dk, dv, alibi_slopes, dropout_p, softmax_scale,
+              is_causal, window_size_left, window_size_right, softcap, deterministic, rng_state):
+    # dq/dk/dv are written in place (declared in the schema); softmax_d is a fresh tensor.
+    _checks.bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, alibi_slopes, dropout_p, softmax_scale,
+                softcap, window_size_left, window_size_right, rng_state)
+    return softmax_lse.new_empty(softmax_lse.shape, dtype=torch.float32)
 
 
 @torch.library.register_fake(add_op_namespace_prefix("varlen_bwd"))
-def _varlen_bwd_fake(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                     alibi_slopes, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, is_causal,
-                     window_size_left, window_size_right, softcap, deterministic, rng_state):
-    _checks.varlen_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                       alibi_slopes, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, softcap,
-                       window_size_left, window_size_right, rng_state)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _varlen_bwd_fake(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
+                     seqused_k, alibi_slopes, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                     is_causal, window_size_left, window_size_right, softcap, deterministic,
+                     rng_state):
+    _checks.varlen_bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
+                       seqused_k, alibi_slopes, max_seqlen_q, max_seqlen_k, dropout_p,
+                       softmax_scale, softcap, window_size_left, window_size_right, rng_state)
+    return softmax_lse.new_empty(softmax_lse.shape, dtype=torch.float32)
 
 
 @torch.library.register_fake(add_op_namespace_prefix("fwd_kvcache"))
@@ -97,6 +109,49 @@ def _contiguous_last(t):
     return t.contiguous() if t.stride(-1) != 1 else t
 
 
+def _empty(t):
+    # A gradient buffer for t (contiguous; the ops take any strides).
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on the gradients that refuses to be differentiated. The backward ops have no
+    derivative; with create_graph=True the gradients they write get this node (anchored on an
+    input that requires grad), so differentiating them fails loudly instead of treating them as
+    constants."""
+
+    @staticmethod
+    def forward(ctx, anchor, *grads):
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        _checks.fail("double backward (differentiating the attention backward) is not supported")
+
+
+def _guard_double_backward(anchor, *grads):
+    if torch.is_grad_enabled() and anchor.requires_grad:
+        return _NoDoubleBackward.apply(anchor, *grads)
+    return grads
+
+
+def _bwd_call(dout, q, k, v, out, lse, dq, dk, dv, alibi_slopes, rng_state, varlen, scalars):
+    """One call of bwd / varlen_bwd writing into dq, dk, dv. `varlen` is (cu_seqlens_q,
+    cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k) or None; `scalars` is (dropout_p,
+    softmax_scale, is_causal, window_size_left, window_size_right, softcap, deterministic)."""
+    dropout_p, softmax_scale, is_causal, window_left, window_right, softcap, deterministic = scalars
+    rng = rng_state if dropout_p > 0 else None
+    dout = _contiguous_last(dout)
+    if varlen is None:
+        ops.bwd(dout, q, k, v, out, lse, dq, dk, dv, alibi_slopes, dropout_p, softmax_scale,
+                is_causal, window_left, window_right, softcap, deterministic, rng)
+    else:
+        cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k = varlen
+        ops.varlen_bwd(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                       alibi_slopes, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                       is_causal, window_left, window_right, softcap, deterministic, rng)
+
+
 def _fwd_setup_context(ctx, inputs, output):
     (q, k, v, alibi_slopes, dropout_p, softmax_scale, is_causal, window_size_left,
      window_size_right, softcap, _return_softmax, _rng_state, deterministic) = inputs
@@ -111,12 +166,9 @@ def _fwd_setup_context(ctx, inputs, output):
 
 def _fwd_backward(ctx, dout, _dlse, _ds_dmask, _drng_state):
     q, k, v, out, lse, rng_state, alibi_slopes = ctx.saved_tensors
-    (dropout_p, softmax_scale, is_causal, window_size_left, window_size_right, softcap,
-     deterministic) = ctx.scalars
-    dq, dk, dv = ops.bwd(_contiguous_last(dout), q, k, v, out, lse, alibi_slopes, dropout_p,
-                         softmax_scale, is_causal, window_size_left, window_size_right, softcap,
-                         deterministic, rng_state if dropout_p > 0 else None)
-    return (dq, dk, dv) + (None,) * 10
+    dq, dk, dv = _empty(q), _empty(k), _empty(v)
+    _bwd_call(dout, q, k, v, out, lse, dq, dk, dv, alibi_slopes, rng_state, None, ctx.scalars)
+    return _guard_double_backward(q, dq, dk, dv) + (None,) * 10
 
 
 def _varlen_fwd_setup_context(ctx, inputs, output):
@@ -127,8 +179,9 @@ def _varlen_fwd_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes,
                           rng_state)
     ctx.paged = block_table is not None
-    ctx.scalars = (max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, is_causal,
-                   window_size_left, window_size_right, softcap, deterministic)
+    ctx.max_seqlen = (max_seqlen_q, max_seqlen_k)
+    ctx.scalars = (dropout_p, softmax_scale, is_causal, window_size_left, window_size_right,
+                   softcap, deterministic)
     ctx.mark_non_differentiable(lse, s_dmask, rng_state)
 
 
@@ -141,18 +194,10 @@ def _varlen_fwd_backward(ctx, dout, _dlse, _ds_dmask, _drng_state):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, rng_state = (
         ctx.saved_tensors
     )
-    (max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, is_causal, window_size_left,
-     window_size_right, softcap, deterministic) = ctx.scalars
-    dq, dk, dv = ops.varlen_bwd(_contiguous_last(dout), q, k, v, out, lse, cu_seqlens_q,
-                                cu_seqlens_k, seqused_k, alibi_slopes, max_seqlen_q, max_seqlen_k,
-                                dropout_p, softmax_scale, is_causal, window_size_left,
-                                window_size_right, softcap, deterministic,
-                                rng_state if dropout_p > 0 else None)
-    return (dq, dk, dv) + (None,) * 16
-
-
-def _no_double_backward(ctx, *grads):
-    _checks.fail("double backward (differentiating the attention backward) is not supported")
+    dq, dk, dv = _empty(q), _empty(k), _empty(v)
+    _bwd_call(dout, q, k, v, out, lse, dq, dk, dv, alibi_slopes, rng_state,
+              (cu_seqlens_q, cu_seqlens_k, seqused_k) + ctx.max_seqlen, ctx.scalars)
+    return _guard_double_backward(q, dq, dk, dv) + (None,) * 16
 
 
 torch.library.register_autograd(
@@ -162,8 +207,60 @@ torch.library.register_autograd(
     add_op_namespace_prefix("varlen_fwd"), _varlen_fwd_backward,
     setup_context=_varlen_fwd_setup_context
 )
-torch.library.register_autograd(add_op_namespace_prefix("bwd"), _no_double_backward)
-torch.library.register_autograd(add_op_namespace_prefix("varlen_bwd"), _no_double_backward)
+
+
+class PackedAttn(torch.autograd.Function):
+    """Attention over a packed qkv (``q`` is None) or a packed kv, stacked along ``dim``: the
+    forward hands the ops views of ``packed``; the backward allocates one gradient of
+    ``packed``'s shape and hands the backward op its views (strided: FlashAttention-2's layout),
+    so the packed gradient is produced without concatenating separate dq/dk/dv. Non-tensor
+    arguments are those of ``fwd`` / ``varlen_fwd`` (batched when cu_seqlens_q is None). Returns
+    out, or (out, softmax_lse in fp32, S_dmask) with return_attn_probs."""
+
+    @staticmethod
+    def forward(ctx, q, packed, dim, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                alibi_slopes, dropout_p, softmax_scale, is_causal, window_size_left,
+                window_size_right, softcap, return_softmax, rng_state, deterministic,
+                return_attn_probs):
+        parts = packed.unbind(dim)
+        q_, k, v = parts if q is None else (q, *parts)
+        if cu_seqlens_q is None:
+            out, lse, s_dmask, rng = ops.fwd(
+                q_, k, v, alibi_slopes, dropout_p, softmax_scale, is_causal, window_size_left,
+                window_size_right, softcap, return_softmax, rng_state, deterministic)
+        else:
+            out, lse, s_dmask, rng = ops.varlen_fwd(
+                q_, k, v, cu_seqlens_q, cu_seqlens_k, None, None, alibi_slopes, max_seqlen_q,
+                max_seqlen_k, dropout_p, softmax_scale, is_causal, window_size_left,
+                window_size_right, softcap, return_softmax, rng_state, deterministic)
+        ctx.save_for_backward(q, packed, out, lse, rng, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
+        ctx.dim = dim
+        ctx.max_seqlen = (max_seqlen_q, max_seqlen_k)
+        ctx.scalars = (dropout_p, softmax_scale, is_causal, window_size_left, window_size_right,
+                       softcap, deterministic)
+        if not return_attn_probs:
+            return out
+        lse_out = lse.float()
+        ctx.mark_non_differentiable(lse_out, s_dmask)
+        return out, lse_out, s_dmask
+
+    @staticmethod
+    def backward(ctx, dout, *_):
+        q, packed, out, lse, rng, alibi_slopes, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        qkv_packed = q is None
+        dpacked = _empty(packed)
+        parts, dparts = packed.unbind(ctx.dim), dpacked.unbind(ctx.dim)
+        if qkv_packed:
+            (q, k, v), (dq, dk, dv) = parts, dparts
+        else:
+            (k, v), (dk, dv) = parts, dparts
+            dq = _empty(q)
+        varlen = None
+        if cu_seqlens_q is not None:
+            varlen = (cu_seqlens_q, cu_seqlens_k, None) + ctx.max_seqlen
+        _bwd_call(dout, q, k, v, out, lse, dq, dk, dv, alibi_slopes, rng, varlen, ctx.scalars)
+        dq, dpacked = _guard_double_backward(packed, dq, dpacked)
+        return (None if qkv_packed else dq, dpacked) + (None,) * 16
 
 
 # ---- rotary -------------------------------------------------------------------------------------

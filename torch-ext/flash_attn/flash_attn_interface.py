@@ -19,7 +19,7 @@ import operator
 import torch
 
 from . import _checks
-from . import _ops_meta  # noqa: F401  (registers fakes and autograd)
+from . import _ops_meta  # registers fakes and autograd; PackedAttn
 from ._ops import ops
 
 __all__ = [
@@ -102,23 +102,23 @@ def _rng_state(dropout_p):
     return None
 
 
-def _attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-          deterministic, return_attn_probs):
+def _fwd_args(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+              deterministic, return_attn_probs):
+    """The arguments of ops.fwd, checked (q/k/v with unit last strides)."""
     q, k, v, softmax_scale, window_left, window_right = _prepare(q, k, v, softmax_scale, window_size)
     dropout_p, softcap = float(dropout_p), float(softcap)
     rng_state = _rng_state(dropout_p)
     _checks.fwd(q, k, v, alibi_slopes, dropout_p, softmax_scale, softcap, window_left, window_right,
                 rng_state)
-    out, softmax_lse, s_dmask, _ = ops.fwd(
-        q, k, v, alibi_slopes, dropout_p, softmax_scale, bool(causal), window_left, window_right,
-        softcap, bool(return_attn_probs) and dropout_p > 0, rng_state, bool(deterministic),
-    )
-    return (out, softmax_lse, s_dmask) if return_attn_probs else out
+    return (q, k, v, alibi_slopes, dropout_p, softmax_scale, bool(causal), window_left,
+            window_right, softcap, bool(return_attn_probs) and dropout_p > 0, rng_state,
+            bool(deterministic))
 
 
-def _varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                 softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                 return_attn_probs, block_table, seqused_k):
+def _varlen_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                     softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                     return_attn_probs, block_table, seqused_k):
+    """The arguments of ops.varlen_fwd, checked."""
     q, k, v, softmax_scale, window_left, window_right = _prepare(q, k, v, softmax_scale, window_size)
     dropout_p, softcap = float(dropout_p), float(softcap)
     want_probs = bool(return_attn_probs) and dropout_p > 0
@@ -129,20 +129,67 @@ def _varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     _checks.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
                        max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, softcap, window_left,
                        window_right, want_probs, rng_state)
-    out, softmax_lse, s_dmask, _ = ops.varlen_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes, max_seqlen_q,
-        max_seqlen_k, dropout_p, softmax_scale, bool(causal), window_left, window_right, softcap,
-        want_probs, rng_state, bool(deterministic),
-    )
-    return (out, softmax_lse, s_dmask) if return_attn_probs else out
+    return (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
+            max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, bool(causal), window_left,
+            window_right, softcap, want_probs, rng_state, bool(deterministic))
+
+
+def _public(out, softmax_lse, s_dmask, return_attn_probs):
+    # The forward ops give fp64 inputs an fp64 LSE for the autograd path; callers get fp32.
+    return (out, softmax_lse.float(), s_dmask) if return_attn_probs else out
+
+
+def _attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+          deterministic, return_attn_probs):
+    out, softmax_lse, s_dmask, _ = ops.fwd(*_fwd_args(
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+        deterministic, return_attn_probs))
+    return _public(out, softmax_lse, s_dmask, return_attn_probs)
+
+
+def _varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                 softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                 return_attn_probs, block_table, seqused_k):
+    out, softmax_lse, s_dmask, _ = ops.varlen_fwd(*_varlen_fwd_args(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+        causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table,
+        seqused_k))
+    return _public(out, softmax_lse, s_dmask, return_attn_probs)
 
 
 def _unpack(packed, rank, dim, n, name, layout):
-    """Splits a packed qkv/kv tensor of the given rank along dim (of size n) into views."""
+    """Checks a packed qkv/kv tensor of the given rank (size n along dim); returns it with a unit
+    last stride and its views along dim."""
     _checks.rank(packed, name, rank, layout)
     if packed.dim() <= dim or packed.shape[dim] != n:
         _checks.fail(f"{name} must have shape {layout}, got {tuple(packed.shape)}")
-    return packed.unbind(dim)
+    packed = _maybe_contiguous(packed)
+    return packed, packed.unbind(dim)
+
+
+def _packed_attn(q, packed, dim, parts, varlen, dropout_p, softmax_scale, causal, window_size,
+                 softcap, alibi_slopes, deterministic, return_attn_probs):
+    """The packed functions: q is None for a packed qkv (parts = its q, k, v views), else parts
+    are the k, v views of a packed kv. varlen: (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k) or None. Runs PackedAttn, whose backward writes the packed gradient in place."""
+    q_, k, v = parts if q is None else (q, *parts)
+    if varlen is None:
+        (q_, _, _, alibi_slopes, dropout_p, softmax_scale, causal, window_left, window_right,
+         softcap, want_probs, rng_state, deterministic) = _fwd_args(
+            q_, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+            deterministic, return_attn_probs)
+        cu_seqlens_q = cu_seqlens_k = None
+        max_seqlen_q = max_seqlen_k = -1
+    else:
+        (q_, _, _, cu_seqlens_q, cu_seqlens_k, _, _, alibi_slopes, max_seqlen_q, max_seqlen_k,
+         dropout_p, softmax_scale, causal, window_left, window_right, softcap, want_probs,
+         rng_state, deterministic) = _varlen_fwd_args(
+            q_, k, v, *varlen, dropout_p, softmax_scale, causal, window_size, softcap,
+            alibi_slopes, deterministic, return_attn_probs, None, None)
+    return _ops_meta.PackedAttn.apply(
+        None if q is None else q_, packed, dim, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, alibi_slopes, dropout_p, softmax_scale, causal, window_left, window_right,
+        softcap, want_probs, rng_state, deterministic, bool(return_attn_probs))
 
 
 def flash_attn_qkvpacked_func(
@@ -159,9 +206,9 @@ def flash_attn_qkvpacked_func(
     """Attention over packed qkv (batch, seqlen, 3, nheads, headdim) -> out (batch, seqlen, nheads,
     headdim); with return_attn_probs also softmax_lse (batch, nheads, seqlen) and S_dmask (testing
     only; empty unless dropout_p > 0). dropout_p should be 0.0 in evaluation."""
-    q, k, v = _unpack(qkv, 5, 2, 3, "qkv", "(batch, seqlen, 3, nheads, headdim)")
-    return _attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                 deterministic, return_attn_probs)
+    qkv, parts = _unpack(qkv, 5, 2, 3, "qkv", "(batch, seqlen, 3, nheads, headdim)")
+    return _packed_attn(None, qkv, 2, parts, None, dropout_p, softmax_scale, causal, window_size,
+                        softcap, alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_kvpacked_func(
@@ -178,9 +225,9 @@ def flash_attn_kvpacked_func(
 ):
     """Attention of q (batch, seqlen_q, nheads, headdim) over packed kv (batch, seqlen_k, 2,
     nheads_k, headdim); MQA/GQA when nheads_k < nheads. Returns as flash_attn_func."""
-    k, v = _unpack(kv, 5, 2, 2, "kv", "(batch, seqlen_k, 2, nheads_k, headdim)")
-    return _attn(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                 deterministic, return_attn_probs)
+    kv, parts = _unpack(kv, 5, 2, 2, "kv", "(batch, seqlen_k, 2, nheads_k, headdim)")
+    return _packed_attn(q, kv, 2, parts, None, dropout_p, softmax_scale, causal, window_size,
+                        softcap, alibi_slopes, deterministic, return_attn_probs)
 
 
 def flash_attn_func(
@@ -221,10 +268,10 @@ def flash_attn_varlen_qkvpacked_func(
     """Varlen attention over packed qkv (total, 3, nheads, headdim) with int32 cu_seqlens
     (batch + 1,). Returns out (total, nheads, headdim); with return_attn_probs also softmax_lse
     (nheads, total) and S_dmask."""
-    q, k, v = _unpack(qkv, 4, 1, 3, "qkv", "(total, 3, nheads, headdim)")
-    return _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
-                        softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                        return_attn_probs, None, None)
+    qkv, parts = _unpack(qkv, 4, 1, 3, "qkv", "(total, 3, nheads, headdim)")
+    return _packed_attn(None, qkv, 1, parts, (cu_seqlens, cu_seqlens, max_seqlen, max_seqlen),
+                        dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                        deterministic, return_attn_probs)
 
 
 def flash_attn_varlen_kvpacked_func(
@@ -245,10 +292,10 @@ def flash_attn_varlen_kvpacked_func(
 ):
     """Varlen attention of q (total_q, nheads, headdim) over packed kv (total_k, 2, nheads_k,
     headdim). Returns as flash_attn_varlen_func."""
-    k, v = _unpack(kv, 4, 1, 2, "kv", "(total_k, 2, nheads_k, headdim)")
-    return _varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                        softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                        return_attn_probs, None, None)
+    kv, parts = _unpack(kv, 4, 1, 2, "kv", "(total_k, 2, nheads_k, headdim)")
+    return _packed_attn(q, kv, 1, parts, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                        dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                        deterministic, return_attn_probs)
 
 
 def flash_attn_varlen_func(
@@ -341,3 +388,164 @@ def flash_attn_with_kvcache(
             window_right, softcap, bool(rotary_interleaved), int(num_splits),
         )
     return (out, softmax_lse) if return_softmax_lse else out
+
+
+# ---- FlashAttention-2.8's internal API ------------------------------------------------------------
+# The four functions sequence-parallel libraries (ring-flash-attn, yunchang) build on, with 2.8's
+# names, argument names, order, defaults and return values. They are plain functions over this
+# kernel's ops: `inspect.getfullargspec` sees 2.8's signature, and torch.compile traces them into
+# the ops (whose fakes and, for the backward, declared mutations of dq/dk/dv it needs). The
+# backward uses the `out` and `softmax_lse` it is given on every backend and dtype, so it may be
+# called per K/V block with the global out/LSE of a longer key sequence (ring attention).
+# Differences from 2.8, all widenings or documented no-ops: softmax_scale may be None (the
+# default 1/sqrt(d)); rng_state is this kernel's int64 CPU [seed, offset] (empty without
+# dropout); S_dmask and softmax_d are not padded to multiples of 128 (softmax_d has the LSE's
+# shape); zero_tensors is accepted and changes nothing (the backward zero-fills dq/dk/dv anyway;
+# the forward writes every row of every sequence); leftpad_k must be None.
+
+
+def _flash_attn_forward(
+    q,
+    k,
+    v,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size_left,
+    window_size_right,
+    softcap,
+    alibi_slopes,
+    return_softmax,
+):
+    """-> (out, softmax_lse, S_dmask, rng_state) for q (batch, seqlen_q, nheads, headdim), k/v
+    (batch, seqlen_k, nheads_k, headdim). softmax_lse (batch, nheads, seqlen_q) is fp32; S_dmask
+    is empty unless return_softmax and dropout_p > 0. No autograd needed: pass out, softmax_lse
+    and rng_state to _flash_attn_backward."""
+    args = _fwd_args(q, k, v, dropout_p, softmax_scale, causal,
+                     (window_size_left, window_size_right), softcap, alibi_slopes, False,
+                     return_softmax)
+    out, softmax_lse, s_dmask, rng_state = ops.fwd(*args)
+    return out, softmax_lse.float(), s_dmask, rng_state
+
+
+def _flash_attn_varlen_forward(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size_left=-1,
+    window_size_right=-1,
+    softcap=0.0,
+    alibi_slopes=None,
+    return_softmax=False,
+    block_table=None,
+    leftpad_k=None,
+    seqused_k=None,
+    zero_tensors=False,
+):
+    """-> (out, softmax_lse, S_dmask, rng_state) for packed sequences: q (total_q, nheads,
+    headdim), k/v (total_k, nheads_k, headdim) or a paged pool with block_table; softmax_lse
+    (nheads, total_q) fp32."""
+    if leftpad_k is not None:
+        _checks.fail("leftpad_k is not supported by _flash_attn_varlen_forward; pass None")
+    args = _varlen_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            dropout_p, softmax_scale, causal,
+                            (window_size_left, window_size_right), softcap, alibi_slopes, False,
+                            return_softmax, block_table, seqused_k)
+    out, softmax_lse, s_dmask, rng_state = ops.varlen_fwd(*args)
+    return out, softmax_lse.float(), s_dmask, rng_state
+
+
+def _bwd_inputs(dout, q, k, v, out, dq, dk, dv, softmax_scale, window_size_left,
+                window_size_right, dropout_p, rng_state):
+    dout, q, k, v, out = [_maybe_contiguous(x) for x in (dout, q, k, v, out)]
+    # 2.8 declares dq/dk/dv Optional; it then computes gradients nobody sees. Same here.
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
+    softmax_scale = _softmax_scale(softmax_scale, q)
+    window_left, window_right = _window((window_size_left, window_size_right))
+    dropout_p = float(dropout_p)
+    return (dout, q, k, v, out, dq, dk, dv, softmax_scale, window_left, window_right, dropout_p,
+            rng_state if dropout_p > 0 else None)
+
+
+def _flash_attn_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    softmax_lse,
+    dq,
+    dk,
+    dv,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size_left,
+    window_size_right,
+    softcap,
+    alibi_slopes,
+    deterministic,
+    rng_state=None,
+):
+    """Writes the gradients of q, k, v into dq, dk, dv (shaped like q, k, v; any strides with a
+    contiguous last dimension, e.g. views of one packed gradient) from the given out and
+    softmax_lse (fp32, or fp64 for fp64 inputs). Returns softmax_d = rowsum(dout * out), fp32,
+    shaped like softmax_lse."""
+    (dout, q, k, v, out, dq, dk, dv, softmax_scale, window_left, window_right, dropout_p,
+     rng_state) = _bwd_inputs(dout, q, k, v, out, dq, dk, dv, softmax_scale, window_size_left,
+                              window_size_right, dropout_p, rng_state)
+    return ops.bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, alibi_slopes, dropout_p,
+                   softmax_scale, bool(causal), window_left, window_right, float(softcap),
+                   bool(deterministic), rng_state)
+
+
+def _flash_attn_varlen_backward(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    softmax_lse,
+    dq,
+    dk,
+    dv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size_left,
+    window_size_right,
+    softcap,
+    alibi_slopes,
+    deterministic,
+    rng_state=None,
+    zero_tensors=False,
+):
+    """_flash_attn_backward for packed sequences (softmax_lse and softmax_d (nheads, total_q))."""
+    (dout, q, k, v, out, dq, dk, dv, softmax_scale, window_left, window_right, dropout_p,
+     rng_state) = _bwd_inputs(dout, q, k, v, out, dq, dk, dv, softmax_scale, window_size_left,
+                              window_size_right, dropout_p, rng_state)
+    return ops.varlen_bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
+                          None, alibi_slopes, _max_seqlen(max_seqlen_q, "max_seqlen_q"),
+                          _max_seqlen(max_seqlen_k, "max_seqlen_k"), dropout_p, softmax_scale,
+                          bool(causal), window_left, window_right, float(softcap),
+                          bool(deterministic), rng_state)
+
+
+# 2.8 also exposes its registered ops under these names; some libraries import them.
+_wrapped_flash_attn_forward = _flash_attn_forward
+_wrapped_flash_attn_varlen_forward = _flash_attn_varlen_forward
+_wrapped_flash_attn_backward = _flash_attn_backward
+_wrapped_flash_attn_varlen_backward = _flash_attn_varlen_backward

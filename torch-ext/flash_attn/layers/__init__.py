@@ -8,9 +8,11 @@ forward it replaces, with only the ``has_backward`` / ``can_torch_compile`` clas
 
 import torch
 
+from ..ops.layer_norm import norm_forward
 from .rotary import apply_rotary_emb
 
-__all__ = ["ApplyRotaryTransformers", "apply_rotary_transformers"]
+__all__ = ["ApplyRotaryTransformers", "RMSNorm", "apply_rotary_transformers",
+           "rms_norm_transformers"]
 
 
 def _rotate_hf(x, cos, sin, unsqueeze_dim):
@@ -48,3 +50,28 @@ class ApplyRotaryTransformers(torch.nn.Module):
 
 # The layer name Transformers' own mapping uses for rotary kernels.
 apply_rotary_transformers = ApplyRotaryTransformers
+
+
+def rms_norm_transformers(hidden_states, weight, eps):
+    """Transformers' ``LlamaRMSNorm.forward`` on our norm op: ``weight * (x / sqrt(mean(x^2) +
+    eps)).to(x.dtype)``, the statistics computed at (at least) fp32. With weight in x's dtype (the
+    usual case) the op forms the product itself and rounds once; otherwise the normalised x is
+    rounded to x's dtype and multiplied by weight in PyTorch, so the result has Transformers'
+    promoted dtype (an fp32 weight on bf16 activations gives fp32)."""
+    if weight.dtype == hidden_states.dtype:
+        return norm_forward(hidden_states, None, weight, None, 0.0, eps, is_rms_norm=True)
+    ones = torch.ones(weight.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+    return weight * norm_forward(hidden_states, None, ones, None, 0.0, eps, is_rms_norm=True)
+
+
+class RMSNorm(torch.nn.Module):
+    """The kernel-hub layer for Transformers' ``@use_kernel_forward_from_hub("RMSNorm")`` hook
+    (LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm and the other Llama-style norms): forward reads
+    the replaced module's ``weight`` and ``variance_epsilon``. Differentiable in the input and the
+    weight. CPU only in this release (map it for the "cpu" device)."""
+
+    has_backward = True
+    can_torch_compile = True
+
+    def forward(self, hidden_states):
+        return rms_norm_transformers(hidden_states, self.weight, self.variance_epsilon)

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU tier in one command, for a machine with an NVIDIA GPU (docs/testing.md, "On the GPU
+# machine"): build the CUDA variant for this GPU's capability, then run the named pytest tiers
+# with pytest-xdist, each within its own time budget, writing a --grid-summary JSON and a junit
+# file per tier into OUT. A tier cut short by its budget is stopped with SIGINT, so its summary
+# still holds the outcome counts of what ran (its `exitstatus` is then 2; the tolerance records
+# of workers cut short may be missing).
+#
+#   tools/gpu_check.sh OUT [TIER ...]
+#
+# TIER names (default: fwd bwd decode):
+#   fwd        test_sm90, test_fwd, test_varlen, test_dropout   (whole dispatch)
+#   fwd-sm80   test_fwd, test_varlen with FLASH_ATTN_DISABLE_SM90=1 (the Ampere-class kernels)
+#   bwd        test_bwd, test_bwd_packed, test_internal_api
+#   decode     test_kvcache_cuda, test_kvcache, test_rotary, test_modules_mha, test_bad_input
+#   api        test_compile_opcheck, test_multihead_attention, test_transformers_cuda
+#
+# Environment: PYTHON (default python3), JOBS (xdist workers, default: cores, at most 16),
+# BUDGET (seconds per tier, default 600), SHARD (I/N: pass --shard to every tier),
+# BUILD_ARGS (extra tools/build_local.py arguments, e.g. "--hdims 64,128"), SKIP_BUILD=1,
+# FLASH_TEST_GPUS (pin workers to GPUs, conftest.py). Needs pytest-xdist.
+set -uo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+out="${1:?usage: tools/gpu_check.sh OUT [TIER ...]}"
+shift
+tiers=("$@")
+[ ${#tiers[@]} -gt 0 ] || tiers=(fwd bwd decode)
+py="${PYTHON:-python3}"
+jobs="${JOBS:-$(( $(nproc) < 16 ? $(nproc) : 16 ))}"
+budget="${BUDGET:-600}"
+mkdir -p "$out"
+
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  cap="$("$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')" || exit 1
+  t0=$SECONDS
+  # shellcheck disable=SC2086  # BUILD_ARGS is a list of arguments
+  "$py" tools/build_local.py --variant cuda --archs "$cap" --jobs "$(nproc)" ${BUILD_ARGS:-} \
+    >"$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+  echo "gpu_check: CUDA variant for capability $cap built in $((SECONDS - t0)) s"
+fi
+
+run_tier() {  # name, env assignments..., -- , test files...
+  local name="$1"; shift
+  local envs=()
+  while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+  shift
+  local t0=$SECONDS
+  env "${envs[@]}" timeout -s INT "$budget" "$py" -m pytest "$@" -k cuda -m "not slow" -q \
+    -p no:cacheprovider -n "$jobs" ${SHARD:+--shard "$SHARD"} \
+    --grid-summary "$out/$name-summary.json" --junitxml "$out/$name-junit.xml" \
+    >"$out/$name.log" 2>&1
+  echo "gpu_check: $name: exit $? in $((SECONDS - t0)) s: $(tail -1 "$out/$name.log")"
+}
+
+for tier in "${tiers[@]}"; do
+  case "$tier" in
+    fwd) run_tier fwd -- tests/test_sm90.py tests/test_fwd.py tests/test_varlen.py \
+           tests/test_dropout.py ;;
+    fwd-sm80) run_tier fwd-sm80 FLASH_ATTN_DISABLE_SM90=1 -- tests/test_fwd.py tests/test_varlen.py ;;
+    bwd) run_tier bwd -- tests/test_bwd.py tests/test_bwd_packed.py tests/test_internal_api.py ;;
+    decode) run_tier decode -- tests/test_kvcache_cuda.py tests/test_kvcache.py tests/test_rotary.py \
+              tests/test_modules_mha.py tests/test_bad_input.py ;;
+    api) run_tier api -- tests/test_compile_opcheck.py tests/test_multihead_attention.py \
+           tests/test_transformers_cuda.py ;;
+    *) echo "gpu_check: unknown tier $tier" >&2; exit 2 ;;
+  esac
+done
