@@ -3,7 +3,9 @@ without AVX2+FMA run, so that it stays tested on the machines that have them. Th
 once per process, so the baseline runs in a subprocess on the same inputs as the default variant
 here. Both must pass the error rule against the fp64 reference (2x for out and LSE, 3x for the
 gradients), and they must differ (FMA rounds differently), which shows that the switch really
-changed the code path."""
+changed the code path. FLASH_ATTN_CPU_WIDE=1 is tested the same way: the AVX-512 variant's
+16-lane source lowered to the baseline (no FMA), so that its padding and tails are checked on
+machines without AVX-512."""
 import os
 import subprocess
 import sys
@@ -48,14 +50,18 @@ def _run(flash, q, k, v, dout):
 # fp16 computes in fp32 (the float primitives), fp64 in fp64 (the double ones). fp32 computes in
 # fp64 too, where the variants' difference rarely survives the rounding of the output to fp32.
 @pytest.mark.skipif(not _has_avx2_fma(), reason="without AVX2+FMA the default is the baseline")
+@pytest.mark.parametrize("switch", ["FLASH_ATTN_CPU_BASELINE", "FLASH_ATTN_CPU_WIDE"],
+                         ids=["baseline", "wide"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
-def test_baseline_cpu_variant_matches_reference_and_differs_from_avx2(flash, tol, tmp_path, dtype):
+def test_baseline_cpu_variant_matches_reference_and_differs_from_avx2(flash, tol, tmp_path, dtype,
+                                                                       switch):
     from kernel_loader import BUILD_DIR
 
     q, k, v = qkv(2, 150, 170, 4, 2, 64, dtype=dtype, device="cpu")
     dout = torch.randn(q.shape).to(dtype)
     torch.save((q, k, v, dout), tmp_path / "in.pt")
-    env = dict(os.environ, FLASH_ATTN_CPU_BASELINE="1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASH_ATTN_CPU_")}
+    env[switch] = "1"
     subprocess.run([sys.executable, "-c", _SUBPROCESS, str(BUILD_DIR), str(tmp_path / "in.pt"),
                     str(tmp_path / "out.pt")], env=env, check=True,
                    cwd=Path(__file__).resolve().parent)
@@ -73,9 +79,9 @@ def test_baseline_cpu_variant_matches_reference_and_differs_from_avx2(flash, tol
     ref, pt = reference(), reference(**pt_options(dtype))
     gscale = max_abs(*ref[2:])
     names = ("out", "lse", "dq", "dk", "dv")
-    for variant, results in (("baseline", baseline), ("avx2", default)):
+    for variant, results in ((switch, baseline), ("default", default)):
         for i, name in enumerate(names):
             factor, scale = (2.0, None) if i < 2 else (3.0, gscale)
             tol.check(f"{variant} {name}", results[i], ref[i], pt[i], dtype, factor, scale=scale)
     assert any(not torch.equal(a, b) for a, b in zip(baseline, default)), \
-        "FLASH_ATTN_CPU_BASELINE=1 did not change the CPU variant"
+        f"{switch}=1 did not change the CPU variant"

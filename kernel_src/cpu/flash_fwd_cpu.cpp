@@ -1,9 +1,10 @@
 // Owns: run_fwd_cpu, the CPU forward. Tiled online softmax (FA2 algorithm): one task per
-// (sequence, K/V head, query tile of kBlockM packed rows), OpenMP over tasks. Each task walks only
-// the key tiles of its KV range (Mask::kv_range), keeps O unnormalised in an fp32/fp64 scratch
-// tile and divides once at the end. Per-thread scratch is O(kBlockM x d + kBlockN x d); nothing
-// of size seqlen_q x seqlen_k exists except S_dmask, which the caller asked for, filled in a
-// second pass once each row's lse is known.
+// (sequence, K/V head, group of kTileGroup query tiles of kBlockM packed rows), OpenMP over tasks.
+// Each task walks only the key tiles of its tiles' KV ranges (Mask::kv_range), loads and converts
+// each K/V tile once for the group, keeps O unnormalised in an fp32/fp64 scratch tile and divides
+// once at the end. Per-thread scratch is O(kTileGroup x kBlockM x d + kBlockN x d); nothing of
+// size seqlen_q x seqlen_k exists except S_dmask, which the caller asked for, filled in a second
+// pass once each row's lse is known.
 #include <algorithm>
 #include <cmath>
 #include <cstring>

@@ -1,12 +1,12 @@
-// Owns: the instruction-set variants of the primitives of simd_cpu.h (tile GEMM, row exp) and the
-// run-time choice between them.
+// Owns: the instruction-set variants of the primitives of simd_cpu.h (tile GEMM, exponentials,
+// column max) and the run-time choice between them.
 //
-// Why two variants: the Hub's CPU build targets baseline x86-64 (SSE2), but most machines have
-// AVX2+FMA, worth ~2-4x on these tiles. The AVX2 variant is compiled under a target pragma in its
-// own namespace (no inline function is shared between the two, so the linker cannot mix them up)
-// and picked once per process with __builtin_cpu_supports (FLASH_ATTN_CPU_BASELINE=1 forces the
-// baseline). The choice changes rounding slightly (FMA) and nothing else; on one machine results
-// are deterministic.
+// Why several variants: the Hub's CPU build targets baseline x86-64 (SSE2), but most machines
+// have AVX2+FMA (worth ~2-4x on these tiles) and servers AVX-512 (twice the lanes again). Each
+// variant is the same source (simd_kernels_cpu.inc) compiled under a target pragma in its own
+// namespace (no inline function is shared between them, so the linker cannot mix them up), and
+// one is picked once per process with __builtin_cpu_supports (see isa()). The choice changes
+// rounding slightly (FMA) and nothing else; on one machine results are deterministic.
 //
 // Why this shape: with B row-major the innermost update is a broadcast of one A element times a
 // contiguous vector of B, so no reassociation is needed (we do not build with -ffast-math: masked
@@ -22,48 +22,75 @@
 #include <immintrin.h>  // GCC/Clang declare every intrinsic; the target pragma below enables them
 #endif
 
+// GCC notes that 64-byte vector arguments change the ABI when AVX-512 is not enabled (the wide
+// variant): every function here has internal linkage, so no ABI is shared with anything.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 FLASH_NAMESPACE_BEGIN
 namespace cpu {
 namespace {
 
-// Baseline: GCC/Clang vector extensions, lowered to SSE2 on x86-64 (and to NEON elsewhere).
+// The portable variants: GCC/Clang vector extensions of BYTES bytes, lowered to whatever the
+// target has (SSE2 on baseline x86-64, NEON elsewhere, AVX-512 under its target pragma). LO/HI
+// list the lanes of each half of an fp32 vector, ALL those of a whole one (vnarrow, vwiden).
+#define FLASH_CPU_GENERIC_VECTORS(BYTES, ALL, LO, HI)                                       \
+  typedef float VF __attribute__((vector_size(BYTES)));                                     \
+  typedef double VD __attribute__((vector_size(BYTES)));                                    \
+  typedef int32_t VI __attribute__((vector_size(BYTES)));                                   \
+  typedef int64_t VL __attribute__((vector_size(BYTES)));                                   \
+  typedef float VH __attribute__((vector_size(BYTES / 2)));                                 \
+  inline VF vzero(const float*) { return VF{}; }                                            \
+  inline VD vzero(const double*) { return VD{}; }                                           \
+  inline VF vload(const float* p) {                                                         \
+    VF v;                                                                                   \
+    std::memcpy(&v, p, sizeof v);                                                           \
+    return v;                                                                               \
+  }                                                                                         \
+  inline VD vload(const double* p) {                                                        \
+    VD v;                                                                                   \
+    std::memcpy(&v, p, sizeof v);                                                           \
+    return v;                                                                               \
+  }                                                                                         \
+  inline void vstore(float* p, VF v) { std::memcpy(p, &v, sizeof v); }                     \
+  inline void vstore(double* p, VD v) { std::memcpy(p, &v, sizeof v); }                    \
+  inline VF vset1(float x) { return VF{} + x; }                                             \
+  inline VD vset1(double x) { return VD{} + x; }                                            \
+  inline VF vfma(VF a, VF b, VF c) { return a * b + c; }                                    \
+  inline VD vfma(VD a, VD b, VD c) { return a * b + c; }                                    \
+  inline VF vmax(VF a, VF b) { return a > b ? a : b; }                                      \
+  inline VD vmax(VD a, VD b) { return a > b ? a : b; }                                      \
+  inline VF vnarrow(VD lo, VD hi) {                                                         \
+    return __builtin_shufflevector(__builtin_convertvector(lo, VH),                         \
+                                   __builtin_convertvector(hi, VH), ALL);                   \
+  }                                                                                         \
+  inline void vwiden(VF x, VD* lo, VD* hi) {                                                \
+    *lo = __builtin_convertvector(__builtin_shufflevector(x, x, LO), VD);                   \
+    *hi = __builtin_convertvector(__builtin_shufflevector(x, x, HI), VD);                   \
+  }
+#define FLASH_CPU_LANES4 0, 1, 2, 3
+#define FLASH_CPU_LANES2_LO 0, 1
+#define FLASH_CPU_LANES2_HI 2, 3
+#define FLASH_CPU_LANES16 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15
+#define FLASH_CPU_LANES8_LO 0, 1, 2, 3, 4, 5, 6, 7
+#define FLASH_CPU_LANES8_HI 8, 9, 10, 11, 12, 13, 14, 15
+
+// Baseline: 16-byte vectors, SSE2 on x86-64.
 namespace base {
-typedef float VF __attribute__((vector_size(16)));
-typedef double VD __attribute__((vector_size(16)));
-typedef int32_t VI __attribute__((vector_size(16)));
-typedef int64_t VL __attribute__((vector_size(16)));
-inline VF vzero(const float*) { return VF{}; }
-inline VD vzero(const double*) { return VD{}; }
-inline VF vload(const float* p) {
-  VF v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline VD vload(const double* p) {
-  VD v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void vstore(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
-inline void vstore(double* p, VD v) { std::memcpy(p, &v, sizeof v); }
-inline VF vset1(float x) { return VF{} + x; }
-inline VD vset1(double x) { return VD{} + x; }
-inline VF vfma(VF a, VF b, VF c) { return a * b + c; }
-inline VD vfma(VD a, VD b, VD c) { return a * b + c; }
-inline VF vmax(VF a, VF b) { return a > b ? a : b; }
-inline VD vmax(VD a, VD b) { return a > b ? a : b; }
-inline VF vnarrow(VD lo, VD hi) {
-  typedef float VF2 __attribute__((vector_size(8)));
-  return __builtin_shufflevector(__builtin_convertvector(lo, VF2),
-                                 __builtin_convertvector(hi, VF2), 0, 1, 2, 3);
-}
-inline void vwiden(VF x, VD* lo, VD* hi) {
-  *lo = __builtin_convertvector(__builtin_shufflevector(x, x, 0, 1), VD);
-  *hi = __builtin_convertvector(__builtin_shufflevector(x, x, 2, 3), VD);
-}
+FLASH_CPU_GENERIC_VECTORS(16, FLASH_CPU_LANES4, FLASH_CPU_LANES2_LO, FLASH_CPU_LANES2_HI)
 constexpr int kMR = 6;
 #include "simd_kernels_cpu.inc"
 }  // namespace base
+
+// 64-byte vectors without any target: the AVX-512 variant's code lowered to the baseline, so
+// that its 16-lane logic (padding, tails, narrowing) is tested on every machine
+// (FLASH_ATTN_CPU_WIDE=1 selects it; never chosen otherwise).
+namespace wide {
+FLASH_CPU_GENERIC_VECTORS(64, FLASH_CPU_LANES16, FLASH_CPU_LANES8_LO, FLASH_CPU_LANES8_HI)
+constexpr int kMR = 6;
+#include "simd_kernels_cpu.inc"
+}  // namespace wide
 
 #ifdef FLASH_CPU_HAVE_AVX2_VARIANT
 #pragma GCC push_options
@@ -98,18 +125,38 @@ constexpr int kMR = 6;
 
 }  // namespace avx2
 #pragma GCC pop_options
+
+// AVX-512: the wide variant's source compiled for AVX-512F (FMA contraction of a * b + c, the
+// compare-selects as mask operations); 32 vector registers, so the 6 x 2 block never spills.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx2,fma")
+namespace avx512 {
+FLASH_CPU_GENERIC_VECTORS(64, FLASH_CPU_LANES16, FLASH_CPU_LANES8_LO, FLASH_CPU_LANES8_HI)
+constexpr int kMR = 6;
+#include "simd_kernels_cpu.inc"
+}  // namespace avx512
+#pragma GCC pop_options
 #endif
 
-bool use_avx2() {
+enum class Isa { kBase, kWide, kAvx2, kAvx512 };
+
+// Decided once per process (thread-safe static init). FLASH_ATTN_CPU_BASELINE=1 forces the
+// baseline variant and FLASH_ATTN_CPU_WIDE=1 the portable 16-lane one, so that both stay tested
+// on machines that would pick another; FLASH_ATTN_CPU_NO_AVX512=1 keeps AVX2 on an AVX-512
+// machine.
+Isa isa() {
+  static const Isa chosen = [] {
+    if (std::getenv("FLASH_ATTN_CPU_BASELINE") != nullptr) return Isa::kBase;
+    if (std::getenv("FLASH_ATTN_CPU_WIDE") != nullptr) return Isa::kWide;
 #ifdef FLASH_CPU_HAVE_AVX2_VARIANT
-  // Decided once per process (thread-safe static init). FLASH_ATTN_CPU_BASELINE=1 forces the
-  // baseline variant, so that it stays testable on AVX2 machines.
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          std::getenv("FLASH_ATTN_CPU_BASELINE") == nullptr;
-  return yes;
-#else
-  return false;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        std::getenv("FLASH_ATTN_CPU_NO_AVX512") == nullptr)
+      return Isa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
+    return Isa::kBase;
+  }();
+  return chosen;
 }
 
 // The entry points: one table of function pointers per accumulation type, chosen once per
@@ -131,12 +178,16 @@ Table<Acc> table_of() {
 
 template <typename Acc>
 const Table<Acc>& table() {
+  static const Table<Acc> t = [] {
+    switch (isa()) {
 #ifdef FLASH_CPU_HAVE_AVX2_VARIANT
-  static const Table<Acc> t =
-      use_avx2() ? table_of<Acc, avx2::Impl>() : table_of<Acc, base::Impl>();
-#else
-  static const Table<Acc> t = table_of<Acc, base::Impl>();
+      case Isa::kAvx512: return table_of<Acc, avx512::Impl>();
+      case Isa::kAvx2: return table_of<Acc, avx2::Impl>();
 #endif
+      case Isa::kWide: return table_of<Acc, wide::Impl>();
+      default: return table_of<Acc, base::Impl>();
+    }
+  }();
   return t;
 }
 
@@ -164,20 +215,31 @@ FLASH_CPU_ENTRY_POINTS(float)
 FLASH_CPU_ENTRY_POINTS(double)
 #undef FLASH_CPU_ENTRY_POINTS
 
-double exp_row_f32(const double* x, double* out, int n_pad, double offset) {
 #ifdef FLASH_CPU_HAVE_AVX2_VARIANT
-  if (use_avx2()) return avx2::exp_row_f32(x, out, n_pad, offset);
+#define FLASH_CPU_PICK(fn, ...)                                        \
+  switch (isa()) {                                                     \
+    case Isa::kAvx512: return avx512::fn(__VA_ARGS__);                 \
+    case Isa::kAvx2: return avx2::fn(__VA_ARGS__);                     \
+    case Isa::kWide: return wide::fn(__VA_ARGS__);                     \
+    default: return base::fn(__VA_ARGS__);                             \
+  }
+#else
+#define FLASH_CPU_PICK(fn, ...)                                        \
+  switch (isa()) {                                                     \
+    case Isa::kWide: return wide::fn(__VA_ARGS__);                     \
+    default: return base::fn(__VA_ARGS__);                             \
+  }
 #endif
-  return base::exp_row_f32(x, out, n_pad, offset);
+
+double exp_row_f32(const double* x, double* out, int n_pad, double offset) {
+  FLASH_CPU_PICK(exp_row_f32, x, out, n_pad, offset)
 }
 
 void exp_cols_f32(const double* X, int ldx, double* P, int ldp, int rows, int cols,
                   const double* off, double* sum) {
-#ifdef FLASH_CPU_HAVE_AVX2_VARIANT
-  if (use_avx2()) return avx2::exp_cols_f32(X, ldx, P, ldp, rows, cols, off, sum);
-#endif
-  base::exp_cols_f32(X, ldx, P, ldp, rows, cols, off, sum);
+  FLASH_CPU_PICK(exp_cols_f32, X, ldx, P, ldp, rows, cols, off, sum)
 }
+#undef FLASH_CPU_PICK
 
 }  // namespace cpu
 FLASH_NAMESPACE_END

@@ -1,10 +1,11 @@
-// Owns: the CPU backend's vectorised primitives on small row-major scratch tiles, fp32 or fp64:
-// the one matrix multiply used for every product of the forward and backward passes
-// (S = Q K^T with K stored transposed, O += P V, dV += P^T dO, dQ += dS K, dK += dS^T Q) and the
-// exponential of a row of logits.
+// Owns: the CPU backend's vectorised primitives on small scratch tiles, fp32 or fp64: the one
+// matrix multiply used for every product of the forward and backward passes (S^T = K Q^T and
+// O += P V in the forward, S = Q K^T, dV += P^T dO, dP = dO V^T, dQ += dS K, dK += dS^T Q in the
+// backward; transposed operands are read in place through A's strides), the exponential of a
+// row of logits or of the columns of a transposed score tile, the column max, and exp(a - b).
 //
 // Implemented in simd_cpu.cpp: register-blocked micro-kernels for SSE2 (the x86-64 baseline the
-// Hub build targets) and AVX2+FMA, chosen at run time when the CPU has it.
+// Hub build targets), AVX2+FMA and AVX-512, chosen at run time by what the CPU has.
 //
 // Preconditions: `cols` and `n_pad` are multiples of kPad (callers pad their tiles); rows and depth
 // are arbitrary; C does not alias A or B.
@@ -15,8 +16,9 @@
 FLASH_NAMESPACE_BEGIN
 namespace cpu {
 
-// Every scratch row length (head dim, key tile) is padded to this.
-constexpr int kPad = 8;
+// Every scratch row length (head dim, key tile, query tile) is padded to this: the fp32 lanes of
+// the widest variant (AVX-512).
+constexpr int kPad = 16;
 constexpr int pad_up(int n) { return (n + kPad - 1) / kPad * kPad; }
 
 // C[rows x cols] = A[rows x depth] * B[depth x cols] (+ C when accumulate). Element (r, k) of A
