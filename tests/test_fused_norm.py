@@ -195,14 +195,14 @@ def test_cuda_dropout_mask_equals_cpu(flash, ops, hidden):
     and through the public function after torch.manual_seed (the seed is drawn on the CPU), with
     mixed dtypes and a strided x0."""
     rng = torch.tensor([1234567, 89], dtype=torch.int64)
-    x0 = torch.randn(6, hidden + 3)[:, 1:hidden + 1]  # a row stride larger than the row
+    wide = torch.randn(6, hidden + 3).to(torch.bfloat16)
     res = torch.randn(6, hidden)
     gamma = torch.randn(hidden)
     masks = {}
     for device in ("cpu", "cuda"):
-        out = ops.dropout_add_ln_fwd(x0.to(torch.bfloat16).to(device), res.to(device),
-                                     gamma.to(device), None, None, None, 0.3, 1e-5, rng, False,
-                                     True, True)
+        x0 = wide.to(device)[:, 1:hidden + 1]  # a row stride larger than the row
+        out = ops.dropout_add_ln_fwd(x0, res.to(device), gamma.to(device), None, None, None, 0.3,
+                                     1e-5, rng, False, True, True)
         masks[device] = out[2].cpu()
     assert masks["cpu"].shape == (6, hidden)
     assert torch.equal(masks["cpu"], masks["cuda"])
@@ -210,7 +210,7 @@ def test_cuda_dropout_mask_equals_cpu(flash, ops, hidden):
     public = {}
     for device in ("cpu", "cuda"):
         torch.manual_seed(7)
-        _, m = ln(x0.to(device), None, gamma.to(device), None, 0.5, 1e-5,
+        _, m = ln(res.to(device), None, gamma.to(device), None, 0.5, 1e-5,
                   return_dropout_mask=True)
         public[device] = m.cpu()
     assert torch.equal(public["cpu"], public["cuda"])
