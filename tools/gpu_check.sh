@@ -15,7 +15,7 @@
 #   decode     test_kvcache_cuda, test_kvcache, test_rotary, test_modules_mha, test_bad_input
 #   api        test_compile_opcheck, test_multihead_attention, test_transformers_cuda
 #   sanitize   the sanitizers' quick grid: memcheck, racecheck and synccheck, each over the shard
-#              SAN_SHARD (default 0/20) of three groups: the fwd tier (sm90 dispatch), the
+#              SAN_SHARD (default 0/100) of three groups: the fwd tier (sm90 dispatch), the
 #              fwd-sm80 tier, and bwd + decode; nine runs side by side, one process each (no
 #              xdist), PYTORCH_NO_CUDA_MEMORY_CACHING=1; logs san-<tool>-<group>.log
 #
@@ -63,7 +63,7 @@ san_one() {  # tool, group, env assignment, test files...
   local t0=$SECONDS log="$out/san-$tool-$group.log"
   env "$ev" PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT "$budget" \
     compute-sanitizer --tool "$tool" "$py" -m pytest "$@" -k cuda -m "not slow" -q \
-    -p no:cacheprovider --shard "${SAN_SHARD:-0/20}" \
+    -p no:cacheprovider --shard "${SAN_SHARD:-0/100}" \
     --grid-summary "$out/san-$tool-$group-summary.json" >"$log" 2>&1
   echo "gpu_check: $tool $group: exit $? in $((SECONDS - t0)) s: $(grep -E '(passed|failed)' "$log" | tail -1) / $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
 }

@@ -24,6 +24,17 @@ inline void cuda_check(cudaError_t err, const char* what) {
   }
 }
 
+// The current device's opt-in shared memory per block (what a kernel may request with
+// cudaFuncAttributeMaxDynamicSharedMemorySize): 99 KB on sm86/sm89, 163 KB on the A100, 227 KB
+// on the H100/H200. A driver query, no synchronisation.
+inline int device_smem_optin() {
+  int device = 0, bytes = 0;
+  cuda_check(cudaGetDevice(&device), "cudaGetDevice");
+  cuda_check(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  return bytes;
+}
+
 namespace cuda {
 
 __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
