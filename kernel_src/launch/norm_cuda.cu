@@ -15,7 +15,7 @@
 // column sums dgamma, dbeta, dcolscale accumulate per CTA in fp32 (shared memory when they fit,
 // else the CTA's slice of the workspace; each column has one owning thread, so no atomics), and
 // a second kernel adds the G partials of each column in CTA order: deterministic for a given
-// device and shape.
+// device and shape. (Partials in global memory are capped at 128 MB by using fewer CTAs.)
 //
 // Dtypes: x0 (and z, dz, dx0, rowscale) fp16/bf16/fp32; x (residual, dx, dresidual) x0's dtype
 // or fp32; weights x0's dtype or fp32. fp64 and other mixes are rejected by the binding
@@ -25,6 +25,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -393,22 +394,43 @@ void dispatch_norm(DType in, DType x, DType w, F&& f) {
   }
 }
 
-int device_sms() {
-  int dev = 0, sms = 0;
+constexpr int kMaxDevices = 64;
+
+int current_device() {
+  int dev = 0;
   cuda_check(cudaGetDevice(&dev), "cudaGetDevice");
+  return dev;
+}
+
+// The SM count of the current device (queried once per device).
+int device_sms() {
+  static std::atomic<int> cache[kMaxDevices];
+  const int dev = current_device();
+  int sms = dev < kMaxDevices ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (sms > 0) return sms;
   cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
              "cudaDeviceGetAttribute(multiProcessorCount)");
+  if (dev < kMaxDevices) cache[dev].store(sms, std::memory_order_relaxed);
   return sms;
 }
 
-template <typename K>
-void allow_smem(K kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(bytes)),
-               "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-  }
+// Lets Kernel use kMaxSmemBytes of dynamic shared memory on the current device (set once per
+// kernel and device: one instantiation, so one flag array, per kernel; a launch with less is
+// unaffected).
+template <auto Kernel>
+void allow_smem() {
+  static std::atomic<bool> done[kMaxDevices];
+  const int dev = current_device();
+  if (dev < kMaxDevices && done[dev].load(std::memory_order_relaxed)) return;
+  cuda_check(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  kMaxSmemBytes),
+             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  if (dev < kMaxDevices) done[dev].store(true, std::memory_order_relaxed);
 }
+
+// The backward's partials in global memory (hidden too long for shared memory) are capped at
+// this many floats (128 MB) by using fewer CTAs.
+constexpr int64_t kMaxGlobalPartialFloats = int64_t(1) << 25;
 
 struct BwdLaunch {
   int threads = 32, ctas = 0;
@@ -427,12 +449,17 @@ BwdLaunch bwd_launch(const NormBwdParams& p) {
   l.smem = l.acc_in_smem ? acc_bytes : 0;
   if (p.rows == 0) return l;
   auto kernel = norm_bwd_kernel<Tin, Tx, Tw>;
-  allow_smem(kernel, l.smem);
+  allow_smem<norm_bwd_kernel<Tin, Tx, Tw>>();
   int per_sm = 0;
   cuda_check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, l.threads, l.smem),
              "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * device_sms();
-  l.ctas = static_cast<int>(std::min<int64_t>(p.rows, resident));
+  int64_t ctas = std::min<int64_t>(p.rows, resident);
+  if (!l.acc_in_smem) {
+    const int64_t per_cta = int64_t(norm_bwd_slots(p)) * p.cols;
+    ctas = std::max<int64_t>(1, std::min<int64_t>(ctas, kMaxGlobalPartialFloats / per_cta));
+  }
+  l.ctas = static_cast<int>(ctas);
   return l;
 }
 
@@ -450,7 +477,7 @@ void run_norm_fwd_cuda(const NormFwdParams& p, cudaStream_t stream) {
     const bool cache = cache_bytes <= static_cast<size_t>(kMaxSmemBytes);
     const size_t smem = cache ? cache_bytes : 0;
     auto kernel = norm_fwd_kernel<Tin, Tx, Tw>;
-    allow_smem(kernel, smem);
+    allow_smem<norm_fwd_kernel<Tin, Tx, Tw>>();
     const int64_t grid = std::min<int64_t>(p.rows, int64_t(device_sms()) * 64);
     kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(p, cache);
     cuda_check(cudaGetLastError(), "norm_fwd_kernel launch");
