@@ -7,7 +7,7 @@ import torch._dynamo.testing
 
 from conftest import device_params
 
-pytestmark = pytest.mark.fast
+pytestmark = [pytest.mark.fast, pytest.mark.usefixtures("fused_cuda")]
 
 
 @pytest.fixture(autouse=True)

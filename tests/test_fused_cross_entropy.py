@@ -11,6 +11,8 @@ import grid
 from conftest import cuda_available, device_params
 from fused_reference import cross_entropy_ref
 
+pytestmark = pytest.mark.usefixtures("fused_cuda")  # CUDA cases run the CUDA kernels
+
 AXES = {
     "dtype": grid.DTYPES_CPU,
     "vocab": [1, 7, 2049, 50257],

@@ -14,6 +14,8 @@ from fused_reference import norm_ref
 from helpers import randn
 from philox_ref import keep_mask_for
 
+pytestmark = pytest.mark.usefixtures("fused_cuda")  # CUDA cases run the CUDA kernels
+
 HIDDEN = [1, 17, 4095, 8193]
 
 AXES = {
@@ -408,3 +410,17 @@ def test_strided_rows_equal_contiguous(flash, device, hidden):
         outs.append((z, x, g))
     for a, b_ in zip(*outs):
         assert torch.equal(a, b_)
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")
+def test_public_functions_refuse_cuda_until_enabled(flash, monkeypatch):
+    """The release refuses CUDA tensors in the public fused functions until their kernels pass
+    the GPU tests (flash_attn._fused_checks.CUDA_ENABLED); the message says what to do."""
+    monkeypatch.setattr(flash._fused_checks, "CUDA_ENABLED", False)
+    x = torch.randn(4, 64, device="cuda")
+    w = torch.ones(64, device="cuda")
+    with pytest.raises(RuntimeError, match="not enabled in this release.*use CPU tensors"):
+        flash.ops.rms_norm.rms_norm(x, w, 1e-6)
+    with pytest.raises(RuntimeError, match="not enabled in this release"):
+        flash.losses.cross_entropy.CrossEntropyLoss()(x, torch.zeros(4, dtype=torch.long,
+                                                                     device="cuda"))

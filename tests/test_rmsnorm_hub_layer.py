@@ -13,7 +13,7 @@ import kernel_loader
 transformers = pytest.importorskip("transformers")
 kernels = pytest.importorskip("kernels")
 
-pytestmark = pytest.mark.fast
+pytestmark = [pytest.mark.fast, pytest.mark.usefixtures("fused_cuda")]
 
 
 def _model(family, dtype):
