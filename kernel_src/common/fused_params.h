@@ -136,4 +136,28 @@ struct CrossEntropyParams {
   int64_t dlogits_row_stride = 0;
 };
 
+// The loss and z-loss of one row (FlashAttention-2.8's formula, docs/fused_ops.md), from its lse,
+// the sum of its scaled logits and, when the label is one of this shard's columns, the label's
+// scaled logit; in fp64, the same on the CPU and CUDA. An ignored row has loss 0.
+struct CrossEntropyRowLoss {
+  double loss = 0.0, z_loss = 0.0;
+};
+FLASH_HOST_DEVICE CrossEntropyRowLoss cross_entropy_row_loss(const CrossEntropyParams& p,
+                                                             int64_t label, double lse,
+                                                             double scaled_sum, bool label_here,
+                                                             double scaled_logit_y) {
+  CrossEntropyRowLoss r;
+  if (label == p.ignore_index) return r;
+  const double lse_term = p.split ? 0.0 : lse;
+  const double eps = p.smoothing;
+  const double smooth = eps > 0.0 ? eps * scaled_sum / static_cast<double>(p.total_classes) : 0.0;
+  r.loss = label_here ? lse_term - smooth - (1.0 - eps) * scaled_logit_y
+                      : eps * lse_term - smooth;  // the label lives in another shard (split)
+  if (!p.split) {
+    r.z_loss = p.lse_square_scale * lse * lse;
+    r.loss += r.z_loss;
+  }
+  return r;
+}
+
 FLASH_NAMESPACE_END

@@ -131,27 +131,14 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const CrossEntropyPara
     if (threadIdx.x != 0) continue;
     store_row_value(p.lse, p.lse_f64, r, lse);
     const int64_t label = label_of(p, r);
-    double loss = 0.0, z_loss = 0.0;
-    if (label != p.ignore_index) {
-      const int64_t y = label - p.class_start_idx;
-      const double lse_term = p.split ? 0.0 : lse;
-      const double eps = p.smoothing;
-      const double smooth =
-          eps > 0.0 ? eps * static_cast<double>(total) / static_cast<double>(p.total_classes)
-                    : 0.0;
-      if (y >= 0 && y < cols) {
-        const double logit_y = p.logit_scale * static_cast<double>(to_f<T>(logits[y]));
-        loss = lse_term - smooth - (1.0 - eps) * logit_y;
-      } else {
-        loss = eps * lse_term - smooth;  // the label lives in another shard (split)
-      }
-      if (!p.split) {
-        z_loss = p.lse_square_scale * lse * lse;
-        loss += z_loss;
-      }
-    }
-    store_row_value(p.losses, p.stats_f64, r, loss);
-    store_row_value(p.z_losses, p.stats_f64, r, z_loss);
+    const int64_t y = label - p.class_start_idx;
+    const bool here = label != p.ignore_index && y >= 0 && y < cols;
+    const double logit_y =
+        here ? p.logit_scale * static_cast<double>(to_float<T>(logits[y])) : 0.0;
+    const CrossEntropyRowLoss l =
+        cross_entropy_row_loss(p, label, lse, static_cast<double>(total), here, logit_y);
+    store_row_value(p.losses, p.stats_f64, r, l.loss);
+    store_row_value(p.z_losses, p.stats_f64, r, l.z_loss);
   }
 }
 

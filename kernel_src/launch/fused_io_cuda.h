@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "../common/cuda_primitives.h"  // cuda::to_float
 #include "../common/namespace.h"
 
 FLASH_NAMESPACE_BEGIN
@@ -16,18 +17,7 @@ namespace fused {
 
 constexpr int kGroup = 8;  // elements per group: 16 bytes of fp16/bf16, 32 of fp32
 
-template <typename T>
-__device__ __forceinline__ float to_f(T x) {
-  return static_cast<float>(x);
-}
-template <>
-__device__ __forceinline__ float to_f<__half>(__half x) {
-  return __half2float(x);
-}
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
+using cuda::to_float;
 
 template <typename T>
 __device__ __forceinline__ T from_f(float x) {
@@ -47,7 +37,7 @@ __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return
 // x rounded to T and back (the value a stored T holds).
 template <typename T>
 __device__ __forceinline__ float round_to(float x) {
-  return to_f<T>(from_f<T>(x));
+  return to_float<T>(from_f<T>(x));
 }
 
 // Whether p is 16-byte aligned (a row start; groups then stay aligned since 8 * sizeof(T) is a
@@ -56,47 +46,34 @@ __host__ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
-// f[0:n] = p[0:n] (n <= 8; f[n:8] = 0). vec: p is 16-byte aligned and n == 8.
-template <typename T>
+// f[0:n] = p[0:n] as fp32 (f[n:] = 0): one or two 16-byte loads when vec and the group is
+// whole, else element by element. kReadOnly loads through the read-only cache (__ldg); plain
+// loads are for data this kernel wrote earlier (stored x) or may overwrite (in-place logits).
+template <typename T, bool kReadOnly = true>
 __device__ __forceinline__ void load_group(const T* p, int n, bool vec, float (&f)[kGroup]) {
   if (vec && n == kGroup) {
     if constexpr (sizeof(T) == 2) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+      const uint4* q = reinterpret_cast<const uint4*>(p);
+      const uint4 v = kReadOnly ? __ldg(q) : *q;
       const T* e = reinterpret_cast<const T*>(&v);
 #pragma unroll
-      for (int i = 0; i < kGroup; ++i) f[i] = to_f<T>(e[i]);
+      for (int i = 0; i < kGroup; ++i) f[i] = to_float<T>(e[i]);
     } else {
-      const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-      const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+      const float4* q = reinterpret_cast<const float4*>(p);
+      const float4 a = kReadOnly ? __ldg(q) : q[0];
+      const float4 b = kReadOnly ? __ldg(q + 1) : q[1];
       f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
       f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
     }
     return;
   }
 #pragma unroll
-  for (int i = 0; i < kGroup; ++i) f[i] = i < n ? to_f<T>(p[i]) : 0.0f;
+  for (int i = 0; i < kGroup; ++i) f[i] = i < n ? to_float<T>(p[i]) : 0.0f;
 }
 
-// Plain (not read-only-cache) load: for data this kernel wrote earlier (stored x) or may
-// overwrite (in-place logits).
 template <typename T>
 __device__ __forceinline__ void load_group_rw(const T* p, int n, bool vec, float (&f)[kGroup]) {
-  if (vec && n == kGroup) {
-    if constexpr (sizeof(T) == 2) {
-      const uint4 v = *reinterpret_cast<const uint4*>(p);
-      const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-      for (int i = 0; i < kGroup; ++i) f[i] = to_f<T>(e[i]);
-    } else {
-      const float4 a = reinterpret_cast<const float4*>(p)[0];
-      const float4 b = reinterpret_cast<const float4*>(p)[1];
-      f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
-      f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
-    }
-    return;
-  }
-#pragma unroll
-  for (int i = 0; i < kGroup; ++i) f[i] = i < n ? to_f<T>(p[i]) : 0.0f;
+  load_group<T, false>(p, n, vec, f);
 }
 
 // p[0:n] = f[0:n], rounded once to T.

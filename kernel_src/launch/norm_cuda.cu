@@ -108,7 +108,7 @@ norm_fwd_kernel(const NormFwdParams p, bool cache_in_smem) {
     const bool vec = w_vec && aligned16(x0) && (res == nullptr || aligned16(res)) &&
                      (xout == nullptr || aligned16(xout)) && aligned16(z);
     const float rowscale =
-        p.rowscale != nullptr ? to_f<Tin>(static_cast<const Tin*>(p.rowscale)[r]) : 1.0f;
+        p.rowscale != nullptr ? to_float<Tin>(static_cast<const Tin*>(p.rowscale)[r]) : 1.0f;
 
     // Pass 1: x, written once; its sum.
     float sum[1] = {0.0f};
@@ -260,7 +260,7 @@ norm_bwd_kernel(const NormBwdParams p, float* partial, bool acc_in_smem) {
     const float mu = p.is_rms_norm ? 0.0f : load_stat(p.mu, p.stats_f64, r);
     const float rsigma = load_stat(p.rsigma, p.stats_f64, r);
     const float rowscale =
-        p.rowscale != nullptr ? to_f<Tin>(static_cast<const Tin*>(p.rowscale)[r]) : 1.0f;
+        p.rowscale != nullptr ? to_float<Tin>(static_cast<const Tin*>(p.rowscale)[r]) : 1.0f;
 
     // Pass 1: mean(g), mean(g * x_hat); dgamma, dbeta.
     float sums[2] = {0.0f, 0.0f};
