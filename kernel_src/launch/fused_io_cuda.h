@@ -17,27 +17,15 @@ namespace fused {
 
 constexpr int kGroup = 8;  // elements per group: 16 bytes of fp16/bf16, 32 of fp32
 
+using cuda::from_float;
 using cuda::to_float;
-
-template <typename T>
-__device__ __forceinline__ T from_f(float x) {
-  return static_cast<T>(x);
-}
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // x rounded to T and back (the value a stored T holds).
 template <typename T>
 __device__ __forceinline__ float round_to(float x) {
-  return to_float<T>(from_f<T>(x));
+  return to_float<T>(from_float<T>(x));
 }
 
 // Whether p is 16-byte aligned (a row start; groups then stay aligned since 8 * sizeof(T) is a
@@ -84,7 +72,7 @@ __device__ __forceinline__ void store_group(T* p, int n, bool vec, const float (
       uint4 v;
       T* e = reinterpret_cast<T*>(&v);
 #pragma unroll
-      for (int i = 0; i < kGroup; ++i) e[i] = from_f<T>(f[i]);
+      for (int i = 0; i < kGroup; ++i) e[i] = from_float<T>(f[i]);
       *reinterpret_cast<uint4*>(p) = v;
     } else {
       reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
@@ -94,7 +82,7 @@ __device__ __forceinline__ void store_group(T* p, int n, bool vec, const float (
   }
 #pragma unroll
   for (int i = 0; i < kGroup; ++i) {
-    if (i < n) p[i] = from_f<T>(f[i]);
+    if (i < n) p[i] = from_float<T>(f[i]);
   }
 }
 

@@ -356,9 +356,9 @@ __global__ void norm_bwd_reduce_kernel(const NormBwdParams p, const float* parti
       s[1] += base[cols];
       if (slots > 2) s[2] += base[2 * cols];
     }
-    static_cast<Tw*>(p.dgamma)[c] = from_f<Tw>(s[0]);
-    if (p.dbeta != nullptr) static_cast<Tw*>(p.dbeta)[c] = from_f<Tw>(s[1]);
-    if (p.dcolscale != nullptr) static_cast<Tw*>(p.dcolscale)[c] = from_f<Tw>(s[2]);
+    static_cast<Tw*>(p.dgamma)[c] = from_float<Tw>(s[0]);
+    if (p.dbeta != nullptr) static_cast<Tw*>(p.dbeta)[c] = from_float<Tw>(s[1]);
+    if (p.dcolscale != nullptr) static_cast<Tw*>(p.dcolscale)[c] = from_float<Tw>(s[2]);
   }
 }
 
