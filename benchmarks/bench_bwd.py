@@ -129,19 +129,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--build", default=str(HERE.parent / "build"))
-    ap.add_argument("--quick", action="store_true", help="bf16, hdim 64/128, 1k and 4k")
-    ap.add_argument("--hdims", default="64,128,256")
-    ap.add_argument("--dtypes", default="bf16,fp16")
-    ap.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
+    ap.add_argument("--quick", action="store_true",
+                    help="only the batched points; defaults bf16, hdim 64/128, 1k and 4k")
+    ap.add_argument("--hdims", default=None, help="default 64,128,256")
+    ap.add_argument("--dtypes", default=None, help="default bf16,fp16")
+    ap.add_argument("--seqlens", default=None, help="default 512,1024,2048,4096,8192,16384")
     args = ap.parse_args()
     torch.manual_seed(0)
     flash = load_flash(args.build)
     dts = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    dtypes = [dts[x] for x in args.dtypes.split(",")]
-    hdims = [int(x) for x in args.hdims.split(",")]
-    seqlens = [int(x) for x in args.seqlens.split(",")]
-    if args.quick:
-        dtypes, hdims, seqlens = [torch.bfloat16], [64, 128], [1024, 4096]
+    defaults = (("bf16", "64,128", "1024,4096") if args.quick else
+                ("bf16,fp16", "64,128,256", "512,1024,2048,4096,8192,16384"))
+    dtypes = [dts[x] for x in (args.dtypes or defaults[0]).split(",")]
+    hdims = [int(x) for x in (args.hdims or defaults[1]).split(",")]
+    seqlens = [int(x) for x in (args.seqlens or defaults[2]).split(",")]
     gpu = torch.cuda.get_device_name()
     print(f"# {gpu}, torch {torch.__version__}, cuda {torch.version.cuda}", flush=True)
     rows = []

@@ -3,9 +3,16 @@
 # SDPA-flash (FlashAttention-2's kernel) on the same inputs (benchmarks/profile_one.py), at
 # ncu's locked base clock, with the metrics docs/tuning.md discusses (tensor pipe, shared-memory
 # wavefronts, stall reasons, instructions). Needs build/harness (benchmarks/build_harness.sh).
-# Usage: benchmarks/ncu_compare.sh OUTDIR HDIM SEQLEN [causal|none]...   (one pair per seqlen)
+# Usage: benchmarks/ncu_compare.sh [--bwd] OUTDIR HDIM SEQLEN [causal|none]...   (one pair per
+# seqlen). --bwd: the main backward kernels instead (benchmarks/profile_bwd.py, through the local
+# build; the fourth of five backward calls).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+script=benchmarks/profile_one.py ours_k=regex:fwd_kernel_sm80 fa2_k=regex:flash_fwd tag=
+if [[ ${1:-} == --bwd ]]; then
+  script=benchmarks/profile_bwd.py ours_k=regex:bwd_kernel_sm80 fa2_k=regex:flash_bwd_dq_dk_dv
+  tag=bwd-; shift
+fi
 out=$1 hd=$2; shift 2
 mask=none
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu | head -1)
@@ -24,9 +31,9 @@ done
 mkdir -p "$out"
 for arg in "$@"; do
   if [[ $arg == causal || $arg == none ]]; then mask=$arg; continue; fi
-  FLASH_ATTN_DISABLE_SM90=1 "$NCU" --launch-skip 3 --launch-count 1 -k regex:fwd_kernel_sm80 \
-    --metrics "$M" python benchmarks/profile_one.py "$hd" "$arg" "$mask" \
-    > "$out/ncu-ours-$hd-$arg-$mask.txt" 2>&1
-  "$NCU" --launch-skip 3 --launch-count 1 -k regex:flash_fwd --metrics "$M" \
-    python benchmarks/profile_one.py "$hd" "$arg" "$mask" sdpa > "$out/ncu-fa2-$hd-$arg-$mask.txt" 2>&1
+  FLASH_ATTN_DISABLE_SM90=1 "$NCU" --launch-skip 3 --launch-count 1 -k "$ours_k" \
+    --metrics "$M" python "$script" "$hd" "$arg" "$mask" \
+    > "$out/ncu-${tag}ours-$hd-$arg-$mask.txt" 2>&1
+  "$NCU" --launch-skip 3 --launch-count 1 -k "$fa2_k" --metrics "$M" \
+    python "$script" "$hd" "$arg" "$mask" sdpa > "$out/ncu-${tag}fa2-$hd-$arg-$mask.txt" 2>&1
 done

@@ -1,11 +1,13 @@
 """torch.library.opcheck on the five fused ops (schema, fake impls, autograd registration, AOT
 dispatch), and torch.compile(fullgraph=True) through the public norm and cross-entropy functions
-with no graph break and the eager result, forward and backward."""
+with no graph break and the eager result, forward and backward; on CPU and CUDA."""
 import pytest
 import torch
 import torch._dynamo.testing
 
-pytestmark = pytest.mark.fast
+from conftest import device_params
+
+pytestmark = [pytest.mark.fast, pytest.mark.usefixtures("fused_cuda")]
 
 
 @pytest.fixture(autouse=True)
@@ -15,24 +17,25 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _ln_fwd_args(*, dropout, rms, mixed, grad=True):
+def _ln_fwd_args(*, dropout, rms, mixed, grad=True, device="cpu"):
     dtype = torch.bfloat16 if mixed else torch.float32
-    x0 = torch.randn(6, 19).to(dtype).requires_grad_(grad)
-    residual = torch.randn(6, 19, requires_grad=grad)  # fp32 residual stream
-    gamma = torch.randn(19, requires_grad=grad)
-    beta = None if rms else torch.randn(19, requires_grad=grad)
-    rowscale = torch.rand(6).to(dtype)
-    colscale = torch.rand(19, requires_grad=grad)
+    x0 = torch.randn(6, 19).to(device, dtype).requires_grad_(grad)
+    residual = torch.randn(6, 19, device=device, requires_grad=grad)  # fp32 residual stream
+    gamma = torch.randn(19, device=device, requires_grad=grad)
+    beta = None if rms else torch.randn(19, device=device, requires_grad=grad)
+    rowscale = torch.rand(6).to(device, dtype)
+    colscale = torch.rand(19, device=device, requires_grad=grad)
     p = 0.25 if dropout else 0.0
     rng = torch.tensor([99, 3], dtype=torch.int64) if dropout else None
     return (x0, residual, gamma, beta, rowscale, colscale, p, 1e-5, rng, False, rms, dropout)
 
 
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dropout", [False, True])
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("mixed", [False, True])
-def test_opcheck_norm(ops, dropout, rms, mixed):
-    args = _ln_fwd_args(dropout=dropout, rms=rms, mixed=mixed)
+def test_opcheck_norm(ops, device, dropout, rms, mixed):
+    args = _ln_fwd_args(dropout=dropout, rms=rms, mixed=mixed, device=device)
     torch.library.opcheck(ops.dropout_add_ln_fwd.default, args)
     # The backward op on what the forward returned.
     with torch.no_grad():
@@ -46,29 +49,31 @@ def test_opcheck_norm(ops, dropout, rms, mixed):
                            rms))
 
 
-def test_opcheck_norm_without_stored_x(ops):
+@pytest.mark.parametrize("device", device_params())
+def test_opcheck_norm_without_stored_x(ops, device):
     """No residual, dropout or scales: x is returned empty and x0 stands for it."""
-    x0 = torch.randn(4, 9, requires_grad=True)
-    gamma = torch.randn(9, requires_grad=True)
+    x0 = torch.randn(4, 9, device=device, requires_grad=True)
+    gamma = torch.randn(9, device=device, requires_grad=True)
     torch.library.opcheck(ops.dropout_add_ln_fwd.default,
                           (x0, None, gamma, None, None, None, 0.0, 1e-6, None, False, True, False))
 
 
-def _ce_args(*, smoothing, dtype, grad=True):
-    logits = torch.randn(5, 3000).to(dtype).requires_grad_(grad)
-    labels = torch.tensor([3, -100, 2999, 0, 17])
+def _ce_args(*, smoothing, dtype, grad=True, device="cpu"):
+    logits = torch.randn(5, 3000).to(device, dtype).requires_grad_(grad)
+    labels = torch.tensor([3, -100, 2999, 0, 17], device=device)
     return (logits, labels, None, smoothing, 0.9, 1e-3, -100, 3000, 0, False, False)
 
 
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck_cross_entropy(ops, smoothing, dtype):
-    args = _ce_args(smoothing=smoothing, dtype=dtype)
+def test_opcheck_cross_entropy(ops, device, smoothing, dtype):
+    args = _ce_args(smoothing=smoothing, dtype=dtype, device=device)
     torch.library.opcheck(ops.cross_entropy_fwd.default, args)
     with torch.no_grad():
         _, _, lse = ops.cross_entropy_fwd(*args)
     logits, labels = args[0].detach(), args[1]
-    dlosses = torch.rand(5)
+    dlosses = torch.rand(5, device=device)
     scalars = (smoothing, 0.9, 1e-3, -100, 3000, 0)
     torch.library.opcheck(ops.cross_entropy_bwd.default, (dlosses, logits, lse, labels, *scalars))
     torch.library.opcheck(ops.cross_entropy_bwd_inplace.default,
@@ -97,10 +102,12 @@ def _same(compiled, fn, counter, args, inputs, seed=0):
         torch.testing.assert_close(gc, ge, rtol=0, atol=0)
 
 
-def test_compile_dropout_add_layer_norm_fullgraph(flash):
-    x0 = torch.randn(2, 5, 33, requires_grad=True)
-    res = torch.randn(2, 5, 33, requires_grad=True)
-    w, b = torch.randn(33, requires_grad=True), torch.randn(33, requires_grad=True)
+@pytest.mark.parametrize("device", device_params())
+def test_compile_dropout_add_layer_norm_fullgraph(flash, device):
+    x0 = torch.randn(2, 5, 33, device=device, requires_grad=True)
+    res = torch.randn(2, 5, 33, device=device, requires_grad=True)
+    w = torch.randn(33, device=device, requires_grad=True)
+    b = torch.randn(33, device=device, requires_grad=True)
 
     def fn(x0, res, w, b):
         z, x = flash.ops.layer_norm.dropout_add_layer_norm(x0, res, w, b, 0.2, 1e-5,
@@ -111,9 +118,10 @@ def test_compile_dropout_add_layer_norm_fullgraph(flash):
     _same(compiled, fn, counter, (x0, res, w, b), 4)
 
 
-def test_compile_rms_norm_fullgraph(flash):
-    x = torch.randn(3, 7, 40, dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(40, requires_grad=True)  # fp32 weight on bf16 activations
+@pytest.mark.parametrize("device", device_params())
+def test_compile_rms_norm_fullgraph(flash, device):
+    x = torch.randn(3, 7, 40, dtype=torch.bfloat16, device=device, requires_grad=True)
+    w = torch.randn(40, device=device, requires_grad=True)  # fp32 weight on bf16 activations
 
     def fn(x, w):
         return flash.ops.rms_norm.rms_norm(x, w, 1e-6).float().square().sum()
@@ -122,10 +130,11 @@ def test_compile_rms_norm_fullgraph(flash):
     _same(compiled, fn, counter, (x, w), 2)
 
 
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("inplace", [False, True])
-def test_compile_cross_entropy_fullgraph(flash, inplace):
-    logits = torch.randn(6, 1000, requires_grad=True)
-    labels = torch.randint(0, 1000, (6,))
+def test_compile_cross_entropy_fullgraph(flash, device, inplace):
+    logits = torch.randn(6, 1000, device=device, requires_grad=True)
+    labels = torch.randint(0, 1000, (6,), device=device)
     labels[2] = -100
     loss_fn = flash.losses.cross_entropy.CrossEntropyLoss(
         label_smoothing=0.1, lse_square_scale=1e-4, inplace_backward=inplace)

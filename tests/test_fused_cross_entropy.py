@@ -2,12 +2,16 @@
 2x/3x rule (docs/testing.md), forward and backward: vocab sizes that are multiples of nothing
 (50257, 128256) and small ones, every dtype, label smoothing, logit_scale, z-loss,
 ignore_index, int32/int64 labels, strided logits, the in-place backward, precomputed_lse and the
-reductions of CrossEntropyLoss; bad inputs."""
+reductions of CrossEntropyLoss; bad inputs. On CUDA (fp16/bf16/fp32: fp64 is CPU only there) the
+same cases run against the same CPU fp64 reference."""
 import pytest
 import torch
 
 import grid
+from conftest import cuda_available, device_params
 from fused_reference import cross_entropy_ref
+
+pytestmark = pytest.mark.usefixtures("fused_cuda")  # CUDA cases run the CUDA kernels
 
 AXES = {
     "dtype": grid.DTYPES_CPU,
@@ -21,16 +25,26 @@ AXES = {
 }
 
 
+DTYPES_CUDA = [torch.float16, torch.bfloat16, torch.float32]
+CUDA_MARKS = [pytest.mark.cuda,
+              pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")]
+
+
 def _cases():
     params = []
     for case in grid.pairwise(AXES):
-        params.append(pytest.param(case, id=grid.case_id(case),
+        params.append(pytest.param("cpu", case, id="cpu-" + grid.case_id(case),
                                    marks=[pytest.mark.fast] if case["vocab"] <= 2049 else []))
+    for case in grid.pairwise(dict(AXES, dtype=DTYPES_CUDA)):
+        params.append(pytest.param("cuda", case, id="cuda-" + grid.case_id(case),
+                                   marks=CUDA_MARKS))
     # The largest vocabulary once per dtype, few rows.
-    for dtype in grid.DTYPES_CPU:
-        case = dict(dtype=dtype, vocab=128256, smoothing=0.1, logit_scale=1.0, zloss=1e-4,
-                    labels="int64", inplace=dtype == torch.bfloat16, strided=False)
-        params.append(pytest.param(case, id=grid.case_id(case)))
+    for device, dtypes in (("cpu", grid.DTYPES_CPU), ("cuda", DTYPES_CUDA)):
+        for dtype in dtypes:
+            case = dict(dtype=dtype, vocab=128256, smoothing=0.1, logit_scale=1.0, zloss=1e-4,
+                        labels="int64", inplace=dtype == torch.bfloat16, strided=False)
+            params.append(pytest.param(device, case, id=f"{device}-" + grid.case_id(case),
+                                       marks=CUDA_MARKS if device == "cuda" else []))
     return params
 
 
@@ -42,8 +56,8 @@ def _logits(rows, vocab, dtype, strided):
     return (scale * torch.randn(rows, vocab)).to(dtype)
 
 
-@pytest.mark.parametrize("case", _cases())
-def test_cross_entropy_matches_fp64_reference(flash, tol, case):
+@pytest.mark.parametrize("device,case", _cases())
+def test_cross_entropy_matches_fp64_reference(flash, tol, device, case):
     dtype, vocab = case["dtype"], case["vocab"]
     rows = 5 if vocab <= 2049 else 3
     logits = _logits(rows, vocab, dtype, case["strided"])
@@ -52,17 +66,22 @@ def test_cross_entropy_matches_fp64_reference(flash, tol, case):
     labels = labels.to(torch.int64 if case["labels"] == "int64" else torch.int32)
     kw = dict(label_smoothing=case["smoothing"], logit_scale=case["logit_scale"],
               lse_square_scale=case["zloss"])
-    ours_in = logits.detach().clone().requires_grad_()
+    # A strided view stays strided on the device (the same slice of the moved wide tensor).
+    on_dev = logits if device == "cpu" else (
+        logits._base.to(device)[:, 2:2 + vocab] if case["strided"] else logits.to(device))
+    ours_in = on_dev.detach().clone() if not case["strided"] else on_dev.detach()
+    ours_in.requires_grad_()
     # The in-place backward overwrites its input: hand it a non-leaf copy, as a model does.
     fed = ours_in * 1 if case["inplace"] else ours_in
     losses, z_losses = flash.losses.cross_entropy.cross_entropy_loss(
-        fed, labels, inplace_backward=case["inplace"], **kw)
+        fed, labels.to(device), inplace_backward=case["inplace"], **kw)
     assert losses.dtype == z_losses.dtype == (torch.float64 if dtype == torch.float64
                                               else torch.float32)
     dloss = torch.rand(rows, dtype=losses.dtype)
-    (losses * dloss).sum().backward()
+    (losses * dloss.to(device)).sum().backward()
     if case["inplace"]:
-        assert not torch.equal(fed.detach(), logits), "the logits were not overwritten"
+        assert not torch.equal(fed.detach().cpu(), logits), "the logits were not overwritten"
+    losses, z_losses = losses.cpu(), z_losses.cpu()
 
     res = {}
     for mode in ("ref", "pt"):
@@ -73,13 +92,13 @@ def test_cross_entropy_matches_fp64_reference(flash, tol, case):
         l, z = cross_entropy_ref(leaf, labels, upcast=mode == "ref", **ref_kw)
         (g,) = torch.autograd.grad((l * dloss.to(l.dtype)).sum(), leaf)
         res[mode] = (l, z, g)
-    ctx = f"[{grid.case_id(case)}]"
+    ctx = f"[{device}-{grid.case_id(case)}]"
+    grad = ours_in.grad.cpu()
     tol.check("losses", losses, res["ref"][0], res["pt"][0], dtype, context=ctx)
     tol.check("z_losses", z_losses, res["ref"][1], res["pt"][1], dtype, context=ctx)
-    assert ours_in.grad.dtype == dtype
-    tol.check("dlogits", ours_in.grad, res["ref"][2], res["pt"][2], dtype, factor=3.0,
-              context=ctx)
-    assert bool((ours_in.grad[1] == 0).all()), "an ignored row gets no gradient"
+    assert grad.dtype == dtype
+    tol.check("dlogits", grad, res["ref"][2], res["pt"][2], dtype, factor=3.0, context=ctx)
+    assert bool((grad[1] == 0).all()), "an ignored row gets no gradient"
     assert losses[1] == 0 and z_losses[1] == 0
 
 
@@ -110,10 +129,11 @@ def test_cross_entropy_loss_module(flash, reduction):
 
 
 @pytest.mark.fast
-def test_precomputed_lse_is_used(flash):
+@pytest.mark.parametrize("device", device_params())
+def test_precomputed_lse_is_used(flash, device):
     ce = flash.losses.cross_entropy.cross_entropy_loss
-    logits = torch.randn(4, 50)
-    labels = torch.randint(0, 50, (4,))
+    logits = torch.randn(4, 50, device=device)
+    labels = torch.randint(0, 50, (4,), device=device)
     lse = torch.logsumexp(logits, -1)
     losses, _ = ce(logits, labels, precomputed_lse=lse + 1.0)
     plain, _ = ce(logits, labels)
@@ -171,20 +191,34 @@ def test_bad_cross_entropy_inputs(flash, ops):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cross_entropy_on_cuda_raises_not_implemented_yet(flash, ops):
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")
+def test_cross_entropy_on_cuda(flash, ops):
+    """fp64 is CPU only on CUDA; an out-of-range label is not checked on the device (no sync)
+    and gets FlashAttention-2's treatment (no label term); the in-place op writes exactly what
+    the out-of-place one returns."""
     logits = torch.randn(4, 10, device="cuda")
     labels = torch.tensor([1, 2, 3, 4], device="cuda")
-    _raises(r"flash_attn: .*not implemented for CUDA yet",
-            lambda: flash.losses.cross_entropy.CrossEntropyLoss()(logits, labels))
-    _raises(r"flash_attn: .*not implemented for CUDA yet", lambda: ops.cross_entropy_fwd(
-        logits, labels, None, 0.0, 1.0, 0.0, -100, 10, 0, False, False))
+    _raises(r"flash_attn: logits has dtype torch.float64, which the fused ops support on CPU",
+            lambda: flash.losses.cross_entropy.CrossEntropyLoss()(logits.double(), labels))
+    _raises(r"flash_attn: logits has dtype torch.float64, which the fused ops support on CPU",
+            lambda: ops.cross_entropy_fwd(logits.double(), labels, None, 0.0, 1.0, 0.0, -100,
+                                          10, 0, False, False))
+    losses, _, lse = ops.cross_entropy_fwd(logits, torch.tensor([1, 2, 30, 4], device="cuda"),
+                                           None, 0.0, 1.0, 0.0, -100, 10, 0, False, False)
+    assert losses[2].item() == 0.0
+    torch.testing.assert_close(lse.float(), torch.logsumexp(logits, -1))
+    scalars = (0.1, 0.9, 1e-3, -100, 10, 0)
+    dl = torch.rand(4, device="cuda")
+    into = logits.clone()
+    ops.cross_entropy_bwd_inplace(dl, into, lse, labels, *scalars)
+    assert torch.equal(into, ops.cross_entropy_bwd(dl, logits, lse, labels, *scalars))
 
 
 @pytest.mark.fast
-def test_no_rows(flash):
-    logits = torch.randn(0, 10, requires_grad=True)
+@pytest.mark.parametrize("device", device_params())
+def test_no_rows(flash, device):
+    logits = torch.randn(0, 10, device=device, requires_grad=True)
     loss = flash.losses.cross_entropy.CrossEntropyLoss(reduction="sum")(
-        logits, torch.zeros(0, dtype=torch.long))
+        logits, torch.zeros(0, dtype=torch.long, device=device))
     loss.backward()
     assert loss.item() == 0 and logits.grad.shape == (0, 10)

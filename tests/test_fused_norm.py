@@ -2,15 +2,19 @@
 PyTorch in fp64 by the 2x/3x rule (docs/testing.md), forward and backward, over odd hidden sizes
 (1, 17, 4095, 8193), every dtype, mixed weight/residual dtypes, and the options of 2.8
 (prenorm, rowscale, layerscale, residual_in_fp32, bias); the dropout mask bit for bit against the
-independent Python Philox (tests/philox_ref.py); the modules; bad inputs."""
+independent Python Philox (tests/philox_ref.py); the modules; bad inputs. On CUDA (fp16/bf16/fp32:
+fp64 is CPU only there) the same checks run against the same CPU fp64 reference, and the CUDA
+dropout mask equals the CPU one for the same seed."""
 import pytest
 import torch
 
 import grid
-from conftest import device_params
+from conftest import cuda_available, device_params
 from fused_reference import norm_ref
 from helpers import randn
 from philox_ref import keep_mask_for
+
+pytestmark = pytest.mark.usefixtures("fused_cuda")  # CUDA cases run the CUDA kernels
 
 HIDDEN = [1, 17, 4095, 8193]
 
@@ -29,13 +33,27 @@ AXES = {
 }
 
 
+DTYPES_CUDA = [torch.float16, torch.bfloat16, torch.float32]
+CUDA_MARKS = [pytest.mark.cuda,
+              pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")]
+
+
 def _cases():
     params = []
     for case in grid.pairwise(AXES):
         fast = case["hidden"] <= 17
-        params.append(pytest.param(case, id=grid.case_id(case),
+        params.append(pytest.param("cpu", case, id="cpu-" + grid.case_id(case),
                                    marks=[pytest.mark.fast] if fast else []))
+    for case in grid.pairwise(dict(AXES, dtype=DTYPES_CUDA)):
+        params.append(pytest.param("cuda", case, id="cuda-" + grid.case_id(case),
+                                   marks=CUDA_MARKS))
     return params
+
+
+def _on(ts, device):
+    """The same values on `device` as fresh leaves (requires_grad as the originals)."""
+    return [None if t is None else t.detach().to(device).requires_grad_(t.requires_grad)
+            for t in ts]
 
 
 def _rows(hidden):
@@ -81,9 +99,11 @@ def _ref_inputs(ts, upcast):
     return out
 
 
-@pytest.mark.parametrize("case", _cases())
-def test_norm_matches_fp64_reference(flash, tol, case):
-    x0, residual, weight, bias, rowscale, layerscale = _inputs(case)
+@pytest.mark.parametrize("device,case", _cases())
+def test_norm_matches_fp64_reference(flash, tol, device, case):
+    cpu_inputs = _inputs(case)  # the reference's inputs (CPU); the op's are the same values
+    x0, residual, weight, bias, rowscale, layerscale = (
+        cpu_inputs if device == "cpu" else _on(cpu_inputs, device))
     dtype, p = case["dtype"], case["dropout"]
     is_rms = case["norm"] == "rms"
     fn = (flash.ops.rms_norm.dropout_add_rms_norm if is_rms
@@ -96,24 +116,27 @@ def test_norm_matches_fp64_reference(flash, tol, case):
     else:
         (z, mask), x = outs, None
     assert z.dtype == dtype and z.shape == x0.shape and mask.dtype == torch.uint8
-    keep = mask.bool().reshape(-1, x0.shape[-1]) if p > 0 else None
+    keep = mask.bool().reshape(-1, x0.shape[-1]).cpu() if p > 0 else None
     if p == 0:
         assert bool(mask.all())
 
     grads_in = _leaves(x0, residual, weight, bias, layerscale)
-    gz = torch.randn_like(z, dtype=torch.float32).to(dtype)
-    loss = (z.float() * gz.float()).sum()
+    gz = torch.randn(z.shape, dtype=torch.float32).to(dtype)
+    loss = (z.float() * gz.float().to(device)).sum()
     gx = None
     if x is not None:
         gx = torch.randn(x.shape).to(x.dtype)
-        loss = loss + (x.double() * gx.double()).sum()
-    grads = torch.autograd.grad(loss, grads_in)
+        # The gradient handed to the op is gx either way; CUDA has no fp64 kernels to need it.
+        acc = torch.float64 if device == "cpu" else torch.float32
+        loss = loss + (x.to(acc) * gx.to(device, acc)).sum()
+    grads = [g.cpu() for g in torch.autograd.grad(loss, grads_in)]
+    z = z.cpu()
+    x = None if x is None else x.cpu()
 
     results = {}
     for mode in ("ref", "pt"):
         upcast = mode == "ref"
-        r_x0, r_res, r_w, r_b, r_rs, r_ls = _ref_inputs(
-            (x0, residual, weight, bias, rowscale, layerscale), upcast)
+        r_x0, r_res, r_w, r_b, r_rs, r_ls = _ref_inputs(cpu_inputs, upcast)
         hid = x0.shape[-1]
         rz, rx = norm_ref(r_x0.reshape(-1, hid), None if r_res is None else r_res.reshape(-1, hid),
                           r_w, r_b, eps=eps, keep=keep, dropout_p=p,
@@ -126,7 +149,7 @@ def test_norm_matches_fp64_reference(flash, tol, case):
         leaves = _leaves(r_x0, r_res, r_w, r_b, r_ls)
         results[mode] = (rz, rx, torch.autograd.grad(r_loss, leaves))
 
-    ctx = f"[{grid.case_id(case)}]"
+    ctx = f"[{device}-{grid.case_id(case)}]"
     (ref_z, ref_x, ref_g), (pt_z, pt_x, pt_g) = results["ref"], results["pt"]
     tol.check("z", z.reshape(ref_z.shape), ref_z, pt_z, dtype, context=ctx)
     if x is not None:
@@ -140,8 +163,9 @@ def test_norm_matches_fp64_reference(flash, tol, case):
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize("rows,hidden", [(7, 1), (3, 17), (2, 4095), (1, 8193)])
-def test_dropout_mask_is_the_philox_stream(ops, rows, hidden):
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("rows,hidden", [(7, 1), (3, 17), (2, 4095), (1, 8193), (5, 64)])
+def test_dropout_mask_is_the_philox_stream(ops, device, rows, hidden):
     """Element (r, c) is kept iff the attention stream's draw for (batch 0, head 0, row r,
     col c) with subsequence = offset is kept (kernel_src/common/philox.h)."""
     p = 0.37
@@ -150,20 +174,57 @@ def test_dropout_mask_is_the_philox_stream(ops, rows, hidden):
     x0 = torch.randn(rows, hidden)
     gamma = torch.ones(hidden)
     z, x, dmask, mu, rsigma, rng_out = ops.dropout_add_ln_fwd(
-        x0, None, gamma, None, None, None, p, 1e-5, rng, False, False, True)
+        x0.to(device), None, gamma.to(device), None, None, None, p, 1e-5, rng, False, False, True)
     want = keep_mask_for(seed, offset, 0, 1, 1, rows, hidden, p)[0]
-    assert torch.equal(dmask.bool(), torch.from_numpy(want))
+    assert torch.equal(dmask.cpu().bool(), torch.from_numpy(want))
     assert torch.equal(rng_out, rng)
-    # x is the masked, scaled x0, exactly as the mask says.
-    assert torch.equal(x, torch.where(dmask.bool(), (x0.double() / (1 - p)).float(),
-                                      torch.zeros_like(x0)))
+    # x is the masked, scaled x0, exactly as the mask says (CUDA scales in fp32: one rounding
+    # more than the CPU's fp64).
+    want_x = torch.where(dmask.cpu().bool(), (x0.double() / (1 - p)).float(),
+                         torch.zeros_like(x0))
+    if device == "cpu":
+        assert torch.equal(x, want_x)
+    else:
+        torch.testing.assert_close(x.cpu(), want_x, rtol=2.5e-7, atol=0)
+        assert torch.equal(x.cpu() == 0, want_x == 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("hidden", [1, 17, 64, 4095, 8193])
+def test_cuda_dropout_mask_equals_cpu(flash, ops, hidden):
+    """The same seed gives the same mask on both backends: through the op with one rng_state,
+    and through the public function after torch.manual_seed (the seed is drawn on the CPU), with
+    mixed dtypes and a strided x0."""
+    rng = torch.tensor([1234567, 89], dtype=torch.int64)
+    wide = torch.randn(6, hidden + 3).to(torch.bfloat16)
+    res = torch.randn(6, hidden)
+    gamma = torch.randn(hidden)
+    masks = {}
+    for device in ("cpu", "cuda"):
+        x0 = wide.to(device)[:, 1:hidden + 1]  # a row stride larger than the row
+        out = ops.dropout_add_ln_fwd(x0, res.to(device), gamma.to(device), None, None, None, 0.3,
+                                     1e-5, rng, False, True, True)
+        masks[device] = out[2].cpu()
+    assert masks["cpu"].shape == (6, hidden)
+    assert torch.equal(masks["cpu"], masks["cuda"])
+    ln = flash.ops.layer_norm.dropout_add_layer_norm
+    public = {}
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(7)
+        _, m = ln(res.to(device), None, gamma.to(device), None, 0.5, 1e-5,
+                  return_dropout_mask=True)
+        public[device] = m.cpu()
+    assert torch.equal(public["cpu"], public["cuda"])
 
 
 @pytest.mark.fast
-def test_same_seed_same_mask_and_backward_uses_it(flash):
+@pytest.mark.parametrize("device", device_params())
+def test_same_seed_same_mask_and_backward_uses_it(flash, device):
     ln = flash.ops.layer_norm
-    x0 = torch.randn(4, 33, requires_grad=True)
-    w, b = torch.ones(33, requires_grad=True), torch.zeros(33)
+    x0 = torch.randn(4, 33, device=device, requires_grad=True)
+    w = torch.ones(33, device=device, requires_grad=True)
+    b = torch.zeros(33, device=device)
     torch.manual_seed(5)
     z1, m1 = ln.dropout_add_layer_norm(x0, None, w, b, 0.5, 1e-5, return_dropout_mask=True)
     torch.manual_seed(5)
@@ -270,15 +331,26 @@ def test_bad_norm_op_inputs_in_cpp(ops):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_norm_on_cuda_raises_not_implemented_yet(flash, ops):
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")
+def test_norm_on_cuda_dtype_limits(flash, ops):
+    """On CUDA fp64 is rejected, and the residual / weights have x0's dtype or fp32
+    (docs/fused_ops.md), in the Python layer and in the binding."""
     x, w = torch.randn(4, 8, device="cuda"), torch.randn(8, device="cuda")
-    _raises(r"flash_attn: .*not implemented for CUDA yet",
-            lambda: flash.ops.layer_norm.dropout_add_layer_norm(x, None, w, None, 0.0, 1e-5))
-    _raises(r"flash_attn: .*not implemented for CUDA yet",
-            lambda: flash.ops.rms_norm.rms_norm(x, w, 1e-5))
-    _raises(r"flash_attn: .*not implemented for CUDA yet", lambda: ops.dropout_add_ln_fwd(
-        x, None, w, None, None, None, 0.0, 1e-5, None, False, False, False))
+    ln = flash.ops.layer_norm.dropout_add_layer_norm
+    _raises(r"flash_attn: x0 has dtype torch.float64, which the fused ops support on CPU",
+            lambda: ln(x.double(), None, w.double(), None, 0.0, 1e-5))
+    _raises(r"flash_attn: x0 has dtype torch.float64, which the fused ops support on CPU",
+            lambda: ops.dropout_add_ln_fwd(x.double(), None, w.double(), None, None, None, 0.0,
+                                           1e-5, None, False, False, False))
+    xh = x.half()
+    _raises(r"flash_attn: weight has dtype torch.bfloat16 but on CUDA it must have x0's dtype",
+            lambda: ln(xh, None, w.bfloat16(), None, 0.0, 1e-5))
+    _raises(r"flash_attn: residual has dtype torch.bfloat16 but on CUDA",
+            lambda: ops.dropout_add_ln_fwd(xh, x.bfloat16(), w, None, None, None, 0.0, 1e-5,
+                                           None, False, False, False))
+    # The supported mixes run: fp16 x0 with an fp32 residual stream and fp32 weights.
+    z, xs = ln(xh, x, w, None, 0.0, 1e-5, prenorm=True)
+    assert z.dtype == torch.float16 and xs.dtype == torch.float32
 
 
 @pytest.mark.fast
@@ -305,26 +377,32 @@ def test_prenorm_with_one_output_used(flash, used):
 
 
 @pytest.mark.fast
-def test_no_rows(flash):
-    x0 = torch.randn(0, 5, 8, requires_grad=True)
-    w, ls = torch.randn(8, requires_grad=True), torch.rand(8, requires_grad=True)
-    z = flash.ops.layer_norm.dropout_add_layer_norm(x0, torch.randn(0, 5, 8), w, None, 0.1, 1e-5,
-                                                    layerscale=ls)
+@pytest.mark.parametrize("device", device_params())
+def test_no_rows(flash, device):
+    x0 = torch.randn(0, 5, 8, device=device, requires_grad=True)
+    w = torch.randn(8, device=device, requires_grad=True)
+    ls = torch.rand(8, device=device, requires_grad=True)
+    z = flash.ops.layer_norm.dropout_add_layer_norm(x0, torch.randn(0, 5, 8, device=device), w,
+                                                    None, 0.1, 1e-5, layerscale=ls)
     z.sum().backward()
     assert z.shape == x0.shape and x0.grad.shape == x0.shape
     assert bool((w.grad == 0).all()) and bool((ls.grad == 0).all())
 
 
 @pytest.mark.fast
-def test_strided_rows_equal_contiguous(flash):
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("hidden", [33, 64])
+def test_strided_rows_equal_contiguous(flash, device, hidden):
     """x0 and residual with a row stride larger than the row (slices of wider tensors) give
-    bitwise the contiguous result, forward and backward."""
+    bitwise the contiguous result, forward and backward (on CUDA: scalar loads for the strided
+    rows, 16-byte loads for the contiguous ones at hidden 64)."""
     ln = flash.ops.layer_norm.dropout_add_layer_norm
-    wide_x, wide_r = torch.randn(2, 6, 40), torch.randn(2, 6, 41)
-    w, b = torch.randn(33), torch.randn(33)
+    wide_x = torch.randn(2, 6, hidden + 7, device=device)
+    wide_r = torch.randn(2, 6, hidden + 8, device=device)
+    w, b = torch.randn(hidden, device=device), torch.randn(hidden, device=device)
     outs = []
-    for x0, res in ((wide_x[..., 3:36], wide_r[..., :33]),
-                    (wide_x[..., 3:36].contiguous(), wide_r[..., :33].contiguous())):
+    for x0, res in ((wide_x[..., 3:3 + hidden], wide_r[..., :hidden]),
+                    (wide_x[..., 3:3 + hidden].contiguous(), wide_r[..., :hidden].contiguous())):
         x0 = x0.detach().requires_grad_()
         torch.manual_seed(1)
         z, x = ln(x0, res, w, b, 0.2, 1e-5, prenorm=True)
@@ -332,3 +410,17 @@ def test_strided_rows_equal_contiguous(flash):
         outs.append((z, x, g))
     for a, b_ in zip(*outs):
         assert torch.equal(a, b_)
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")
+def test_public_functions_refuse_cuda_until_enabled(flash, monkeypatch):
+    """The release refuses CUDA tensors in the public fused functions until their kernels pass
+    the GPU tests (flash_attn._fused_checks.CUDA_ENABLED); the message says what to do."""
+    monkeypatch.setattr(flash._fused_checks, "CUDA_ENABLED", False)
+    x = torch.randn(4, 64, device="cuda")
+    w = torch.ones(64, device="cuda")
+    with pytest.raises(RuntimeError, match="not enabled in this release.*use CPU tensors"):
+        flash.ops.rms_norm.rms_norm(x, w, 1e-6)
+    with pytest.raises(RuntimeError, match="not enabled in this release"):
+        flash.losses.cross_entropy.CrossEntropyLoss()(x, torch.zeros(4, dtype=torch.long,
+                                                                     device="cuda"))

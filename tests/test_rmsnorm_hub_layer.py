@@ -13,7 +13,7 @@ import kernel_loader
 transformers = pytest.importorskip("transformers")
 kernels = pytest.importorskip("kernels")
 
-pytestmark = pytest.mark.fast
+pytestmark = [pytest.mark.fast, pytest.mark.usefixtures("fused_cuda")]
 
 
 def _model(family, dtype):
@@ -34,7 +34,7 @@ def _model(family, dtype):
 
 def _mapping():
     repo = kernels.LocalLayerRepository(repo_path=kernel_loader.BUILD_DIR, layer_name="RMSNorm")
-    return {"RMSNorm": {"cpu": repo}}  # the CPU only: the layer raises on CUDA tensors for now
+    return {"RMSNorm": {"cpu": repo}}  # these models run on the CPU here
 
 
 def _kernelize(model, mapping):
@@ -97,10 +97,17 @@ def test_layer_matches_llama_rmsnorm_semantics(flash, tol, x_dtype, w_dtype):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_layer_on_cuda_raises_not_implemented_yet(flash):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_on_cuda_matches_llama_rmsnorm(flash, dtype):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    norm = LlamaRMSNorm(16).cuda()
+    norm = LlamaRMSNorm(40).cuda().to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(40))
+    x = torch.randn(3, 5, 40, device="cuda").to(dtype)
+    want = norm(x)
     norm.forward = flash.layers.RMSNorm.forward.__get__(norm)
-    with pytest.raises(RuntimeError, match=r"flash_attn: .*not implemented for CUDA yet"):
-        norm(torch.randn(2, 16, device="cuda"))
+    out = norm(x)
+    assert out.dtype == want.dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, want, rtol=tol, atol=tol)

@@ -14,6 +14,10 @@
 #   bwd        test_bwd, test_bwd_packed, test_internal_api
 #   decode     test_kvcache_cuda, test_kvcache, test_rotary, test_modules_mha, test_bad_input
 #   api        test_compile_opcheck, test_multihead_attention, test_transformers_cuda
+#   sanitize   the sanitizers' quick grid: memcheck, racecheck and synccheck, each over the shard
+#              SAN_SHARD (default 0/100) of three groups: the fwd tier (sm90 dispatch), the
+#              fwd-sm80 tier, and bwd + decode; nine runs side by side, one process each (no
+#              xdist), PYTORCH_NO_CUDA_MEMORY_CACHING=1; logs san-<tool>-<group>.log
 #
 # Environment: PYTHON (default python3), JOBS (xdist workers, default: cores, at most 16),
 # BUDGET (seconds per tier, default 600), SHARD (I/N: pass --shard to every tier),
@@ -54,6 +58,28 @@ run_tier() {  # name, env assignments..., -- , test files...
   echo "gpu_check: $name: exit $? in $((SECONDS - t0)) s: $(tail -1 "$out/$name.log")"
 }
 
+san_one() {  # tool, group, env assignment, test files...
+  local tool="$1" group="$2" ev="$3"; shift 3
+  local t0=$SECONDS log="$out/san-$tool-$group.log"
+  env "$ev" PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT "$budget" \
+    compute-sanitizer --tool "$tool" "$py" -m pytest "$@" -k cuda -m "not slow" -q \
+    -p no:cacheprovider --shard "${SAN_SHARD:-0/100}" \
+    --grid-summary "$out/san-$tool-$group-summary.json" >"$log" 2>&1
+  echo "gpu_check: $tool $group: exit $? in $((SECONDS - t0)) s: $(grep -E '(passed|failed)' "$log" | tail -1) / $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
+}
+
+run_sanitizers() {
+  local tool
+  for tool in memcheck racecheck synccheck; do
+    san_one "$tool" fwd FLASH_ATTN_DISABLE_SM90=0 tests/test_sm90.py tests/test_fwd.py \
+      tests/test_varlen.py tests/test_dropout.py &
+    san_one "$tool" fwd-sm80 FLASH_ATTN_DISABLE_SM90=1 tests/test_fwd.py tests/test_varlen.py &
+    san_one "$tool" bwd-decode FLASH_ATTN_DISABLE_SM90=0 tests/test_bwd.py tests/test_bwd_packed.py \
+      tests/test_kvcache_cuda.py tests/test_kvcache.py &
+  done
+  wait
+}
+
 for tier in "${tiers[@]}"; do
   case "$tier" in
     fwd) run_tier fwd -- tests/test_sm90.py tests/test_fwd.py tests/test_varlen.py \
@@ -64,6 +90,7 @@ for tier in "${tiers[@]}"; do
               tests/test_modules_mha.py tests/test_bad_input.py ;;
     api) run_tier api -- tests/test_compile_opcheck.py tests/test_multihead_attention.py \
            tests/test_transformers_cuda.py ;;
+    sanitize) run_sanitizers ;;
     *) echo "gpu_check: unknown tier $tier" >&2; exit 2 ;;
   esac
 done

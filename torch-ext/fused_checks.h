@@ -1,7 +1,7 @@
 // Owns: the argument checks the fused training ops (ops_layer_norm.cpp, ops_cross_entropy.cpp)
-// share on top of checks.h: the device gate (CPU now; CUDA raises until its kernels land), the
-// dtype of each float tensor, rank-1 vectors and the dropout seed of the norm ops. Messages start
-// with "flash_attn: " and name the argument, as everywhere in the binding.
+// share on top of checks.h: the device gate (CPU and CUDA; fp64 and some dtype mixes are CPU
+// only), the dtype of each float tensor, rank-1 vectors and the dropout seed of the norm ops.
+// Messages start with "flash_attn: " and name the argument, as everywhere in the binding.
 #pragma once
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
@@ -17,12 +17,28 @@
 FLASH_NAMESPACE_BEGIN
 namespace __attribute__((visibility("hidden"))) binding {
 
-// The fused ops have CPU kernels only so far; a CUDA tensor gets a clear error before any work
-// (docs/fused_ops.md).
+// The fused ops run on CPU and CUDA tensors (docs/fused_ops.md).
 inline void check_fused_device(const Tensor& t, const char* name, const char* what) {
-  FLASH_CHECK(!t.is_cuda(), what, " is not implemented for CUDA yet (", name, " is on ",
-              device_str(t), "); the fused ops run on CPU tensors in this release");
-  FLASH_CHECK(t.is_cpu(), name, " is on ", device_str(t), "; only CPU tensors are supported");
+  FLASH_CHECK(t.is_cpu() || t.is_cuda(), name, " is on ", device_str(t), "; ", what,
+              " supports CPU and CUDA tensors");
+}
+
+// On CUDA the fused ops compute in fp32 and serve fp16/bf16/fp32 (docs/fused_ops.md): fp64 is
+// CPU only.
+inline void check_fused_cuda_dtype(const Tensor& t, const char* name) {
+  FLASH_CHECK(!t.is_cuda() || t.scalar_type() != ScalarType::Double, name,
+              " has dtype torch.float64, which the fused ops support on CPU tensors only; on "
+              "CUDA use torch.float16, torch.bfloat16 or torch.float32");
+}
+
+// On CUDA a companion tensor of the norm (the residual stream, the weights) has the input's
+// dtype or fp32 (the kernels are compiled for those pairs).
+inline void check_fused_cuda_pair(const Tensor& t, const char* name, const Tensor& ref,
+                                  const char* ref_name) {
+  FLASH_CHECK(!t.is_cuda() || t.scalar_type() == ref.scalar_type() ||
+                  t.scalar_type() == ScalarType::Float,
+              name, " has dtype ", dtype_name(t.scalar_type()), " but on CUDA it must have ",
+              ref_name, "'s dtype (", dtype_name(ref.scalar_type()), ") or torch.float32");
 }
 
 inline void check_same_device(const Tensor& t, const char* name, const Tensor& ref,

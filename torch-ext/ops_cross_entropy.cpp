@@ -1,6 +1,7 @@
 // Owns: the cross-entropy ops `cross_entropy_fwd`, `cross_entropy_bwd` and
 // `cross_entropy_bwd_inplace` (flash_attn.losses.cross_entropy): argument checks ->
-// CrossEntropyParams -> the CPU backend (CUDA raises until its kernels land). The math is stated
+// CrossEntropyParams -> the backend of the logits' device (CPU, or CUDA:
+// kernel_src/launch/cross_entropy_cuda.cu). The math is stated
 // in kernel_src/common/fused_params.h; docs/fused_ops.md has the contract. Labels are checked
 // (ignore_index or in [0, total_classes)) here, on the host.
 #include <tuple>
@@ -29,6 +30,7 @@ CeShape check_logits_labels(const Tensor& logits, const Tensor& labels, const ch
   check_fused_device(logits, "logits", what);
   check_rank(logits, "logits", 2, "(batch, vocab_size)");
   float_dtype(logits, "logits");
+  check_fused_cuda_dtype(logits, "logits");
   check_last_dim_contiguous(logits, "logits");
   // fp64 logits keep fp64 losses (gradcheck precision), others fp32; the lse is fp64 for
   // fp32 logits too (kernel_src/common/fused_params.h).
@@ -107,6 +109,14 @@ void fill_common(CrossEntropyParams& p, const Tensor& logits, const Tensor& labe
   p.lse_f64 = s.lse == ScalarType::Double;
 }
 
+void run_ce_bwd(const CrossEntropyParams& p, const Tensor& logits) {
+  if (logits.is_cpu()) {
+    run_cross_entropy_bwd_cpu(p);
+  } else {
+    FLASH_RUN_CUDA(run_cross_entropy_bwd_cuda, p, logits);
+  }
+}
+
 // The backward's checks and params (both the out-of-place and the in-place op).
 CrossEntropyParams bwd_params(const Tensor& dlosses, const Tensor& logits, const Tensor& lse,
                               const Tensor& labels, double smoothing, double logit_scale,
@@ -169,7 +179,11 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd(
   p.lse = lse.mutable_data_ptr();
   p.precomputed_lse = pre ? pre->const_data_ptr() : nullptr;
 
-  run_cross_entropy_fwd_cpu(p);
+  if (logits.is_cpu()) {
+    run_cross_entropy_fwd_cpu(p);
+  } else {
+    FLASH_RUN_CUDA(run_cross_entropy_fwd_cuda, p, logits);
+  }
   return {losses, z_losses, lse};
 }
 
@@ -184,7 +198,7 @@ Tensor cross_entropy_bwd(const Tensor& dlosses, const Tensor& logits, const Tens
   Tensor dlogits = alloc_vec(logits, {p.rows, p.cols}, logits.scalar_type());
   p.dlogits = dlogits.mutable_data_ptr();
   p.dlogits_row_stride = p.cols;
-  run_cross_entropy_bwd_cpu(p);
+  run_ce_bwd(p, logits);
   return dlogits;
 }
 
@@ -198,7 +212,7 @@ void cross_entropy_bwd_inplace(const Tensor& dlosses, Tensor logits, const Tenso
                                     class_start_idx, &labels_c, &lse_c);
   p.dlogits = logits.mutable_data_ptr();  // each chunk is read before it is overwritten
   p.dlogits_row_stride = logits.stride(0);
-  run_cross_entropy_bwd_cpu(p);
+  run_ce_bwd(p, logits);
 }
 
 FLASH_NAMESPACE_END

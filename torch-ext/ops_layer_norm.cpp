@@ -1,7 +1,9 @@
 // Owns: the norm ops `dropout_add_ln_fwd` and `dropout_add_ln_bwd` (flash_attn.ops.layer_norm,
-// flash_attn.ops.rms_norm): argument checks -> NormFwdParams / NormBwdParams -> the CPU backend
-// (CUDA raises until its kernels land). Outputs are allocated here. The math and the dropout
+// flash_attn.ops.rms_norm): argument checks -> NormFwdParams / NormBwdParams -> the backend of
+// the input's device (CPU, or CUDA: kernel_src/launch/norm_cuda.cu, whose column-sum workspace
+// is allocated here). Outputs are allocated here. The math and the dropout
 // stream are stated in kernel_src/common/fused_params.h; docs/fused_ops.md has the contract.
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -56,6 +58,21 @@ void check_epsilon_dropout(double epsilon, double dropout_p) {
 
 Tensor empty_of(const Tensor& like, ScalarType dtype) { return alloc_vec(like, {0}, dtype); }
 
+// The backward on x's device; on CUDA with its fp32 column-sum workspace, allocated on x's
+// stream and alive until the call returns (the caching allocator orders its reuse).
+void run_norm_bwd(NormBwdParams& p, const Tensor& x) {
+  if (x.is_cpu()) return run_norm_bwd_cpu(p);
+#ifdef CUDA_KERNEL
+  const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  const int64_t floats = norm_bwd_cuda_workspace_floats(p);
+  Tensor workspace = alloc_vec(x, {std::max<int64_t>(floats, 1)}, ScalarType::Float);
+  p.workspace = static_cast<float*>(workspace.mutable_data_ptr());
+  run_norm_bwd_cuda(p, current_stream(x));
+#else
+  fail("x is on ", device_str(x), " but this build of flash_attn has no CUDA backend");
+#endif
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dropout_add_ln_fwd(
@@ -67,6 +84,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dropout_add_ln_fwd(
   check_fused_device(x0, "x0", kFwdWhat);
   check_rank(x0, "x0", 2, "(rows, hidden_size)");
   const DType x0_dtype = float_dtype(x0, "x0");
+  check_fused_cuda_dtype(x0, "x0");
   check_last_dim_contiguous(x0, "x0");
   const int64_t rows = x0.size(0), cols = x0.size(1);
   FLASH_CHECK(cols >= 1, "x0 has hidden size 0; the norm needs at least one column");
@@ -74,12 +92,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dropout_add_ln_fwd(
   if (residual) {
     check_same_device(*residual, "residual", x0, "x0");
     residual_dtype = float_dtype(*residual, "residual");
+    check_fused_cuda_pair(*residual, "residual", x0, "x0");
     check_matrix(*residual, "residual", rows, cols, "(the shape of x0)");
   }
   Tensor gamma_c;
   OptTensor beta_c, colscale_c;
   const DType w_dtype =
       check_weights(gamma, beta, colscale, x0, "x0", cols, &gamma_c, &beta_c, &colscale_c);
+  check_fused_cuda_pair(gamma, "weight", x0, "x0");
   const OptTensor rowscale_c = check_rowscale(rowscale, x0, "x0", rows);
   check_epsilon_dropout(epsilon, dropout_p);
   const Dropout drop = check_dropout(dropout_p, rng_state);
@@ -126,7 +146,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dropout_add_ln_fwd(
   p.mu = is_rms_norm ? nullptr : mu.mutable_data_ptr();
   p.rsigma = rsigma.mutable_data_ptr();
 
-  run_norm_fwd_cpu(p);
+  if (x0.is_cpu()) {
+    run_norm_fwd_cpu(p);
+  } else {
+    FLASH_RUN_CUDA(run_norm_fwd_cuda, p, x0);
+  }
   return {z, x, dmask, mu, rsigma, drop.rng_out};
 }
 
@@ -144,6 +168,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dropout_add_ln_bwd(
   FLASH_CHECK(cols >= 1, "x has hidden size 0; the norm needs at least one column");
   check_same_device(dz, "dz", x, "x");
   const DType dz_dtype = float_dtype(dz, "dz");
+  check_fused_cuda_dtype(dz, "dz");
+  check_fused_cuda_pair(x, "x", dz, "dz");
   check_matrix(dz, "dz", rows, cols, "(the shape of x)");
   if (dx) {
     check_same_device(*dx, "dx", x, "x");
@@ -170,6 +196,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dropout_add_ln_bwd(
   OptTensor beta_unused, colscale_c;
   const DType w_dtype = check_weights(gamma, std::nullopt, colscale, x, "x", cols, &gamma_c,
                                       &beta_unused, &colscale_c);
+  check_fused_cuda_pair(gamma, "weight", dz, "dz");
   const OptTensor rowscale_c = check_rowscale(rowscale, dz, "dz", rows);
   check_epsilon_dropout(0.0, dropout_p);
   const Dropout drop = check_dropout(dropout_p, rng_state);
@@ -217,7 +244,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dropout_add_ln_bwd(
   p.dbeta = has_beta ? dbeta.mutable_data_ptr() : nullptr;
   p.dcolscale = colscale ? dcolscale.mutable_data_ptr() : nullptr;
 
-  run_norm_bwd_cpu(p);
+  run_norm_bwd(p, x);
   return {dx0, dresidual, dgamma, dbeta, dcolscale};
 }
 

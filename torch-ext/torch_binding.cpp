@@ -71,8 +71,7 @@ STABLE_TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
 }
 
 // One implementation per op serves both devices: it checks the device itself and calls the
-// matching backend (CUDA entries that have no kernel yet fail with a clear error: the fused ops
-// raise "... is not implemented for CUDA yet" on CUDA tensors).
+// matching backend.
 STABLE_TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, CPU, ops) {
   ops.impl("fwd", TORCH_BOX(&FLASH_NAMESPACE::mha_fwd));
   ops.impl("varlen_fwd", TORCH_BOX(&FLASH_NAMESPACE::mha_varlen_fwd));

@@ -1,7 +1,9 @@
 // Owns: the params of the fused training ops (docs/fused_ops.md): dropout + residual add +
 // LayerNorm/RMSNorm forward and backward, and the chunked cross-entropy forward and backward.
 // Filled by the torch binding (torch-ext/ops_layer_norm.cpp, torch-ext/ops_cross_entropy.cpp) by
-// named assignment; no torch types here. Shared by the CPU backend and, later, the CUDA one.
+// named assignment; no torch types here. Shared by the CPU backend and the CUDA one
+// (kernel_src/launch/norm_cuda.cu, cross_entropy_cuda.cu), which computes in fp32 where the CPU
+// uses fp64 (docs/fused_ops.md).
 //
 // Conventions (normative; docs/fused_ops.md states them for users):
 // * Norm rows: x0 (rows, cols); every row stride is given in elements, the last dimension is
@@ -100,6 +102,9 @@ struct NormBwdParams {
   void* dgamma = nullptr;
   void* dbeta = nullptr;
   void* dcolscale = nullptr;
+  // CUDA only: fp32 scratch for the per-CTA column sums, norm_bwd_cuda_workspace_floats(params)
+  // entries, uninitialised (launch/norm_cuda.cu). Unused by the CPU backend.
+  float* workspace = nullptr;
 };
 
 struct CrossEntropyParams {
@@ -130,5 +135,29 @@ struct CrossEntropyParams {
   void* dlogits = nullptr;     // may be the logits themselves (in-place backward)
   int64_t dlogits_row_stride = 0;
 };
+
+// The loss and z-loss of one row (FlashAttention-2.8's formula, docs/fused_ops.md), from its lse,
+// the sum of its scaled logits and, when the label is one of this shard's columns, the label's
+// scaled logit; in fp64, the same on the CPU and CUDA. An ignored row has loss 0.
+struct CrossEntropyRowLoss {
+  double loss = 0.0, z_loss = 0.0;
+};
+FLASH_HOST_DEVICE CrossEntropyRowLoss cross_entropy_row_loss(const CrossEntropyParams& p,
+                                                             int64_t label, double lse,
+                                                             double scaled_sum, bool label_here,
+                                                             double scaled_logit_y) {
+  CrossEntropyRowLoss r;
+  if (label == p.ignore_index) return r;
+  const double lse_term = p.split ? 0.0 : lse;
+  const double eps = p.smoothing;
+  const double smooth = eps > 0.0 ? eps * scaled_sum / static_cast<double>(p.total_classes) : 0.0;
+  r.loss = label_here ? lse_term - smooth - (1.0 - eps) * scaled_logit_y
+                      : eps * lse_term - smooth;  // the label lives in another shard (split)
+  if (!p.split) {
+    r.z_loss = p.lse_square_scale * lse * lse;
+    r.loss += r.z_loss;
+  }
+  return r;
+}
 
 FLASH_NAMESPACE_END

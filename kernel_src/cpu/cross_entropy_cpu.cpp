@@ -66,26 +66,14 @@ void fwd_row(const CrossEntropyParams& p, double* buf, int64_t r) {
   }
   store_stat(p.lse, p.lse_f64, r, lse);
   const int64_t label = label_of(p, r);
-  double loss = 0.0, z_loss = 0.0;
-  if (label != p.ignore_index) {
-    const int64_t y = label - p.class_start_idx;
-    const double lse_term = p.split ? 0.0 : lse;
-    const double eps = p.smoothing;
-    const double smooth = eps > 0.0 ? eps * sum / static_cast<double>(p.total_classes) : 0.0;
-    if (y >= 0 && y < p.cols) {
-      double logit_y = 0.0;
-      load_row(p.logits, p.dtype, r * p.logits_row_stride + y, 1, &logit_y);
-      loss = lse_term - smooth - (1.0 - eps) * (p.logit_scale * logit_y);
-    } else {
-      loss = eps * lse_term - smooth;  // the label lives in another shard (split)
-    }
-    if (!p.split) {
-      z_loss = p.lse_square_scale * lse * lse;
-      loss += z_loss;
-    }
-  }
-  store_stat(p.losses, p.stats_f64, r, loss);
-  store_stat(p.z_losses, p.stats_f64, r, z_loss);
+  const int64_t y = label - p.class_start_idx;
+  const bool here = label != p.ignore_index && y >= 0 && y < p.cols;
+  double logit_y = 0.0;
+  if (here) load_row(p.logits, p.dtype, r * p.logits_row_stride + y, 1, &logit_y);
+  const CrossEntropyRowLoss l =
+      cross_entropy_row_loss(p, label, lse, sum, here, p.logit_scale * logit_y);
+  store_stat(p.losses, p.stats_f64, r, l.loss);
+  store_stat(p.z_losses, p.stats_f64, r, l.z_loss);
 }
 
 void bwd_row(const CrossEntropyParams& p, double* buf, int64_t r) {

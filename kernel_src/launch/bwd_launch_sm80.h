@@ -65,13 +65,9 @@ void launch_bwd_sm80(const BwdParams& params, cudaStream_t stream) {
   cuda_check(cudaGetLastError(), "launching the sm80 backward kernel");
 }
 
-template <typename Element, int kHeadDim>
-void run_bwd_sm80(const BwdParams& params, cudaStream_t stream) {
-  using Traits = sm80::BwdTraits<kHeadDim, Element>;
-  int device = 0, smem_optin = 0;
-  cuda_check(cudaGetDevice(&device), "cudaGetDevice");
-  cuda_check(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-             "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+template <typename Element, int kHeadDim, bool kLarge>
+void run_bwd_sm80_tile(const BwdParams& params, int smem_optin, cudaStream_t stream) {
+  using Traits = sm80::BwdTraits<kHeadDim, Element, kLarge>;
   if (Traits::kSmemBytes > smem_optin) {
     throw std::runtime_error(
         "flash_attn CUDA: the backward for head_dim " + std::to_string(params.head_dim) +
@@ -103,6 +99,18 @@ void run_bwd_sm80(const BwdParams& params, cudaStream_t stream) {
       <<<static_cast<unsigned>((elems + kConvertThreads - 1) / kConvertThreads), kConvertThreads,
          0, stream>>>(params);
   cuda_check(cudaGetLastError(), "launching the sm80 backward's dQ conversion");
+}
+
+template <typename Element, int kHeadDim>
+void run_bwd_sm80(const BwdParams& params, cudaStream_t stream) {
+  const int smem_optin = device_smem_optin();
+  if constexpr (sm80::bwd_has_large_tile(kHeadDim)) {
+    if (sm80::bwd_use_large_tile(kHeadDim, smem_optin)) {
+      run_bwd_sm80_tile<Element, kHeadDim, true>(params, smem_optin, stream);
+      return;
+    }
+  }
+  run_bwd_sm80_tile<Element, kHeadDim, false>(params, smem_optin, stream);
 }
 
 FLASH_NAMESPACE_END

@@ -167,9 +167,13 @@ int fwd_cuda_num_splits(const FwdParams& call) {
 }
 
 int64_t bwd_cuda_semaphore_count(const BwdParams& params) {
+  const int smem_optin = device_smem_optin();
   int64_t per_head = 0;
   HDIM_SWITCH(params.head_dim, [&] {
-    per_head = sm80::bwd_semaphores_per_head(params, sm80::bwd_tile_config(kHeadDim).kBlockM);
+    // The tile run_bwd_sm80 will choose (bwd_launch_sm80.h).
+    const sm80::BwdTileConfig tile =
+        sm80::bwd_tile_config(kHeadDim, sm80::bwd_use_large_tile(kHeadDim, smem_optin));
+    per_head = sm80::bwd_semaphores_per_head(params, tile.kBlockM);
   });
   return per_head * params.nheads;
 }

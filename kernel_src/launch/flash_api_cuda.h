@@ -6,6 +6,7 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include "../common/fused_params.h"
 #include "../common/params.h"
 #include "../common/rotary.h"
 
@@ -43,5 +44,17 @@ void run_rotary_q_cuda(const RotaryQParams& params, cudaStream_t stream);
 
 // The `rotary` op (flash_attn.layers.rotary).
 void run_rotary_cuda(const RotaryParams& params, cudaStream_t stream);
+
+// The fused norm ops (norm_cuda.cu; common/fused_params.h). The backward needs
+// norm_bwd_cuda_workspace_floats(params) fp32 entries of scratch in params.workspace
+// (uninitialised; may be 0 entries, then null).
+void run_norm_fwd_cuda(const NormFwdParams& params, cudaStream_t stream);
+void run_norm_bwd_cuda(const NormBwdParams& params, cudaStream_t stream);
+int64_t norm_bwd_cuda_workspace_floats(const NormBwdParams& params);
+
+// The chunked cross-entropy (cross_entropy_cuda.cu); the backward writes params.dlogits, which
+// may be the logits themselves.
+void run_cross_entropy_fwd_cuda(const CrossEntropyParams& params, cudaStream_t stream);
+void run_cross_entropy_bwd_cuda(const CrossEntropyParams& params, cudaStream_t stream);
 
 FLASH_NAMESPACE_END

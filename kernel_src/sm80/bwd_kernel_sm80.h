@@ -14,9 +14,13 @@
 // GQA/MQA: a CTA owns its K/V head's key block and loops over the query heads of the group, so
 // dK/dV are summed in registers, without expanded K/V or per-head copies, and written once.
 // Determinism: dK/dV always are (one writer per element, fixed order). dQ adds the key blocks'
-// contributions with atomics; with params.deterministic they add in key-block order, each CTA
-// waiting for the previous key block of its (query head, query block) on a counter in
-// params.dq_semaphore (CTAs start in blockIdx order, so the one waited for already runs).
+// contributions with atomics; with params.deterministic they add in descending key-block order,
+// each CTA waiting for the next key block of its (query head, query block) on a counter in
+// params.dq_semaphore. Descending, because a CTA walks its query blocks in ascending order: under
+// a causal mask key block j first meets query block i where the block nearest the diagonal has
+// just added, so no CTA waits (ascending order made key block j wait about 2j steps, half the
+// causal grid idle). The grid runs the key blocks in reverse (bwd_kernel_sm80), so the CTA waited
+// for started earlier (CTAs start in blockIdx order) and already runs or is done.
 //
 // Invariants: rows past seqlen_q get LSE = +inf (P = 0) and D = 0, keys past seqlen_k and
 // masked pairs get s = -inf, so padding contributes nothing and needs no other predicate;
@@ -357,10 +361,10 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
     int* sem = nullptr;
     int turn = 0;
     if (params.deterministic) {
-      // Key blocks add into this query block in ascending order: wait for our turn.
+      // Key blocks add into this query block in descending order: wait for our turn.
       int col_begin, col_end;
       mask.kv_range(m0, m_end, &col_begin, &col_end);
-      turn = n_block - col_begin / kBlockN;
+      turn = (col_end - 1) / kBlockN - n_block;
       sem = params.dq_semaphore + bidh * sems_per_head + bs.sem_base + m_block;
       if (tid == 0) {
         while (atomicAdd(sem, 0) != turn) __nanosleep(32);
@@ -424,7 +428,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, Traits::kMinBlocksPerSm)
   for (int bidb = blockIdx.z; bidb < params.batch; bidb += gridDim.z) {
     const BwdSeq bs(params, bidb, Traits::kBlockM);
     const int n_blocks = (bs.seq.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
-    for (int n_block = blockIdx.x; n_block < n_blocks; n_block += gridDim.x) {
+    // Deterministic mode (one CTA per key block) starts the last key block first: see the dQ
+    // order at the top of this file.
+    const int first = params.deterministic ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    for (int n_block = first; n_block < n_blocks; n_block += gridDim.x) {
       bwd_col_block<Traits, Is_masked, Is_general>(params, bs, bidb, blockIdx.y, n_block, aligned,
                                                    smem);
       __syncthreads();  // the next key block overwrites K and V

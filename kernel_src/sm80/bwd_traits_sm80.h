@@ -32,21 +32,37 @@ struct BwdTileConfig {
   int kMinBlocksPerSm;         // __launch_bounds__: 2 caps registers at 128 per thread
 };
 
-// One config per head dim. Q, dO and their LSE/D rows are double-buffered (the next query
-// block's copies overlap this one's GEMMs). 8 warps everywhere: the dK/dV accumulators of a CTA
-// (2 x kBlockN x kHeadDim fp32) are spread over 256 threads. Up to head dim 128 every config fits
-// the 99 KB of the smallest sm80+ GPUs; above, 104/136 KB need an A100/H100-class GPU (checked
-// at launch).
-constexpr BwdTileConfig bwd_tile_config(int head_dim) {
+// One config per head dim, and a second, larger one where it pays on GPUs with more opt-in shared
+// memory (A100: 163 KB, H100/H200: 227 KB). Q, dO and their LSE/D rows are double-buffered (the
+// next query block's copies overlap this one's GEMMs). 8 warps everywhere: the dK/dV accumulators
+// of a CTA (2 x kBlockN x kHeadDim fp32) are spread over 256 threads. Up to head dim 128 the
+// small configs fit the 99 KB of the smallest sm80+ GPUs; above, 104/136 KB need an A100/H100-class
+// GPU (checked at launch).
+constexpr BwdTileConfig bwd_tile_config(int head_dim, bool large = false) {
   // Up to 64: 128 keys per CTA, 98 KB at 64; 2 CTAs/SM would spill ~800 B (sm_90a, ptxas).
   if (head_dim <= 64) return {64, 128, 8, 8, 1, 8, 1, 4, 2, 1};
   // 96: 88 KB. 96/128 fit 128 registers with <= 144 B of spills, so two CTAs share an SM where
   // shared memory allows (A100/H100) and hide each other's copies and barriers.
   if (head_dim <= 96) return {64, 64, 8, 4, 2, 4, 2, 4, 2, 2};
+  // 128, large: 64 query rows x 128 keys (161 KB), each warp owns 16 keys in the S and dKV phases
+  // (255 registers, no spills): 1.3-1.4x the small config's speed on the H200 (docs/cuda_bwd.md).
+  if (head_dim <= 128 && large) return {64, 128, 8, 8, 1, 8, 1, 2, 4, 1};
   // 128: 32 query rows per iteration keep two Q/dO stages and 64 keys in 72 KB.
   if (head_dim <= 128) return {32, 64, 8, 4, 2, 4, 2, 2, 4, 2};
   // 192/256: 104/136 KB; the dK/dV accumulators alone are 96/128 registers.
   return {32, 64, 8, 4, 2, 4, 2, 2, 4, 1};
+}
+
+constexpr bool operator==(const BwdTileConfig& a, const BwdTileConfig& b) {
+  return a.kBlockM == b.kBlockM && a.kBlockN == b.kBlockN && a.kNWarps == b.kNWarps &&
+         a.kWarpsS_N == b.kWarpsS_N && a.kWarpsS_M == b.kWarpsS_M && a.kWarpsKV_N == b.kWarpsKV_N &&
+         a.kWarpsKV_D == b.kWarpsKV_D && a.kWarpsQ_M == b.kWarpsQ_M && a.kWarpsQ_D == b.kWarpsQ_D &&
+         a.kMinBlocksPerSm == b.kMinBlocksPerSm;
+}
+
+// Whether head_dim has a large config of its own (only then is a second kernel compiled).
+constexpr bool bwd_has_large_tile(int head_dim) {
+  return !(bwd_tile_config(head_dim, true) == bwd_tile_config(head_dim, false));
 }
 
 constexpr int kBwdStages = 2;  // Q/dO/LSE/D buffers
@@ -59,10 +75,10 @@ constexpr int bwd_smem_bytes(int head_dim, BwdTileConfig c) {
          kBwdStages * 2 * 4 * c.kBlockM;
 }
 
-template <int kHeadDim_, typename Element_>
+template <int kHeadDim_, typename Element_, bool kLarge_ = false>
 struct BwdTraits {
   using Element = Element_;
-  static constexpr BwdTileConfig kC = bwd_tile_config(kHeadDim_);
+  static constexpr BwdTileConfig kC = bwd_tile_config(kHeadDim_, kLarge_);
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kC.kBlockM, kBlockN = kC.kBlockN;
   static constexpr int kNWarps = kC.kNWarps, kNThreads = kNWarps * 32;
@@ -110,6 +126,13 @@ struct BwdTraits {
   static_assert(kRowStep % 8 == 0 && kBlockM % kRowStep == 0 && kBlockN % kRowStep == 0,
                 "tiles are whole copy passes that keep the swizzle phase");
 };
+
+// Whether a call runs the large config: it exists for the head dim and the device's opt-in shared
+// memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) holds it.
+constexpr bool bwd_use_large_tile(int head_dim, int smem_optin) {
+  return bwd_has_large_tile(head_dim) &&
+         bwd_smem_bytes(head_dim, bwd_tile_config(head_dim, true)) <= smem_optin;
+}
 
 // Counters of the deterministic dQ order: per query head, one per query block of every sequence.
 FLASH_HOST_DEVICE int64_t bwd_semaphores_per_head(const BwdParams& p, int block_m) {

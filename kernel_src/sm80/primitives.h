@@ -127,16 +127,7 @@ using cuda::exp2_approx;  // (common/cuda_primitives.h)
 using cuda::Exp2Approx;
 using cuda::pack2;
 
-template <typename Element>
-__device__ __forceinline__ float to_float(Element x);
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) {
-  return __half2float(x);
-}
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
+using cuda::to_float;
 
 namespace warp {
 using cuda::warp::quad_max;

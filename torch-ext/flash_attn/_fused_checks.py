@@ -15,13 +15,33 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LABEL_DTYPES = (torch.int64, torch.int32)
 
 
+# The CUDA kernels of these ops are built and reachable through torch.ops, but the public
+# functions take CUDA tensors only once the kernels have passed their GPU tests (docs/fused_ops.md,
+# "Status"); until then this stays False and the GPU tests switch it on for themselves.
+CUDA_ENABLED = False
+
+
 def device(t, name, what):
-    """The fused ops run on CPU tensors; CUDA raises until its kernels land (docs/fused_ops.md)."""
-    if t.device.type == "cuda":
-        fail(f"{what} is not implemented for CUDA yet ({name} is on {t.device}); the fused ops "
-             "run on CPU tensors in this release")
-    if t.device.type not in ("cpu", "meta"):
-        fail(f"{name} is on {t.device}; only CPU tensors are supported")
+    """The fused ops run on CPU tensors, and on CUDA tensors once CUDA_ENABLED (docs/fused_ops.md)."""
+    if t.device.type == "cuda" and not CUDA_ENABLED:
+        fail(f"{what} on CUDA tensors ({name} is on {t.device}) is not enabled in this release: "
+             "its CUDA kernels are built but have not yet passed their GPU tests; use CPU tensors")
+    if t.device.type not in ("cpu", "cuda", "meta"):
+        fail(f"{name} is on {t.device}; {what} supports CPU and CUDA tensors")
+
+
+def cuda_dtype(t, name):
+    """On CUDA the fused ops serve fp16/bf16/fp32 (fp64 is CPU only)."""
+    if t.device.type == "cuda" and t.dtype == torch.float64:
+        fail(f"{name} has dtype torch.float64, which the fused ops support on CPU tensors only; "
+             "on CUDA use torch.float16, torch.bfloat16 or torch.float32")
+
+
+def cuda_pair(t, name, ref, ref_name):
+    """On CUDA the residual stream and the weights of the norm have the input's dtype or fp32."""
+    if t.device.type == "cuda" and t.dtype not in (ref.dtype, torch.float32):
+        fail(f"{name} has dtype {t.dtype} but on CUDA it must have {ref_name}'s dtype "
+             f"({ref.dtype}) or torch.float32")
 
 
 def same_device(t, name, ref, ref_name):
@@ -122,6 +142,7 @@ def ln_fwd(x0, residual, gamma, beta, rowscale, colscale, dropout_p, epsilon, rn
     if x0.dim() != 2:
         fail(f"x0 must have 2 dimensions (rows, hidden_size), got shape {tuple(x0.shape)}")
     float_dtype(x0, "x0")
+    cuda_dtype(x0, "x0")
     last_dim_contiguous(x0, "x0")
     rows, cols = x0.shape
     if cols < 1:
@@ -129,8 +150,10 @@ def ln_fwd(x0, residual, gamma, beta, rowscale, colscale, dropout_p, epsilon, rn
     if residual is not None:
         same_device(residual, "residual", x0, "x0")
         float_dtype(residual, "residual")
+        cuda_pair(residual, "residual", x0, "x0")
         matrix(residual, "residual", rows, cols, "(the shape of x0)")
     _weights(gamma, beta, colscale, x0, "x0", cols)
+    cuda_pair(gamma, "weight", x0, "x0")
     _rowscale(rowscale, x0, "x0", rows)
     if not (epsilon >= 0.0 and epsilon != float("inf")):
         fail(f"epsilon must be >= 0 and finite, got {epsilon}")
@@ -149,6 +172,8 @@ def ln_bwd(dz, dx, x, x0, mu, rsigma, gamma, rowscale, colscale, dropout_p, rng_
         fail("x has hidden size 0; the norm needs at least one column")
     same_device(dz, "dz", x, "x")
     float_dtype(dz, "dz")
+    cuda_dtype(dz, "dz")
+    cuda_pair(x, "x", dz, "dz")
     matrix(dz, "dz", rows, cols, "(the shape of x)")
     if dx is not None:
         same_device(dx, "dx", x, "x")
@@ -166,6 +191,7 @@ def ln_bwd(dz, dx, x, x0, mu, rsigma, gamma, rowscale, colscale, dropout_p, rng_
         dtype_is(t, name, stats, "the statistics dtype of x")
         vector(t, name, rows, "(one entry per row)")
     _weights(gamma, None, colscale, x, "x", cols)
+    cuda_pair(gamma, "weight", dz, "dz")
     _rowscale(rowscale, dz, "dz", rows)
     _dropout(dropout_p, rng_state)
 
@@ -175,6 +201,7 @@ def _ce_common(logits, labels, what):
     if logits.dim() != 2:
         fail(f"logits must have 2 dimensions (batch, vocab_size), got shape {tuple(logits.shape)}")
     float_dtype(logits, "logits")
+    cuda_dtype(logits, "logits")
     last_dim_contiguous(logits, "logits")
     rows, cols = logits.shape
     if cols < 1:

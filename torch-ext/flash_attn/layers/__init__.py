@@ -68,7 +68,7 @@ class RMSNorm(torch.nn.Module):
     """The kernel-hub layer for Transformers' ``@use_kernel_forward_from_hub("RMSNorm")`` hook
     (LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm and the other Llama-style norms): forward reads
     the replaced module's ``weight`` and ``variance_epsilon``. Differentiable in the input and the
-    weight. CPU only in this release (map it for the "cpu" device)."""
+    weight. CPU and CUDA (fp16/bf16/fp32 on CUDA: map it for "cuda" too)."""
 
     has_backward = True
     can_torch_compile = True

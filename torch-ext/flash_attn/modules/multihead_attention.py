@@ -129,24 +129,25 @@ class MultiheadAttention(nn.Module):
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-        if self.batch_first and not unbatched:
+        # Work batch-first throughout: (batch, len, embed), so the projections give contiguous
+        # (batch, len, heads, head_dim) tensors for the kernel.
+        if not self.batch_first or unbatched:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        tgt_len, batch, _ = query.shape
-        causal = self._causal_from_mask(attn_mask, is_causal, tgt_len, key.shape[0])
+        batch, tgt_len, _ = query.shape
+        causal = self._causal_from_mask(attn_mask, is_causal, tgt_len, key.shape[1])
         extra_keys = self.bias_k is not None or self.add_zero_attn
         if causal and extra_keys:
             raise RuntimeError("flash_attn MultiheadAttention: causal masking together with "
                                "add_bias_kv/add_zero_attn is not supported")
         q, k, v = self._project(query, key, value)
         if self.bias_k is not None:
-            k = torch.cat([k, self.bias_k.expand(1, batch, -1)])
-            v = torch.cat([v, self.bias_v.expand(1, batch, -1)])
+            k = torch.cat([k, self.bias_k.expand(batch, 1, -1)], dim=1)
+            v = torch.cat([v, self.bias_v.expand(batch, 1, -1)], dim=1)
         if self.add_zero_attn:
-            k = torch.cat([k, k.new_zeros(1, batch, self.embed_dim)])
-            v = torch.cat([v, v.new_zeros(1, batch, self.embed_dim)])
-        # (len, batch, embed) -> (batch, len, heads, head_dim)
-        q, k, v = (t.transpose(0, 1).unflatten(-1, (self.num_heads, self.head_dim))
-                   for t in (q, k, v))
+            k = torch.cat([k, k.new_zeros(batch, 1, self.embed_dim)], dim=1)
+            v = torch.cat([v, v.new_zeros(batch, 1, self.embed_dim)], dim=1)
+        # (batch, len, embed) -> (batch, len, heads, head_dim)
+        q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)) for t in (q, k, v))
         dropout_p = self.dropout if self.training else 0.0
         if key_padding_mask is None:
             out = flash_attn_func(q, k, v, dropout_p, causal=causal)

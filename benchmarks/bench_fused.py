@@ -1,0 +1,226 @@
+"""The fused training ops against their eager PyTorch equivalents and `torch.compile` of them (the
+fair peer: what a user gets without our kernels), same inputs, same run:
+
+  norm   `ops.layer_norm.dropout_add_layer_norm` with a residual and prenorm=True (residual add +
+         LayerNorm, both outputs) and `ops.rms_norm.rms_norm`; bf16, 16k tokens, hidden
+         2048/4096/8192. Forward and forward+backward ms, and GB/s over the bytes the op must move
+         at least: layer norm forward reads x0 and the residual and writes z and x (4 passes),
+         its backward reads dz, the gradient of x and x and writes dx0 (4); RMSNorm forward 2
+         passes, backward 3 (dz, x; dx). The device copy rate of the same run is the roof.
+  ce     `losses.cross_entropy.CrossEntropyLoss` at vocab 128256, 8k tokens, bf16 logits:
+         forward+backward ms and the peak memory the call allocates beyond its inputs
+         (torch.cuda.max_memory_allocated), against F.cross_entropy eager and compiled.
+  dense  `ops.fused_dense.FusedMLP` (tanh GELU) against Linear + GELU + Linear eager and compiled
+         at a Llama MLP shape (4096 -> 11008 -> 4096, 8k tokens): forward+backward ms.
+
+Timing (docs/benchmarking.md): `_measure.kernel_ms` on the GPU (median, L2 flushed), the median
+wall time of 3 calls on the CPU. Ratios are peer time over ours (> 1: ours is faster).
+
+    python benchmarks/bench_fused.py [--device cuda|cpu] [--quick] [--no-compile] [--out PATH]
+
+The fused ops' public functions refuse CUDA tensors until their kernels have passed the GPU tests
+(docs/fused_ops.md, "Status"); this script switches them on for itself to measure them.
+`--device cpu --quick --no-compile` runs tiny shapes on the CPU: a check that the script works
+(tests/test_bench_fused.py), not a measurement.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _measure import clocks, gbps, git_sha, kernel_ms, median_wall_s  # noqa: E402
+
+SHAPES = {  # full, quick
+    "norm": ([(16384, h) for h in (2048, 4096, 8192)], [(64, 40)]),
+    "ce": ([(8192, 128256)], [(16, 1001)]),
+    "dense": ([(8192, 4096, 11008)], [(32, 48, 80)]),
+}
+
+
+def load_flash(build, device):
+    import kernels
+    kind = "cu" if device == "cuda" else "cpu"
+    variants = sorted(Path(build).glob(f"torch-stable-abi*-{kind}*"))
+    if not variants:
+        raise SystemExit(f"no {kind} variant under {build}: run tools/build_local.py")
+    flash = kernels.get_local_kernel(variants[-1])
+    flash._fused_checks.CUDA_ENABLED = True  # measured before release (module docstring)
+    return flash
+
+
+class Runner:
+    def __init__(self, device, compile_peers):
+        self.device, self.compile_peers = device, compile_peers
+
+    def ms(self, fn):
+        if self.device == "cuda":
+            return kernel_ms(fn)
+        return 1e3 * median_wall_s(fn, reps=3)
+
+    def peers(self, eager):
+        """{"eager": fn, "compiled": torch.compile(fn)} (compiled only when asked)."""
+        out = {"eager": eager}
+        if self.compile_peers:
+            out["compiled"] = torch.compile(eager)
+        return out
+
+    def fwd_bwd(self, fn, inputs, grads):
+        """fn(*inputs) -> tensor or tuple; backward with the fixed upstream gradients."""
+        def run():
+            for t in inputs:
+                t.grad = None
+            outs = fn(*inputs)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            torch.autograd.backward(outs, grads)
+        return run
+
+
+def copy_rate(device, ms):
+    src = torch.randn(64 << 20 if device == "cuda" else 1 << 20, device=device)
+    dst = torch.empty_like(src)
+    return gbps(2 * src.numel() * 4, ms(lambda: dst.copy_(src)))
+
+
+def norm_rows(flash, r, shapes):
+    rows = []
+    eps = 1e-5
+    for tokens, hidden in shapes:
+        dev, dt = r.device, torch.bfloat16
+        esz = torch.empty((), dtype=dt).element_size()
+        x0 = torch.randn(tokens, hidden, device=dev, dtype=dt, requires_grad=True)
+        res = torch.randn_like(x0, requires_grad=True)
+        w = torch.randn(hidden, device=dev, dtype=dt, requires_grad=True)
+        b = torch.randn(hidden, device=dev, dtype=dt, requires_grad=True)
+        dz, dx = torch.randn_like(x0), torch.randn_like(x0)
+        tensor_bytes = tokens * hidden * esz
+
+        def ours_ln(x0, res, w, b):
+            return flash.ops.layer_norm.dropout_add_layer_norm(x0, res, w, b, 0.0, eps,
+                                                               prenorm=True)
+
+        def eager_ln(x0, res, w, b):
+            x = x0 + res
+            return F.layer_norm(x, (hidden,), w, b, eps), x
+
+        def ours_rms(x0, w):
+            return flash.ops.rms_norm.rms_norm(x0, w, eps)
+
+        def eager_rms(x0, w):
+            xf = x0.float()
+            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x0.dtype) * w
+
+        for op, ours, eager, inputs, grads, passes in (
+                ("layer_norm_prenorm", ours_ln, eager_ln, (x0, res, w, b), (dz, dx), (4, 4)),
+                ("rms_norm", ours_rms, eager_rms, (x0, w), (dz,), (2, 3))):
+            impls = dict(ours=ours, **r.peers(eager))
+            row = dict(op=op, tokens=tokens, hidden=hidden, dtype="bf16", ms={}, ms_fwd_bwd={})
+            for name, fn in impls.items():
+                with torch.no_grad():
+                    row["ms"][name] = r.ms(lambda fn=fn: fn(*inputs))
+                row["ms_fwd_bwd"][name] = r.ms(r.fwd_bwd(fn, inputs, grads))
+            row["gbps_fwd"] = {k: gbps(passes[0] * tensor_bytes, v) for k, v in row["ms"].items()}
+            row["gbps_fwd_bwd"] = {k: gbps(sum(passes) * tensor_bytes, v)
+                                   for k, v in row["ms_fwd_bwd"].items()}
+            rows.append(ratios(row))
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def ce_rows(flash, r, shapes):
+    rows = []
+    for tokens, vocab in shapes:
+        dev = r.device
+        logits = torch.randn(tokens, vocab, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        labels = torch.randint(0, vocab, (tokens,), device=dev)
+        grad = torch.ones((), device=dev)
+        loss = flash.losses.cross_entropy.CrossEntropyLoss()
+
+        def eager(logits, labels):
+            return F.cross_entropy(logits, labels)
+
+        impls = dict(ours=lambda lg, lb: loss(lg, lb), **r.peers(eager))
+        row = dict(op="cross_entropy", tokens=tokens, vocab=vocab, dtype="bf16", ms_fwd_bwd={},
+                   peak_mib={})
+        for name, fn in impls.items():
+            step = r.fwd_bwd(fn, (logits, labels), (grad,))
+            row["ms_fwd_bwd"][name] = r.ms(step)
+            row["peak_mib"][name] = peak_mib(step, dev)
+        rows.append(ratios(row))
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def peak_mib(step, device):
+    """MiB one call allocates beyond what is live before it (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def dense_rows(flash, r, shapes):
+    rows = []
+    for tokens, d_in, d_hidden in shapes:
+        dev, dt = r.device, torch.bfloat16
+        x = torch.randn(tokens, d_in, device=dev, dtype=dt, requires_grad=True)
+        mlp = flash.ops.fused_dense.FusedMLP(d_in, d_hidden, device=dev, dtype=dt)
+        w1, b1, w2, b2 = mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias
+        grad = torch.randn(tokens, d_in, device=dev, dtype=dt)
+
+        def eager(x):
+            return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
+
+        impls = dict(ours=mlp, **r.peers(eager))
+        row = dict(op="mlp", tokens=tokens, d_in=d_in, d_hidden=d_hidden, dtype="bf16",
+                   ms_fwd_bwd={name: r.ms(r.fwd_bwd(fn, (x,), (grad,)))
+                               for name, fn in impls.items()})
+        rows.append(ratios(row))
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def ratios(row):
+    """Peer time over ours for every timing dict of the row (> 1: ours is faster)."""
+    for key in ("ms", "ms_fwd_bwd"):
+        if key in row:
+            row["ratio" + key[2:]] = {k: v / row[key]["ours"] for k, v in row[key].items()
+                                      if k != "ours"}
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--build", default=str(HERE.parent / "build"))
+    ap.add_argument("--ops", default="norm,ce,dense")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (a check, not a measure)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    flash = load_flash(args.build, args.device)
+    r = Runner(args.device, args.compile)
+    result = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                  torch=torch.__version__, git_sha=git_sha(),
+                  command="python benchmarks/bench_fused.py " + " ".join(sys.argv[1:]),
+                  copy_gbps=copy_rate(args.device, r.ms), rows=[])
+    fns = {"norm": norm_rows, "ce": ce_rows, "dense": dense_rows}
+    for op in args.ops.split(","):
+        result["rows"] += fns[op](flash, r, SHAPES[op][1 if args.quick else 0])
+    if args.device == "cuda":
+        result["clocks"] = clocks()
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
