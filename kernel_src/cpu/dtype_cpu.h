@@ -1,7 +1,7 @@
 // Owns: the CPU backend's storage types for fp16/bf16, their exact conversions to and from fp32
 // (round-to-nearest-even, subnormals, inf and NaN handled), and the per-dtype traits the
-// templated kernels use (storage type -> accumulation type: fp32 for fp16/bf16, fp64 for fp32
-// and fp64).
+// templated kernels use (storage type -> tile accumulation type Acc: fp32 for fp16/bf16/fp32,
+// fp64 for fp64; and the type Sum of the sums that run across tiles: fp64 for fp32 and fp64).
 //
 // Why our own conversions: kernel_src/ is framework-agnostic (no torch/c10 headers) and the
 // baseline x86-64 target has no F16C, so we cannot rely on _Float16 or intrinsics being there.
@@ -13,6 +13,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "../common/params.h"
 
@@ -80,12 +81,16 @@ inline uint16_t float_to_bf16(float x) {
   return static_cast<uint16_t>((f + 0x7fffu + lsb) >> 16);  // overflow rounds to inf correctly
 }
 
-// Per storage type: the accumulation type and the scalar conversions.
+// Per storage type: Acc, the type of the tile math (products, exponentials, the sums within one
+// tile of kBlockN keys or kBlockM queries); Sum, the type of the sums that run across tiles (the
+// forward's running O and row sum, the backward's dK/dV over query tiles and dQ over key tiles);
+// and the scalar conversions.
 template <typename T>
 struct Traits;
 template <>
 struct Traits<Half> {
   using Acc = float;
+  using Sum = float;
   static constexpr bool kExpF32 = false;
   static float load(Half x) { return half_to_float(x.bits); }
   static Half store(float x) { return Half{float_to_half(x)}; }
@@ -93,29 +98,43 @@ struct Traits<Half> {
 template <>
 struct Traits<BFloat16> {
   using Acc = float;
+  using Sum = float;
   static constexpr bool kExpF32 = false;
   static float load(BFloat16 x) { return bf16_to_float(x.bits); }
   static BFloat16 store(float x) { return BFloat16{float_to_bf16(x)}; }
 };
-// fp32 inputs accumulate in fp64. With fp32 accumulation our max error was of the same size as
-// PyTorch's own fp32 attention (oneDNN/MKL GEMMs with FMA), so the project's tolerance rule
-// max|ours - ref| <= 2 max|torch_fp32 - ref| + 1 ulp failed on a few percent of random small
-// cases; with fp64 accumulation the error is essentially the final rounding, far inside the rule
-// (docs/cpu_backend.md). The cost is the fp64 GEMM rate, about half the fp32 one.
+// fp32 inputs, attention forward calls of at least kF32TileMinWork multiply-adds: fp32 tile
+// math, fp64 sums across tiles (fp32 sums across tiles too failed the rule on the long chains: an
+// output row's P V over ~1000 keys, ratio 1.05). Smaller forward calls and every backward call
+// run as FloatF64 below. Why: docs/cpu_backend.md, "Numerics".
 template <>
 struct Traits<float> {
-  using Acc = double;
-  // The softmax exponentials of its fp64 logits are evaluated in fp32 (exp_cols_f32): the
-  // probabilities' fp32 rounding measurably changes no error ratio, while every product and
-  // every sum stays fp64 (an fp32 product or row sum, even over 16 terms, did: see
-  // docs/cpu_backend.md, "Numerics").
-  static constexpr bool kExpF32 = true;
-  static double load(float x) { return x; }
+  using Acc = float;
+  using Sum = double;
+  static constexpr bool kExpF32 = false;
+  static float load(float x) { return x; }
   static float store(double x) { return static_cast<float>(x); }
+};
+// fp32 storage with fp64 arithmetic (tiles and sums): the attention path of small fp32 calls.
+// The same bits as float; only the attention dispatch (dispatch_attn_dtype) produces it.
+struct FloatF64 {
+  float v;
+};
+static_assert(sizeof(FloatF64) == sizeof(float), "FloatF64 must alias fp32 storage");
+template <>
+struct Traits<FloatF64> {
+  using Acc = double;
+  using Sum = double;
+  // Its exponentials are evaluated in fp32 (exp_cols_f32 / exp_row_f32: the fp64 difference
+  // split into an fp32 head and tail, the result widened), every product and sum stays fp64.
+  static constexpr bool kExpF32 = true;
+  static double load(FloatF64 x) { return x.v; }
+  static FloatF64 store(double x) { return FloatF64{static_cast<float>(x)}; }
 };
 template <>
 struct Traits<double> {
   using Acc = double;
+  using Sum = double;
   static constexpr bool kExpF32 = false;
   static double load(double x) { return x; }
   static double store(double x) { return x; }
@@ -123,6 +142,8 @@ struct Traits<double> {
 
 template <typename T>
 using acc_t = typename Traits<T>::Acc;
+template <typename T>
+using sum_t = typename Traits<T>::Sum;
 
 // Runtime dtype -> storage type, the one switch of the CPU backend. The default branch throws:
 // an unknown dtype must never fall through to some other instantiation.
@@ -137,6 +158,24 @@ void dispatch_dtype(DType dtype, const char* arg_name, F&& f) {
       throw std::runtime_error(std::string("flash_attn (CPU): unsupported ") + arg_name +
                                " dtype code " + std::to_string(static_cast<int>(dtype)));
   }
+}
+
+// Multiply-adds (Problem::work) from which an fp32 attention call computes its tiles in fp32.
+// Below, the rule's statistic is a maximum over few elements: an fp32 kernel's maximum error
+// is then as likely as the fp32 oracle's to land anywhere in its spread, so only fp64 tiles
+// pass every draw; above, the maxima concentrate and the fp64 sums across tiles keep ours
+// below the oracle's (docs/cpu_backend.md, "Numerics"). fp64 costs little at this size.
+constexpr int64_t kF32TileMinWork = int64_t(1) << 26;
+
+// dispatch_dtype for the attention forward and backward: fp32 calls below kF32TileMinWork get
+// FloatF64 instead of float (the backward passes work 0: always).
+template <typename F>
+void dispatch_attn_dtype(DType dtype, int64_t work, const char* arg_name, F&& f) {
+  if (dtype == DType::kFloat32 && work < kF32TileMinWork) {
+    f(FloatF64{});
+    return;
+  }
+  dispatch_dtype(dtype, arg_name, std::forward<F>(f));
 }
 
 }  // namespace cpu

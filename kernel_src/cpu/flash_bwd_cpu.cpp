@@ -324,7 +324,9 @@ void check_bwd_pointers(const BwdParams& p) {
 void run_bwd_cpu(const BwdParams& params) {
   const cpu::Problem pr = cpu::make_problem(params, /*is_bwd=*/true);
   cpu::check_bwd_pointers(params);
-  cpu::dispatch_dtype(params.dtype, "q", [&](auto tag) {
+  // fp32 inputs always take the fp64-arithmetic path here (work 0): with fp32 tiles, decoding's
+  // dK/dV (each a sum over one query's heads) failed the rule (docs/cpu_backend.md, "Numerics").
+  cpu::dispatch_attn_dtype(params.dtype, /*work=*/0, "q", [&](auto tag) {
     using T = decltype(tag);
     cpu::run_bwd_typed<T>(params, pr);
   });

@@ -2,12 +2,14 @@
 // (sequence, K/V head, group of kTileGroup query tiles of kBlockM packed rows), OpenMP over tasks.
 // Each task walks only the key tiles of its tiles' KV ranges (Mask::kv_range), loads and converts
 // each K/V tile once for the group, keeps O unnormalised in an fp32/fp64 scratch tile and divides
-// once at the end. Per-thread scratch is O(kTileGroup x kBlockM x d + kBlockN x d); nothing of
+// once at the end (fp32 inputs: fp32 tile math, O and the row sums carried across key tiles in
+// fp64, see Traits<float>). Per-thread scratch is O(kTileGroup x kBlockM x d + kBlockN x d); nothing of
 // size seqlen_q x seqlen_k exists except S_dmask, which the caller asked for, filled in a second
 // pass once each row's lse is known.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "attn_tile_cpu.h"
@@ -24,18 +26,21 @@ constexpr int kTileGroup = 4;
 // One query tile's state: its rows, Q transposed and scaled (qt[c][r], ld mt), the output
 // accumulator O (row-major, ld dpad), and per query column: running max m (row_max of
 // SoftmaxState), the reference point off the tile's exponentials use, the rescale factor and
-// the running sum l.
+// the running sum l. O and l are carried across key tiles in Sum.
 template <typename T>
 struct QueryTile {
   using Acc = acc_t<T>;
-  std::vector<Acc> qt, o, m, off, factor, l;
+  using Sum = sum_t<T>;
+  std::vector<Acc> qt, m, off, factor;
+  std::vector<Sum> o, l;
   TileRows<Acc> rows;
   int nrows = 0, mt = 0, nb = 0, ne = 0;  // rows, padded rows, visible key range
 
   void ensure(int dpad) {
     grow_to(qt, dpad * kBlockM);
     grow_to(o, kBlockM * dpad);
-    for (auto* x : {&m, &off, &factor, &l}) grow_to(*x, kBlockM);
+    for (auto* x : {&m, &off, &factor}) grow_to(*x, kBlockM);
+    grow_to(l, kBlockM);
   }
 };
 
@@ -44,6 +49,7 @@ struct FwdScratch {
   using Acc = acc_t<T>;
   QueryTile<T> tiles[kTileGroup];
   std::vector<Acc> k, v, st;
+  std::vector<Acc> pv, tsum;  // one key tile's P V and row sums (only when Sum is not Acc)
   std::vector<uint8_t> keep;
   KvTileRows kv, kv_next;
 
@@ -52,6 +58,10 @@ struct FwdScratch {
     grow_to(k, kBlockN * dpad);
     grow_to(v, kBlockN * dpad);
     grow_to(st, kBlockN * kBlockM);
+    if constexpr (!std::is_same_v<Acc, sum_t<T>>) {
+      grow_to(pv, kBlockM * dpad);
+      grow_to(tsum, kBlockM);
+    }
     grow_to(keep, kBlockM * kBlockN);
   }
 };
@@ -93,13 +103,17 @@ void write_dmask_tile(const AttnCtx<T>& c, const SeqInfo& s, const Mask& mask, i
 // across queries (col_max, exp_cols). SoftmaxState's rules, in columns: m is the running max
 // (-inf while empty), off the reference (m, or 0 while empty), factor = exp(m_old - off)
 // rescales l and O (0 for a row still empty, exactly 1 when m did not move).
+// When Sum is wider than Acc (fp32 inputs), the tile's row sums and P V are computed in Acc from
+// zero and then added to the rescaled l and O in Sum, so no Acc chain is longer than one tile.
 template <typename T>
 void fwd_key_tile(const AttnCtx<T>& c, const Mask& mask, int n0, int n, QueryTile<T>& q,
                   FwdScratch<T>& sc) {
   using Acc = acc_t<T>;
+  using Sum = sum_t<T>;
+  constexpr bool kSplit = !std::is_same_v<Acc, Sum>;
   const int dpad = c.pr.dpad, mt = q.mt, nrows = q.nrows;
-  Acc *o = q.o.data(), *m = q.m.data(), *off = q.off.data(), *factor = q.factor.data();
-  Acc* l = q.l.data();
+  Acc *m = q.m.data(), *off = q.off.data(), *factor = q.factor.data();
+  Sum *o = q.o.data(), *l = q.l.data();
   Acc* st = sc.st.data();
   const Acc ninf = -static_cast<Acc>(INFINITY);
   // S^T = K Q^T (scaled, softcapped, ALiBi, masked)
@@ -113,12 +127,19 @@ void fwd_key_tile(const AttnCtx<T>& c, const Mask& mask, int n0, int n, QueryTil
     if (off[r] == ninf) off[r] = Acc(0);
   }
   exp_diff(factor, off, factor, mt);  // an old max of -inf (empty so far) gives 0
-  for (int r = 0; r < mt; ++r) l[r] *= factor[r];
   // P in place; the normaliser counts dropped ones too
-  if constexpr (Traits<T>::kExpF32)
-    exp_cols_f32(st, mt, st, mt, n, mt, off, l);
-  else
-    exp_cols(st, mt, st, mt, n, mt, off, l);
+  if constexpr (kSplit) {
+    Acc* ts = sc.tsum.data();
+    for (int r = 0; r < mt; ++r) ts[r] = Acc(0);
+    exp_cols(st, mt, st, mt, n, mt, off, ts);
+    for (int r = 0; r < mt; ++r) l[r] = l[r] * factor[r] + ts[r];
+  } else {
+    for (int r = 0; r < mt; ++r) l[r] *= factor[r];
+    if constexpr (Traits<T>::kExpF32)
+      exp_cols_f32(st, mt, st, mt, n, mt, off, l);
+    else
+      exp_cols(st, mt, st, mt, n, mt, off, l);
+  }
   // dropout: zero the dropped probabilities (keep_scale is folded into the final division)
   if (c.has_dropout) {
     dropout_keep_tile(c, q.rows, n0, n, sc.keep.data());
@@ -127,12 +148,23 @@ void fwd_key_tile(const AttnCtx<T>& c, const Mask& mask, int n0, int n, QueryTil
         if (!sc.keep[r * kBlockN + j]) st[j * mt + r] = Acc(0);
   }
   // O = factor * O + P V, P read through the transposed tile (element (r, j) at st[j * mt + r])
-  for (int r = 0; r < nrows; ++r) {
-    if (factor[r] == Acc(1)) continue;
-    Acc* orow = o + r * dpad;
-    for (int col = 0; col < dpad; ++col) orow[col] *= factor[r];
+  if constexpr (kSplit) {
+    Acc* pv = sc.pv.data();
+    gemm(st, 1, mt, sc.v.data(), dpad, pv, dpad, nrows, n, dpad, /*accumulate=*/false);
+    for (int r = 0; r < nrows; ++r) {
+      const Sum f = factor[r];
+      Sum* orow = o + r * dpad;
+      const Acc* pvrow = pv + r * dpad;
+      for (int col = 0; col < dpad; ++col) orow[col] = orow[col] * f + pvrow[col];
+    }
+  } else {
+    for (int r = 0; r < nrows; ++r) {
+      if (factor[r] == Acc(1)) continue;
+      Acc* orow = o + r * dpad;
+      for (int col = 0; col < dpad; ++col) orow[col] *= factor[r];
+    }
+    gemm(st, 1, mt, sc.v.data(), dpad, o, dpad, nrows, n, dpad, /*accumulate=*/true);
   }
-  gemm(st, 1, mt, sc.v.data(), dpad, o, dpad, nrows, n, dpad, /*accumulate=*/true);
 }
 
 // One task: up to kTileGroup query tiles (packed rows [pr0, pr0 + kTileGroup * kBlockM)) of
@@ -141,6 +173,7 @@ void fwd_key_tile(const AttnCtx<T>& c, const Mask& mask, int n0, int n, QueryTil
 template <typename T>
 void fwd_task(const AttnCtx<T>& c, int b, int hk, int pr0, FwdScratch<T>& sc) {
   using Acc = acc_t<T>;
+  using Sum = sum_t<T>;
   const FwdParams& p = c.p;
   const SeqInfo& s = c.pr.seqs[b];
   const int d = c.pr.d, dpad = c.pr.dpad;
@@ -160,10 +193,10 @@ void fwd_task(const AttnCtx<T>& c, int b, int hk, int pr0, FwdScratch<T>& sc) {
       nb = std::min(nb, q.nb);
       ne = std::max(ne, q.ne);
     }
-    for (int e = 0; e < q.nrows * dpad; ++e) q.o[e] = Acc(0);
+    for (int e = 0; e < q.nrows * dpad; ++e) q.o[e] = Sum(0);
     for (int r = 0; r < q.mt; ++r) {
       q.m[r] = ninf;
-      q.l[r] = Acc(0);
+      q.l[r] = Sum(0);
       q.off[r] = Acc(0);
     }
   }
@@ -192,20 +225,20 @@ void fwd_task(const AttnCtx<T>& c, int b, int hk, int pr0, FwdScratch<T>& sc) {
   for (int g = 0; g < ntiles; ++g) {
     QueryTile<T>& q = sc.tiles[g];
     for (int r = 0; r < q.nrows; ++r) {
-      const Acc sum = q.l[r];
-      const bool empty = !(sum > Acc(0));
-      const Acc inv = empty ? Acc(0) : Acc(1) / sum * (c.has_dropout ? c.keep_scale : Acc(1));
-      const Acc* orow = q.o.data() + r * dpad;
+      const Sum sum = q.l[r];
+      const bool empty = !(sum > Sum(0));
+      const Sum inv = empty ? Sum(0) : Sum(1) / sum * (c.has_dropout ? c.keep_scale : Sum(1));
+      const Sum* orow = q.o.data() + r * dpad;
       T* dst = out + q.rows.i[r] * p.o_row_stride + q.rows.h[r] * p.o_head_stride;
       for (int col = 0; col < d; ++col) dst[col] = Traits<T>::store(orow[col] * inv);
-      const Acc lse = empty ? static_cast<Acc>(INFINITY) : q.off[r] + std::log(sum);
+      const Sum lse = empty ? static_cast<Sum>(INFINITY) : q.off[r] + std::log(sum);
       const int64_t lse_idx = s.lse_off + q.rows.h[r] * c.pr.lse_head_stride + q.rows.i[r];
       if (p.softmax_lse_f64_ptr != nullptr) {
         p.softmax_lse_f64_ptr[lse_idx] = static_cast<double>(lse);
       } else {
         p.softmax_lse_ptr[lse_idx] = static_cast<float>(lse);
       }
-      q.off[r] = lse;
+      q.off[r] = static_cast<Acc>(lse);
     }
     if (p.p_ptr != nullptr) write_dmask_tile(c, s, mask, b, hk, q, sc);
   }
@@ -247,7 +280,7 @@ void run_fwd_typed(const FwdParams& p, const Problem& pr) {
 
 void run_fwd_cpu(const FwdParams& params) {
   const cpu::Problem pr = cpu::make_problem(params, /*is_bwd=*/false);
-  cpu::dispatch_dtype(params.dtype, "q", [&](auto tag) {
+  cpu::dispatch_attn_dtype(params.dtype, pr.work, "q", [&](auto tag) {
     using T = decltype(tag);
     cpu::run_fwd_typed<T>(params, pr);
   });

@@ -14,7 +14,7 @@ namespace cpu {
 template <typename T>
 inline void rotate_row(const T* src, T* dst, int d, int rotary_dim, bool interleaved,
                        const T* cos_row, const T* sin_row, bool conjugate = false) {
-  using Acc = acc_t<T>;
+  using Acc = sum_t<T>;  // fp64 for fp32 inputs: two products per element, nothing to save
   for (int m = 0; m < rotary_dim / 2; ++m) {
     int i0, i1;
     rotary_pair_index(m, rotary_dim, interleaved, &i0, &i1);
