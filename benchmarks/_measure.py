@@ -7,6 +7,7 @@ written out in docs/benchmarking.md; a tool that needs another kind of number ad
 """
 import json
 import os
+from pathlib import Path
 import statistics
 import subprocess
 import time
@@ -136,6 +137,17 @@ def device_slug(device="cuda"):
 def command_line(argv):
     """The command that wrote a result file, its script path relative to the repository."""
     return " ".join(["python", repo_relative(argv[0])] + list(argv[1:]))
+
+
+def load_flash(build, device="cuda"):
+    """The kernel as users load it: kernels.get_local_kernel on build/'s CUDA or CPU variant."""
+    import kernels
+    kind = "cu" if device == "cuda" else "cpu"
+    variants = sorted(Path(build).glob(f"torch-stable-abi*-{kind}*"))
+    if not variants:
+        raise SystemExit(f"no {device} variant under {build}: run tools/build_local.py "
+                         f"--variant {device}")
+    return kernels.get_local_kernel(variants[-1])
 
 
 def kernel_id(module):

@@ -25,17 +25,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _measure import clocks, fwd_flops, git_sha, kernel_ms, tflops  # noqa: E402
+from _measure import clocks, fwd_flops, git_sha, kernel_ms, tflops, load_flash  # noqa: E402
 
 BWD_FACTOR, FWDBWD_FACTOR = 2.5, 3.5
-
-
-def load_flash(build):
-    import kernels
-    variants = sorted(Path(build).glob("torch-stable-abi*-cu*"))
-    if not variants:
-        raise SystemExit(f"no CUDA variant under {build}: run tools/build_local.py --variant cuda")
-    return kernels.get_local_kernel(variants[-1])
 
 
 def time_pair(fwd):

@@ -44,18 +44,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "hf_integration"))
-from _measure import command_line, fwd_flops, git_sha, kernel_id  # noqa: E402
+from _measure import command_line, fwd_flops, git_sha, kernel_id, load_flash  # noqa: E402
 
 F = torch.nn.functional.scaled_dot_product_attention
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def load_flash(build):
-    import kernels
-    variants = sorted(Path(build).glob("torch-stable-abi*-cpu-*"))
-    if not variants:
-        raise SystemExit(f"no CPU variant under {build}: run tools/build_local.py --variant cpu")
-    return kernels.get_local_kernel(variants[-1])
 
 
 def cores():
@@ -280,7 +272,7 @@ def main():
     machine = args.machine or f"cpu{n}"
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{machine}-cpu.json"
 
-    flash = load_flash(args.build)
+    flash = load_flash(args.build, "cpu")
     result = dict(machine=machine, cpu=cpu_model(), cores=n, torch=torch.__version__,
                   cpu_capability=torch.backends.cpu.get_cpu_capability(), git_sha=git_sha(),
                   kernel_id=kernel_id(flash), command=command_line(sys.argv),

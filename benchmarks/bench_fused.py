@@ -33,24 +33,13 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _measure import clocks, gbps, git_sha, kernel_ms, median_wall_s  # noqa: E402
+from _measure import clocks, gbps, git_sha, kernel_ms, median_wall_s, load_flash  # noqa: E402
 
 SHAPES = {  # full, quick
     "norm": ([(16384, h) for h in (2048, 4096, 8192)], [(64, 40)]),
     "ce": ([(8192, 128256)], [(16, 1001)]),
     "dense": ([(8192, 4096, 11008)], [(32, 48, 80)]),
 }
-
-
-def load_flash(build, device):
-    import kernels
-    kind = "cu" if device == "cuda" else "cpu"
-    variants = sorted(Path(build).glob(f"torch-stable-abi*-{kind}*"))
-    if not variants:
-        raise SystemExit(f"no {kind} variant under {build}: run tools/build_local.py")
-    flash = kernels.get_local_kernel(variants[-1])
-    flash._fused_checks.CUDA_ENABLED = True  # measured before release (module docstring)
-    return flash
 
 
 class Runner:
@@ -208,6 +197,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     flash = load_flash(args.build, args.device)
+    flash._fused_checks.CUDA_ENABLED = True  # measured before release (module docstring)
     r = Runner(args.device, args.compile)
     result = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                   torch=torch.__version__, git_sha=git_sha(),
