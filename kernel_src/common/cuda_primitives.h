@@ -35,6 +35,15 @@ inline int device_smem_optin() {
   return bytes;
 }
 
+// The current device's multiprocessor count (grid sizes). A driver query, no synchronisation.
+inline int device_sms() {
+  int device = 0, sms = 0;
+  cuda_check(cudaGetDevice(&device), "cudaGetDevice");
+  cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute(MultiProcessorCount)");
+  return sms;
+}
+
 namespace cuda {
 
 // fp32 value of a storage element (fp16, bf16, or any type static_cast converts).

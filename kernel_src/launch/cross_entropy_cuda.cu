@@ -208,21 +208,13 @@ void dispatch_ce(DType dtype, F&& f) {
   }
 }
 
-int device_sms_ce() {
-  int dev = 0, sms = 0;
-  cuda_check(cudaGetDevice(&dev), "cudaGetDevice");
-  cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
-             "cudaDeviceGetAttribute(multiProcessorCount)");
-  return sms;
-}
-
 }  // namespace
 
 void run_cross_entropy_fwd_cuda(const CrossEntropyParams& p, cudaStream_t stream) {
   if (p.rows == 0) return;
   dispatch_ce(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const int64_t grid = std::min<int64_t>(p.rows, int64_t(device_sms_ce()) * 32);
+    const int64_t grid = std::min<int64_t>(p.rows, int64_t(device_sms()) * 32);
     ce_fwd_kernel<T><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(p);
     cuda_check(cudaGetLastError(), "ce_fwd_kernel launch");
   });

@@ -402,18 +402,6 @@ int current_device() {
   return dev;
 }
 
-// The SM count of the current device (queried once per device).
-int device_sms() {
-  static std::atomic<int> cache[kMaxDevices];
-  const int dev = current_device();
-  int sms = dev < kMaxDevices ? cache[dev].load(std::memory_order_relaxed) : 0;
-  if (sms > 0) return sms;
-  cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
-             "cudaDeviceGetAttribute(multiProcessorCount)");
-  if (dev < kMaxDevices) cache[dev].store(sms, std::memory_order_relaxed);
-  return sms;
-}
-
 // Lets Kernel use kMaxSmemBytes of dynamic shared memory on the current device (set once per
 // kernel and device: one instantiation, so one flag array, per kernel; a launch with less is
 // unaffected).
