@@ -133,8 +133,9 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const CrossEntropyPara
     const int64_t label = label_of(p, r);
     const int64_t y = label - p.class_start_idx;
     const bool here = label != p.ignore_index && y >= 0 && y < cols;
-    const double logit_y =
-        here ? p.logit_scale * static_cast<double>(to_float<T>(logits[y])) : 0.0;
+    // The label's scaled logit rounded as the LSE's terms were (v[i] *= scale in fp32), so that
+    // lse - logit_y cancels exactly where it should (one class, or one dominant logit).
+    const double logit_y = here ? static_cast<double>(to_float<T>(logits[y]) * scale) : 0.0;
     const CrossEntropyRowLoss l =
         cross_entropy_row_loss(p, label, lse, static_cast<double>(total), here, logit_y);
     store_row_value(p.losses, p.stats_f64, r, l.loss);

@@ -275,7 +275,7 @@ norm_bwd_kernel(const NormBwdParams p, float* partial, bool acc_in_smem) {
       for (int i = 0; i < kGroup; ++i) {
         if (i < n) {
           const float xh = (xv[i] - mu) * rsigma;
-          const float gi = dzv[i] * w[i];
+          const float gi = __fmul_rn(dzv[i], w[i]);  // rounded as in pass 2 (see there)
           sums[0] += gi;
           sums[1] += gi * xh;
           dgamma[c0 + i] += dzv[i] * xh;
@@ -298,7 +298,9 @@ norm_bwd_kernel(const NormBwdParams p, float* partial, bool acc_in_smem) {
 #pragma unroll
       for (int i = 0; i < kGroup; ++i) {
         const float xh = (xv[i] - mu) * rsigma;
-        dx[i] = rsigma * (dzv[i] * w[i] - mean_g - xh * mean_gx);
+        // g = dz * w rounded, never fused into g - mean_g: with one column (or a constant row)
+        // g - mean(g) must cancel exactly, as it does in unfused arithmetic.
+        dx[i] = rsigma * (__fmul_rn(dzv[i], w[i]) - mean_g - xh * mean_gx);
       }
       if (dxin != nullptr) {
         float t[kGroup];
