@@ -147,21 +147,29 @@ __device__ __forceinline__ void zero(float (&acc)[kM16][kN8][4]) {
 }
 
 // Stores a C fragment block (rows m0 + 16 mi + g (+8), columns n0 + 8 nj + 2 t, +1) into a shared
-// tile as Element pairs.
+// tile as Element pairs. m0 is a multiple of 8 (a warp's block), so every row the lane writes has
+// row g's swizzle phase: the swizzle and the row part of the offset are computed once, and each
+// column's part once for all rows (unsigned: n0 >= 0, so / and % are shifts and masks).
 template <typename Element, int kM16, int kN8, int kSw>
 __device__ __forceinline__ void store_c(const float (&acc)[kM16][kN8][4], const SmemTile<kSw>& t,
                                         Element* tile_ptr, int m0, int n0) {
   const int lane = thread_index_in_block() & 31;
   const int g = lane >> 2, c = 2 * (lane & 3);
+  const unsigned sw = static_cast<unsigned>(SmemTile<kSw>::swizzle(g));
+  Element* row_ptr = tile_ptr + (m0 + g) * kSw;
 #pragma unroll
-  for (int mi = 0; mi < kM16; ++mi)
+  for (int nj = 0; nj < kN8; ++nj) {
+    const unsigned col = static_cast<unsigned>(n0) + 8u * nj;
+    const int col_off = static_cast<int>((col / kSw) * static_cast<unsigned>(t.rows * kSw) +
+                                         ((((col % kSw) >> 3) ^ sw) << 3)) + c;
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
+    for (int mi = 0; mi < kM16; ++mi)
 #pragma unroll
-      for (int nj = 0; nj < kN8; ++nj) {
-        *reinterpret_cast<uint32_t*>(tile_ptr + t.offset(m0 + 16 * mi + g + 8 * h, n0 + 8 * nj + c)) =
+      for (int h = 0; h < 2; ++h) {
+        *reinterpret_cast<uint32_t*>(row_ptr + (16 * mi + 8 * h) * kSw + col_off) =
             pack2<Element>(acc[mi][nj][2 * h], acc[mi][nj][2 * h + 1]);
       }
+  }
 }
 
 }  // namespace warp

@@ -22,8 +22,9 @@
 // causal grid idle). The grid runs the key blocks in reverse (bwd_kernel_sm80), so the CTA waited
 // for started earlier (CTAs start in blockIdx order) and already runs or is done.
 //
-// Invariants: rows past seqlen_q get LSE = +inf (P = 0) and D = 0, keys past seqlen_k and
-// masked pairs get s = -inf, so padding contributes nothing and needs no other predicate;
+// Invariants: rows past seqlen_q are zero-filled in Q, dO, LSE and D, so their P is finite and
+// their dP, dS and every product with dO are zero; keys past seqlen_k and masked pairs get
+// s = -inf (P = 0), so padding contributes nothing and needs no other predicate;
 // fully masked (query block, key block) pairs are never visited (Mask::q_range).
 #pragma once
 #include <cstdint>
@@ -142,10 +143,12 @@ struct BwdSeq {
   }
 };
 
-// The S-phase of one (query block, key block): P^T o Z and dS'^T into shared memory.
-template <typename Traits, bool Is_masked, bool Is_general>
+// The S-phase of one (query block, key block): P^T o Z and dS'^T into shared memory. kFull: every
+// key of the block exists and every (query, key) pair is visible, so no element is masked (a
+// compile-time split: a run-time test per element cost a branch per element).
+template <typename Traits, bool Is_masked, bool Is_general, bool kFull>
 __device__ __forceinline__ void bwd_scores(const BwdParams& params, const SeqInfo& seq,
-                                           const Mask& mask, bool full_tile, int m0, int n0,
+                                           const Mask& mask, int m0, int n0,
                                            uint64_t subsequence, float alibi_slope,
                                            typename Traits::Element* smem, int stage, int warp,
                                            int lane) {
@@ -160,9 +163,11 @@ __device__ __forceinline__ void bwd_scores(const BwdParams& params, const SeqInf
   const SmemTile<Traits::kSwizzleCols> tk{smem_u32(smem + Traits::kSmemK), Traits::kBlockN};
   const SmemTile<Traits::kSwizzleCols> tv{smem_u32(smem + Traits::kSmemV), Traits::kBlockN};
   const SmemTile<Traits::kSwizzleColsP> tpt{smem_u32(smem + Traits::kSmemPt), Traits::kBlockN};
-  const float* lse2 = reinterpret_cast<const float*>(smem + Traits::kSmemStats) +
-                      stage * 2 * Traits::kBlockM;
-  const float* dsum = lse2 + Traits::kBlockM;
+  // The stage's LSE (natural log; 0 for rows past seqlen_q, whose zero Q and dO rows make P
+  // finite and every product with dO or (dP - D) zero) and D rows.
+  const float* lse = reinterpret_cast<const float*>(smem + Traits::kSmemStats) +
+                     stage * 2 * Traits::kBlockM;
+  const float* dsum = lse + Traits::kBlockM;
   const int key0 = (warp % Traits::kC.kWarpsS_N) * Traits::kSRows;
   const int q0 = (warp / Traits::kC.kWarpsS_N) * Traits::kSCols;
 
@@ -195,11 +200,11 @@ __device__ __forceinline__ void bwd_scores(const BwdParams& params, const SeqInf
           s *= scale;
           if (softcap > 0.f) s = softcap_apply(s, softcap, inv_cap, &tanh_s);
           if (alibi_slope != 0.f) s += alibi_bias(alibi_slope, i, j, shift);
-          if (!full_tile && !mask.visible(i, j)) s = -INFINITY;
-          p = exp2_approx(s * kLog2e - lse2[qc]);
+          if (!kFull && !mask.visible(i, j)) s = -INFINITY;
+          p = exp2_approx((s - lse[qc]) * kLog2e);
         } else {
-          if (!full_tile && !mask.visible(i, j)) s = -INFINITY;
-          p = exp2_approx(fmaf(s, params.scale_log2, -lse2[qc]));
+          if (!kFull && !mask.visible(i, j)) s = -INFINITY;
+          p = exp2_approx(fmaf(s, params.scale_log2, -lse[qc] * kLog2e));
         }
         float dp = acc_dp[mi][nj][e], pz = p;
         if (dropout) {
@@ -305,14 +310,16 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
       load_tile<Traits, kBlockM, false>(do_dst, ct, do_src, params.do_row_stride, valid_q,
                                         head_dim);
     }
-    cp_async_commit();
+    // LSE and D rows by 4-byte copies in the same group (a synchronous load here stalled its
+    // warps for a global round trip every item); rows past seqlen_q are zero-filled.
     if (tid < kBlockM) {
       const int64_t idx = seq.lse_row0 + bidh * seq.lse_head_stride + m0 + tid;
       const bool ok = tid < valid_q;
       float* stats = reinterpret_cast<float*>(smem + Traits::kSmemStats) + stage * 2 * kBlockM;
-      stats[tid] = ok ? params.softmax_lse_ptr[idx] * 1.4426950408889634f : INFINITY;
-      stats[kBlockM + tid] = ok ? params.dsoftmax_sum_ptr[idx] : 0.f;
+      cp_async_4(smem_u32(stats + tid), params.softmax_lse_ptr + (ok ? idx : 0), ok);
+      cp_async_4(smem_u32(stats + kBlockM + tid), params.dsoftmax_sum_ptr + (ok ? idx : 0), ok);
     }
+    cp_async_commit();
   };
 
   if (n_items > 0) load_item(0, 0);
@@ -339,8 +346,13 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
     const int m_end = min(m0 + kBlockM, seq.seqlen_q);
     const bool full_tile = n0 + kBlockN <= seq.seqlen_k &&
                            (!Is_masked || mask.tile_is_full(m0, m_end, n0, n0 + kBlockN));
-    bwd_scores<Traits, Is_masked, Is_general>(params, seq, mask, full_tile, m0, n0, subsequence,
-                                              alibi_slope, smem, stage, warp, lane);
+    if (full_tile) {
+      bwd_scores<Traits, Is_masked, Is_general, true>(params, seq, mask, m0, n0, subsequence,
+                                                      alibi_slope, smem, stage, warp, lane);
+    } else {
+      bwd_scores<Traits, Is_masked, Is_general, false>(params, seq, mask, m0, n0, subsequence,
+                                                       alibi_slope, smem, stage, warp, lane);
+    }
     __syncthreads();
 
     // ---- dKV-phase: dV += (P o Z)^T dO, dK += dS^T Q --------------------------------------
@@ -372,21 +384,41 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
       __syncthreads();
       __threadfence();
     }
-    float* dq_rows = params.dq_accum_ptr + (bs.q_row_global + m0) * dq_row_stride + bidh * dq_width;
-    const int g = lane >> 2, t = lane & 3;
+    {
+      const int g = lane >> 2, t = lane & 3;
+      // The lane's first element; the others are whole multiples of 8 rows and 8 columns away.
+      float* dq_lane = params.dq_accum_ptr + (bs.q_row_global + m0 + dq_row0 + g) * dq_row_stride +
+                       bidh * dq_width + dq_d0 + 2 * t;
+      const int64_t stride8 = 8 * dq_row_stride;
+      if (valid_q >= kBlockM && dq_width >= Traits::kHeadDim) {
+        // A whole query block and every column inside the accumulator: no per-element test.
 #pragma unroll
-    for (int mi = 0; mi < kQ16; ++mi)
+        for (int mi = 0; mi < kQ16; ++mi)
 #pragma unroll
-      for (int nj = 0; nj < kQ8; ++nj)
+          for (int h = 0; h < 2; ++h) {
+            float* row = dq_lane + (2 * mi + h) * stride8;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = dq_row0 + 16 * mi + g + 8 * h;
-          const int c = dq_d0 + 8 * nj + 2 * t;  // even, and c + 1 < dq_width when c < dq_width
-          if (r < valid_q && c < dq_width) {
-            atomic_add2(dq_rows + int64_t(r) * dq_row_stride + c, acc_dq[mi][nj][2 * h],
-                        acc_dq[mi][nj][2 * h + 1]);
+            for (int nj = 0; nj < kQ8; ++nj) {
+              atomic_add2(row + 8 * nj, acc_dq[mi][nj][2 * h], acc_dq[mi][nj][2 * h + 1]);
+            }
           }
-        }
+      } else {
+#pragma unroll
+        for (int mi = 0; mi < kQ16; ++mi)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = dq_row0 + 16 * mi + g + 8 * h;
+            float* row = dq_lane + (2 * mi + h) * stride8;
+#pragma unroll
+            for (int nj = 0; nj < kQ8; ++nj) {
+              const int c = dq_d0 + 8 * nj + 2 * t;  // even: c + 1 < dq_width when c < dq_width
+              if (r < valid_q && c < dq_width) {
+                atomic_add2(row + 8 * nj, acc_dq[mi][nj][2 * h], acc_dq[mi][nj][2 * h + 1]);
+              }
+            }
+          }
+      }
+    }
     if (params.deterministic) {
       __threadfence();
       __syncthreads();

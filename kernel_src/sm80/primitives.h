@@ -1,6 +1,6 @@
 // Owns: the hardware primitives of the Ampere-class path, one tiny inline-PTX wrapper each:
 // tensor-core MMA (mma.sync m16n8k16, fp16/bf16 in, fp32 accumulate), shared-memory matrix loads
-// (ldmatrix x4, plain and transposed), asynchronous global->shared copies (cp.async 16 B with
+// (ldmatrix x4, plain and transposed), asynchronous global->shared copies (cp.async 16 B and 4 B with
 // zero-fill, commit/wait_group); the fast exp2, fp16x2/bf16x2 packing, quad reductions and
 // smem_u32 shared with the Hopper path come from common/cuda_primitives.h.
 //
@@ -100,6 +100,13 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t sme
 __device__ __forceinline__ void cp_async_16(uint32_t smem_addr, const void* gmem, bool pred) {
   const int src_size = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem),
+               "r"(src_size));
+}
+
+// 4 bytes global -> shared (through L1: .cg takes 16-byte copies only), zero-filled when !pred.
+__device__ __forceinline__ void cp_async_4(uint32_t smem_addr, const void* gmem, bool pred) {
+  const int src_size = pred ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr), "l"(gmem),
                "r"(src_size));
 }
 
