@@ -67,6 +67,27 @@ def kernel_ms(fn):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def graph_ms(fn):
+    """Median milliseconds of fn() replayed from a CUDA graph: the device time of its kernels
+    without the host's launch work (python, dispatch, argument checks), which kernel_ms includes
+    whenever it outlasts the L2 flush before each repetition. Same do_bench protocol around
+    graph.replay(); fn is warmed up on a side stream first, as capture requires."""
+    from triton.testing import do_bench
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+
+
 def event_ms(fn):
     """Milliseconds of one call of fn() between two CUDA events on the current stream, the device
     synchronised before and after; no warm-up, repetition or L2 flush. The timer of one step of a

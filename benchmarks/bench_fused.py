@@ -13,10 +13,12 @@ fair peer: what a user gets without our kernels), same inputs, same run:
   dense  `ops.fused_dense.FusedMLP` (tanh GELU) against Linear + GELU + Linear eager and compiled
          at a Llama MLP shape (4096 -> 11008 -> 4096, 8k tokens): forward+backward ms.
 
-Timing (docs/benchmarking.md): `_measure.kernel_ms` on the GPU (median, L2 flushed), the median
-wall time of 3 calls on the CPU. Ratios are peer time over ours (> 1: ours is faster).
+Timing (docs/benchmarking.md): `_measure.kernel_ms` on the GPU (median, L2 flushed; the host's
+launch work counts where it outlasts the flush), with `--graph` `_measure.graph_ms` (the same
+around CUDA-graph replays: the kernels alone), the median wall time of 3 calls on the CPU. Ratios are peer time over ours (> 1: ours is faster).
 
-    python benchmarks/bench_fused.py [--device cuda|cpu] [--quick] [--no-compile] [--out PATH]
+    python benchmarks/bench_fused.py [--device cuda|cpu] [--quick] [--no-compile] [--graph]
+                                     [--ops norm,ce,dense] [--out PATH]
 
 The fused ops' public functions refuse CUDA tensors until their kernels have passed the GPU tests
 (docs/fused_ops.md, "Status"); this script switches them on for itself to measure them.
@@ -33,7 +35,8 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _measure import clocks, gbps, git_sha, kernel_ms, median_wall_s, load_flash  # noqa: E402
+from _measure import (clocks, gbps, git_sha, graph_ms, kernel_ms, load_flash,  # noqa: E402
+                      median_wall_s)
 
 SHAPES = {  # full, quick
     "norm": ([(16384, h) for h in (2048, 4096, 8192)], [(64, 40)]),
@@ -43,12 +46,12 @@ SHAPES = {  # full, quick
 
 
 class Runner:
-    def __init__(self, device, compile_peers):
-        self.device, self.compile_peers = device, compile_peers
+    def __init__(self, device, compile_peers, graph=False):
+        self.device, self.compile_peers, self.graph = device, compile_peers, graph
 
     def ms(self, fn):
         if self.device == "cuda":
-            return kernel_ms(fn)
+            return graph_ms(fn) if self.graph else kernel_ms(fn)
         return 1e3 * median_wall_s(fn, reps=3)
 
     def peers(self, eager):
@@ -193,12 +196,14 @@ def main():
     ap.add_argument("--ops", default="norm,ce,dense")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (a check, not a measure)")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--graph", action="store_true",
+                    help="time CUDA-graph replays (kernels only, no host launch work)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
     flash = load_flash(args.build, args.device)
     flash._fused_checks.CUDA_ENABLED = True  # measured before release (module docstring)
-    r = Runner(args.device, args.compile)
+    r = Runner(args.device, args.compile, args.graph)
     result = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                   torch=torch.__version__, git_sha=git_sha(),
                   command="python benchmarks/bench_fused.py " + " ".join(sys.argv[1:]),
