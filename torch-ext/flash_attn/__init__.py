@@ -9,7 +9,7 @@ around them keeps FlashAttention-2's module paths: ``flash_attn.bert_padding``,
 repository's kernel-hub layers for ``kernels.kernelize``.
 """
 
-from . import bert_padding, flash_attn_interface, layers, losses, modules, ops
+from . import bert_padding, flash_attn_interface, layers, losses, modules, ops, utils
 from .flash_attn_interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -22,5 +22,5 @@ from .flash_attn_interface import (
 from .modules import mha
 from .modules.mha import FlashCrossAttention, FlashSelfAttention
 
-__all__ = ["bert_padding", "layers", "losses", "modules", "ops", "FlashCrossAttention", "FlashSelfAttention",
+__all__ = ["bert_padding", "layers", "losses", "modules", "ops", "utils", "FlashCrossAttention", "FlashSelfAttention",
            *flash_attn_interface.__all__]
