@@ -46,7 +46,8 @@ def _oracle(params, activation, dout, upcast):
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("checkpoint_lvl", [0, 1, 2])
 @pytest.mark.parametrize("activation", list(ACTS))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:3])) + ("" if s[3] else "-nobias"))
+@pytest.mark.parametrize("shape", SHAPES,
+                         ids=lambda s: "x".join(map(str, s[:3])) + ("" if s[3] else "-nobias"))
 def test_fused_mlp_matches_fp64(flash, tol, device, checkpoint_lvl, activation, shape):
     fd = flash.ops.fused_dense
     d_in, d_hidden, d_out, bias = shape

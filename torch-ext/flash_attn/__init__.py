@@ -5,8 +5,9 @@ existing callers can use this package as a drop-in (see flash_attn_interface.py)
 around them keeps FlashAttention-2's module paths: ``flash_attn.bert_padding``,
 ``flash_attn.layers.rotary``, ``flash_attn.modules.mha``, and the fused training ops
 ``flash_attn.ops.layer_norm`` / ``ops.rms_norm`` / ``ops.fused_dense`` and
-``flash_attn.losses.cross_entropy`` (docs/fused_ops.md). ``layers`` also holds this
-repository's kernel-hub layers for ``kernels.kernelize``.
+``flash_attn.losses.cross_entropy`` (docs/fused_ops.md), with ``flash_attn.utils.distributed``
+(the tensor-parallel collectives). ``layers`` also holds this repository's kernel-hub layers for
+``kernels.kernelize``.
 """
 
 from . import bert_padding, flash_attn_interface, layers, losses, modules, ops, utils
