@@ -221,6 +221,8 @@ def test_fused_dense_bad_arguments(flash):
                           checkpoint_lvl=-1)
     with pytest.raises(ValueError, match="flash_attn: heuristic"):
         fd.fused_mlp_func(torch.randn(2, 4), torch.randn(3, 4), torch.randn(4, 3), heuristic=5)
+    with pytest.raises(ValueError, match="flash_attn: heuristic"):
+        fd.FusedMLP(4, heuristic="fast")(torch.randn(2, 4))
     with pytest.raises(TypeError, match="flash_attn: fused_mlp_func: weight1 has dtype"):
         fd.fused_mlp_func(torch.randn(2, 4).bfloat16(), torch.randn(3, 4), torch.randn(4, 3))
     with pytest.raises(TypeError, match="flash_attn: fused_dense_func: bias has dtype"):

@@ -251,7 +251,7 @@ def fused_mlp_func(x, weight1, weight2, bias1=None, bias2=None, activation="gelu
     over every token, which the caller reduces (reduce_scatter / all_reduce)."""
     _check_activation(activation)
     _check_checkpoint_lvl(checkpoint_lvl)
-    if heuristic != "auto" and not -1 <= int(heuristic) <= 4:
+    if heuristic != "auto" and not (isinstance(heuristic, int) and -1 <= heuristic <= 4):
         raise ValueError(f"flash_attn: heuristic must be 'auto' or in [-1, 4], got {heuristic}")
     x, weight1, weight2, bias1, bias2 = _autocast(x.device.type, x, weight1, weight2, bias1, bias2)
     _check_dtypes("fused_mlp_func", x, weight1=weight1, weight2=weight2, bias1=bias1, bias2=bias2)
