@@ -229,3 +229,28 @@ def test_fused_dense_bad_arguments(flash):
         fd.fused_dense_func(torch.randn(2, 4), torch.randn(3, 4), torch.randn(3).double())
     with pytest.raises(ValueError, match="flash_attn: ParallelFusedMLP needs a process_group"):
         fd.ParallelFusedMLP(4)
+
+
+@pytest.mark.parametrize("checkpoint_lvl", [0, 1, 2])
+def test_gradients_of_a_subset_of_inputs(flash, checkpoint_lvl):
+    """Only x, or only the weights, requiring grad: the same gradients as with all of them
+    (the backward skips the matmuls and the gather nobody needs)."""
+    fd = flash.ops.fused_dense
+    x, w1, b1 = torch.randn(3, 4, 8), torch.randn(16, 8), torch.randn(16)
+    w2, b2 = torch.randn(5, 16), torch.randn(5)
+    dout = torch.randn(3, 4, 5)
+
+    def grads(flags):
+        leaves = [t.clone().requires_grad_(f) for t, f in zip((x, w1, b1, w2, b2), flags)]
+        out = fd.fused_mlp_func(leaves[0], leaves[1], leaves[3], leaves[2], leaves[4],
+                                checkpoint_lvl=checkpoint_lvl)
+        out.backward(dout)
+        return [t.grad for t in leaves]
+
+    full = grads([True] * 5)
+    for flags in ([True, False, False, False, False], [False, True, True, True, True],
+                  [False, False, False, True, False]):
+        for g, g_full, f in zip(grads(flags), full, flags):
+            assert (g is None) == (not f)
+            if f:
+                assert torch.equal(g, g_full)

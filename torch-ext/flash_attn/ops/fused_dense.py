@@ -184,7 +184,7 @@ class FusedMLPFunc(torch.autograd.Function):
         saved, out1 = _linear_act(x2d, weight1, bias1, activation,
                                   keep_pre_act=needs_grad and checkpoint_lvl < 2, fuse_gelu=fuse)
         out2 = F.linear(out1, weight2, bias2)
-        ctx.activation, ctx.checkpoint_lvl, ctx.fuse = activation, checkpoint_lvl, fuse
+        ctx.activation, ctx.checkpoint_lvl = activation, checkpoint_lvl
         ctx.process_group, ctx.sequence_parallel = process_group, sequence_parallel
         ctx.batch_shape = batch_shape
         if not needs_grad:
@@ -201,8 +201,11 @@ class FusedMLPFunc(torch.autograd.Function):
     def backward(ctx, grad_output):
         x, weight1, weight2, *rest = ctx.saved_tensors
         pg, sp, act = ctx.process_group, ctx.sequence_parallel, ctx.activation
-        total_x = all_gather_raw(x, pg)[0] if pg is not None and sp else x
-        x2d = total_x.reshape(-1, total_x.shape[-1])
+        needs = ctx.needs_input_grad
+        x2d = None  # the (gathered) input, for recomputing and for weight1's gradient only
+        if ctx.checkpoint_lvl == 2 or needs[1]:
+            total_x = all_gather_raw(x, pg)[0] if pg is not None and sp else x
+            x2d = total_x.reshape(-1, total_x.shape[-1])
         if ctx.checkpoint_lvl == 2:
             saved, out1 = _linear_act(x2d, weight1, rest[0], act, keep_pre_act=True,
                                       fuse_gelu=False)
@@ -211,7 +214,6 @@ class FusedMLPFunc(torch.autograd.Function):
         else:
             saved = rest[0]
             out1 = F.gelu(saved, approximate="tanh") if act == "gelu_approx" else saved.square()
-        needs = ctx.needs_input_grad
         grad = grad_output.reshape(-1, grad_output.shape[-1])
         grad_w2, grad_b2 = _weight_grads(grad, out1, needs[3], needs[4])
         grad_x = grad_w1 = grad_b1 = None
