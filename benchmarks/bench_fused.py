@@ -11,7 +11,9 @@ fair peer: what a user gets without our kernels), same inputs, same run:
          forward+backward ms and the peak memory the call allocates beyond its inputs
          (torch.cuda.max_memory_allocated), against F.cross_entropy eager and compiled.
   dense  `ops.fused_dense.FusedMLP` (tanh GELU) against Linear + GELU + Linear eager and compiled
-         at a Llama MLP shape (4096 -> 11008 -> 4096, 8k tokens): forward+backward ms.
+         at a Llama MLP shape (4096 -> 11008 -> 4096, 8k tokens): forward+backward ms (ours at
+         checkpoint_lvl 0 and 2 as `ours_lvl2`), and forward ms without autograd (the fused
+         bias+GELU epilogue; `ours_unfused` is heuristic=-1, the GELU outside the GEMM).
 
 Timing (docs/benchmarking.md): `_measure.kernel_ms` on the GPU (median, L2 flushed; the host's
 launch work counts where it outlasts the flush), with `--graph` `_measure.graph_ms` (the same
@@ -164,17 +166,31 @@ def dense_rows(flash, r, shapes):
     for tokens, d_in, d_hidden in shapes:
         dev, dt = r.device, torch.bfloat16
         x = torch.randn(tokens, d_in, device=dev, dtype=dt, requires_grad=True)
-        mlp = flash.ops.fused_dense.FusedMLP(d_in, d_hidden, device=dev, dtype=dt)
+        fd = flash.ops.fused_dense
+        mlp = fd.FusedMLP(d_in, d_hidden, device=dev, dtype=dt)
         w1, b1, w2, b2 = mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias
         grad = torch.randn(tokens, d_in, device=dev, dtype=dt)
 
         def eager(x):
             return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
 
-        impls = dict(ours=mlp, **r.peers(eager))
+        def ours_lvl(lvl, heuristic="auto"):
+            return lambda x: fd.fused_mlp_func(x, w1, w2, b1, b2, checkpoint_lvl=lvl,
+                                               heuristic=heuristic)
+
+        peers = r.peers(eager)
+        # Training (checkpoint_lvl 0 saves the pre-activation: addmm + GELU; level 2 runs the
+        # fused bias+GELU epilogue forward and recomputes the first linear in the backward).
+        train = dict(ours=mlp, ours_lvl2=ours_lvl(2), **peers)
+        # No backward: the fused epilogue (CUDA), against the same call with the GELU kept out
+        # of the GEMM (heuristic -1).
+        infer = dict(ours=ours_lvl(0), ours_unfused=ours_lvl(0, heuristic=-1), **peers)
         row = dict(op="mlp", tokens=tokens, d_in=d_in, d_hidden=d_hidden, dtype="bf16",
                    ms_fwd_bwd={name: r.ms(r.fwd_bwd(fn, (x,), (grad,)))
-                               for name, fn in impls.items()})
+                               for name, fn in train.items()}, ms={})
+        with torch.no_grad():
+            for name, fn in infer.items():
+                row["ms"][name] = r.ms(lambda fn=fn: fn(x))
         rows.append(ratios(row))
         print(json.dumps(row), flush=True)
     return rows

@@ -20,4 +20,7 @@ def test_bench_fused_cpu_smoke(flash, tmp_path):
     for row in result["rows"]:
         assert row["ms_fwd_bwd"]["ours"] > 0 and row["ms_fwd_bwd"]["eager"] > 0
         assert row["ratio_fwd_bwd"]["eager"] > 0
+    mlp = result["rows"][-1]
+    assert set(mlp["ms_fwd_bwd"]) == {"ours", "ours_lvl2", "eager"}
+    assert set(mlp["ms"]) == {"ours", "ours_unfused", "eager"}
     assert result["copy_gbps"] > 0

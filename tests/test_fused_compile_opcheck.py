@@ -1,6 +1,6 @@
 """torch.library.opcheck on the five fused ops (schema, fake impls, autograd registration, AOT
-dispatch), and torch.compile(fullgraph=True) through the public norm and cross-entropy functions
-with no graph break and the eager result, forward and backward; on CPU and CUDA."""
+dispatch), and torch.compile(fullgraph=True) through the public norm, cross-entropy and fused-MLP
+functions with no graph break and the eager result, forward and backward; on CPU and CUDA."""
 import pytest
 import torch
 import torch._dynamo.testing
@@ -144,3 +144,22 @@ def test_compile_cross_entropy_fullgraph(flash, device, inplace):
 
     compiled, counter = _compile(fn)
     _same(compiled, fn, counter, (logits, labels), 1)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_compile_fused_mlp_fullgraph(flash, device):
+    """FusedMLPFunc (an autograd.Function over ATen ops) traces in one graph, at the checkpoint
+    levels with and without the fused epilogue, and gives the eager values and gradients."""
+    x = torch.randn(2, 5, 24, device=device, requires_grad=True)
+    w1 = torch.randn(40, 24, device=device, requires_grad=True)
+    b1 = torch.randn(40, device=device, requires_grad=True)
+    w2 = torch.randn(17, 40, device=device, requires_grad=True)
+    fd = flash.ops.fused_dense
+
+    def fn(x, w1, b1, w2):
+        a = fd.fused_mlp_func(x, w1, w2, b1, checkpoint_lvl=1)
+        b = fd.fused_mlp_func(x, w1, w2, b1, activation="relu", checkpoint_lvl=2)
+        return a.square().sum() + b.sum()
+
+    compiled, counter = _compile(fn)
+    _same(compiled, fn, counter, (x, w1, b1, w2), 4)

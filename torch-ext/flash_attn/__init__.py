@@ -5,11 +5,12 @@ existing callers can use this package as a drop-in (see flash_attn_interface.py)
 around them keeps FlashAttention-2's module paths: ``flash_attn.bert_padding``,
 ``flash_attn.layers.rotary``, ``flash_attn.modules.mha``, and the fused training ops
 ``flash_attn.ops.layer_norm`` / ``ops.rms_norm`` / ``ops.fused_dense`` and
-``flash_attn.losses.cross_entropy`` (docs/fused_ops.md). ``layers`` also holds this
-repository's kernel-hub layers for ``kernels.kernelize``.
+``flash_attn.losses.cross_entropy`` (docs/fused_ops.md), with ``flash_attn.utils.distributed``
+(the tensor-parallel collectives). ``layers`` also holds this repository's kernel-hub layers for
+``kernels.kernelize``.
 """
 
-from . import bert_padding, flash_attn_interface, layers, losses, modules, ops
+from . import bert_padding, flash_attn_interface, layers, losses, modules, ops, utils
 from .flash_attn_interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -22,5 +23,5 @@ from .flash_attn_interface import (
 from .modules import mha
 from .modules.mha import FlashCrossAttention, FlashSelfAttention
 
-__all__ = ["bert_padding", "layers", "losses", "modules", "ops", "FlashCrossAttention", "FlashSelfAttention",
+__all__ = ["bert_padding", "layers", "losses", "modules", "ops", "utils", "FlashCrossAttention", "FlashSelfAttention",
            *flash_attn_interface.__all__]
