@@ -285,13 +285,16 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
   const int dq_width = dq_accum_width(head_dim);  // a multiple of 8: column pairs stay aligned
   const int64_t dq_row_stride = int64_t(params.nheads) * dq_width;
   const int64_t sems_per_head = bwd_semaphores_per_head(params, kBlockM);
-  auto item_head = [&](int item) { return bidh_kv * group + item / m_blocks; };
-  auto item_m0 = [&](int item) { return (m_block_min + item % m_blocks) * kBlockM; };
+  // The item after (bidh, m_block), by counting (no integer division per item).
+  auto advance = [&](int& bidh, int& m_block) {
+    if (++m_block == m_block_max) {
+      m_block = m_block_min;
+      ++bidh;
+    }
+  };
 
-  // Issues the copies of item's Q and dO into `stage` and writes its LSE (base 2) and D rows
-  // (synchronous stores, visible after the next barrier).
-  auto load_item = [&](int item, int stage) {
-    const int bidh = item_head(item), m0 = item_m0(item);
+  // Issues the copies of the item's Q and dO rows, LSE and D into `stage` (one group).
+  auto load_item = [&](int bidh, int m0, int stage) {
     const int valid_q = seq.seqlen_q - m0;
     const Element* q_src = static_cast<const Element*>(params.q_ptr) + seq.q_row0 +
                            bidh * params.q_head_stride +
@@ -322,14 +325,17 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
     cp_async_commit();
   };
 
-  if (n_items > 0) load_item(0, 0);
-  for (int item = 0; item < n_items; ++item) {
+  int bidh = bidh_kv * group, m_block = m_block_min;  // the current item
+  if (n_items > 0) load_item(bidh, m_block * kBlockM, 0);
+  for (int item = 0; item < n_items; ++item, advance(bidh, m_block)) {
     const int stage = item % Traits::kStages;
-    const int bidh = item_head(item), m0 = item_m0(item), m_block = m0 / kBlockM;
+    const int m0 = m_block * kBlockM;
     const int valid_q = seq.seqlen_q - m0;
     // ---- copies of the next item in flight while this one computes -----------------------
     if (item + 1 < n_items) {
-      load_item(item + 1, stage ^ 1);
+      int next_h = bidh, next_m = m_block;
+      advance(next_h, next_m);
+      load_item(next_h, next_m * kBlockM, stage ^ 1);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
