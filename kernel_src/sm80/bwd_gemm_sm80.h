@@ -71,6 +71,39 @@ struct LaneOffsets {
   }
 };
 
+// The B operand of a warp's GEMM: the lane's ldmatrix offsets in a shared tile, computed once
+// (see LaneOffsets), and the load of one fragment pair (two 8-column tiles) for reduction step kk.
+// kBTrans: B is stored K-major. n0 is the warp's first column of B, a multiple of 16.
+template <int kN8, bool kBTrans, int kSwB>
+struct BOperand {
+  static constexpr int kP = LaneOffsets<kSwB>::kPairs;
+  const SmemTile<kSwB> b;
+  int off[kBTrans ? kN8 / 2 : kP];
+
+  __device__ __forceinline__ BOperand(const SmemTile<kSwB>& tile, int n0, int lane) : b(tile) {
+    static_assert(kN8 % 2 == 0, "B fragments come in pairs of 8-column tiles");
+    // Pattern per operand (header comment): B K-major uses A, N-major B.
+    const LaneOffsets<kSwB> lb(lane, !kBTrans);
+    if constexpr (kBTrans) {
+#pragma unroll
+      for (int np = 0; np < kN8 / 2; ++np) off[np] = lb.at(b.rows, 0, n0 + 16 * np);
+    } else {
+#pragma unroll
+      for (int p = 0; p < kP; ++p) off[p] = lb.at(b.rows, n0, 16 * p);
+    }
+  }
+  // k = 16 kk adds a compile-time amount: k rows (K-major: 16 kk * kSw elements) or k columns
+  // (N-major: its swizzle block; the pair is in off).
+  __device__ __forceinline__ void load(int kk, int np, uint32_t (&bf)[4]) const {
+    const int k = 16 * kk;
+    if constexpr (kBTrans) {
+      ldmatrix_x4_trans(bf, b.base + 2 * (off[np] + k * kSwB));
+    } else {
+      ldmatrix_x4(bf, b.base + 2 * (off[kk % kP] + (k / kSwB) * b.rows * kSwB + 16 * np * kSwB));
+    }
+  }
+};
+
 // acc[kM16][kN8][4] += A[m0 : m0 + 16 kM16, 0 : 16 kK16] * B[0 : 16 kK16, n0 : n0 + 8 kN8].
 // kATrans: A is stored K-major (the tile holds A^T); kBTrans: B is stored K-major. m0/n0 are the
 // warp's block in A (rows m) and B (columns n), multiples of 16.
@@ -78,15 +111,13 @@ template <typename Element, int kM16, int kN8, int kK16, bool kATrans, bool kBTr
           int kSwB>
 __device__ __forceinline__ void gemm_ss(float (&acc)[kM16][kN8][4], const SmemTile<kSwA>& a,
                                         int m0, const SmemTile<kSwB>& b, int n0) {
-  static_assert(kN8 % 2 == 0, "B fragments come in pairs of 8-column tiles");
   const int lane = thread_index_in_block() & 31;
-  // Pattern per operand (header comment): A M-major and B K-major use A, the others B.
+  // Pattern per operand (header comment): A M-major uses A, K-major B.
   const LaneOffsets<kSwA> la(lane, kATrans);
-  const LaneOffsets<kSwB> lb(lane, !kBTrans);
+  const BOperand<kN8, kBTrans, kSwB> bop(b, n0, lane);
   // Offsets of the warp's blocks without the reduction coordinate k, which adds a compile-time
-  // amount: k rows (K-major: 16 k * kSw elements) or k columns (M/N-major: the pair's offset).
+  // amount: k rows (K-major: 16 k * kSw elements) or k columns (M-major: the pair's offset).
   int a_off[kATrans ? kM16 : LaneOffsets<kSwA>::kPairs];
-  int b_off[kBTrans ? kN8 / 2 : LaneOffsets<kSwB>::kPairs];
   if constexpr (kATrans) {
 #pragma unroll
     for (int mi = 0; mi < kM16; ++mi) a_off[mi] = la.at(a.rows, 0, m0 + 16 * mi);
@@ -94,15 +125,6 @@ __device__ __forceinline__ void gemm_ss(float (&acc)[kM16][kN8][4], const SmemTi
 #pragma unroll
     for (int p = 0; p < LaneOffsets<kSwA>::kPairs; ++p) a_off[p] = la.at(a.rows, m0, 16 * p);
   }
-  if constexpr (kBTrans) {
-#pragma unroll
-    for (int np = 0; np < kN8 / 2; ++np) b_off[np] = lb.at(b.rows, 0, n0 + 16 * np);
-  } else {
-#pragma unroll
-    for (int p = 0; p < LaneOffsets<kSwB>::kPairs; ++p) b_off[p] = lb.at(b.rows, n0, 16 * p);
-  }
-  // k's contribution to an M/N-major operand's offset: its swizzle block (the pair is in *_off).
-  auto block_of = [](int k, int rows, int sw) { return (k / sw) * rows * sw; };
 #pragma unroll
   for (int kk = 0; kk < kK16; ++kk) {
     const int k = 16 * kk;
@@ -113,20 +135,14 @@ __device__ __forceinline__ void gemm_ss(float (&acc)[kM16][kN8][4], const SmemTi
         ldmatrix_x4_trans(af[mi], a.base + 2 * (a_off[mi] + k * kSwA));
       } else {
         constexpr int kP = LaneOffsets<kSwA>::kPairs;
-        ldmatrix_x4(af[mi], a.base + 2 * (a_off[kk % kP] + block_of(k, a.rows, kSwA) +
+        ldmatrix_x4(af[mi], a.base + 2 * (a_off[kk % kP] + (k / kSwA) * a.rows * kSwA +
                                            16 * mi * kSwA));
       }
     }
 #pragma unroll
     for (int np = 0; np < kN8 / 2; ++np) {
       uint32_t bf[4];
-      if constexpr (kBTrans) {
-        ldmatrix_x4_trans(bf, b.base + 2 * (b_off[np] + k * kSwB));
-      } else {
-        constexpr int kP = LaneOffsets<kSwB>::kPairs;
-        ldmatrix_x4(bf, b.base + 2 * (b_off[kk % kP] + block_of(k, b.rows, kSwB) +
-                                      16 * np * kSwB));
-      }
+      bop.load(kk, np, bf);
 #pragma unroll
       for (int mi = 0; mi < kM16; ++mi) {
         mma_m16n8k16<Element>(acc[mi][2 * np], af[mi], bf[0], bf[1]);
@@ -134,6 +150,46 @@ __device__ __forceinline__ void gemm_ss(float (&acc)[kM16][kN8][4], const SmemTi
       }
     }
   }
+}
+
+// The same with A in registers: a[mi][kk] is the A fragment of rows 16 mi and reduction columns
+// 16 kk (to_a_fragments below makes it from a C fragment block).
+template <typename Element, int kM16, int kN8, int kK16, bool kBTrans, int kSwB>
+__device__ __forceinline__ void gemm_rs(float (&acc)[kM16][kN8][4],
+                                        const uint32_t (&a)[kM16][kK16][4],
+                                        const SmemTile<kSwB>& b, int n0) {
+  const int lane = thread_index_in_block() & 31;
+  const BOperand<kN8, kBTrans, kSwB> bop(b, n0, lane);
+#pragma unroll
+  for (int kk = 0; kk < kK16; ++kk)
+#pragma unroll
+    for (int np = 0; np < kN8 / 2; ++np) {
+      uint32_t bf[4];
+      bop.load(kk, np, bf);
+#pragma unroll
+      for (int mi = 0; mi < kM16; ++mi) {
+        mma_m16n8k16<Element>(acc[mi][2 * np], a[mi][kk], bf[0], bf[1]);
+        mma_m16n8k16<Element>(acc[mi][2 * np + 1], a[mi][kk], bf[2], bf[3]);
+      }
+    }
+}
+
+// A C fragment block (16 kM16 rows x 8 kN8 columns, fp32) as the A fragments of a GEMM that
+// reduces over those columns: the m16n8k16 A fragment of columns 16 kk..16 kk + 15 holds, per
+// lane, the C values of the 8-column tiles 2 kk and 2 kk + 1 at the same rows and columns
+// (PTX ISA, the mma.m16n8k16 fragment layouts), packed as Element pairs.
+template <typename Element, int kM16, int kN8>
+__device__ __forceinline__ void to_a_fragments(const float (&c)[kM16][kN8][4],
+                                               uint32_t (&a)[kM16][kN8 / 2][4]) {
+#pragma unroll
+  for (int mi = 0; mi < kM16; ++mi)
+#pragma unroll
+    for (int kk = 0; kk < kN8 / 2; ++kk) {
+      a[mi][kk][0] = pack2<Element>(c[mi][2 * kk][0], c[mi][2 * kk][1]);
+      a[mi][kk][1] = pack2<Element>(c[mi][2 * kk][2], c[mi][2 * kk][3]);
+      a[mi][kk][2] = pack2<Element>(c[mi][2 * kk + 1][0], c[mi][2 * kk + 1][1]);
+      a[mi][kk][3] = pack2<Element>(c[mi][2 * kk + 1][2], c[mi][2 * kk + 1][3]);
+    }
 }
 
 template <int kM16, int kN8>

@@ -143,7 +143,8 @@ struct BwdSeq {
   }
 };
 
-// The S-phase of one (query block, key block): P^T o Z and dS'^T into shared memory. kFull: every
+// The S-phase of one (query block, key block): dS'^T into shared memory, and P^T o Z there too or,
+// with Traits::kPInRegs, both as the warp's A fragments of the dKV-phase. kFull: every
 // key of the block exists and every (query, key) pair is visible, so no element is masked (a
 // compile-time split: a run-time test per element cost a branch per element).
 template <typename Traits, bool Is_masked, bool Is_general, bool kFull>
@@ -151,7 +152,9 @@ __device__ __forceinline__ void bwd_scores(const BwdParams& params, const SeqInf
                                            const Mask& mask, int m0, int n0,
                                            uint64_t subsequence, float alibi_slope,
                                            typename Traits::Element* smem, int stage, int warp,
-                                           int lane) {
+                                           int lane,
+                                           uint32_t (&p_frag)[Traits::kSRows / 16][Traits::kSCols / 16][4],
+                                           uint32_t (&ds_frag)[Traits::kSRows / 16][Traits::kSCols / 16][4]) {
   using Element = typename Traits::Element;
   constexpr int kM16 = Traits::kSRows / 16, kN8 = Traits::kSCols / 8;
   constexpr float kLog2e = 1.4426950408889634f;
@@ -218,7 +221,12 @@ __device__ __forceinline__ void bwd_scores(const BwdParams& params, const SeqInf
         acc_s[mi][nj][e] = pz;
         acc_dp[mi][nj][e] = ds;
       }
-  warp::store_c<Element>(acc_s, tpt, smem + Traits::kSmemPt, key0, q0);
+  if constexpr (Traits::kPInRegs) {
+    warp::to_a_fragments<Element>(acc_s, p_frag);
+    warp::to_a_fragments<Element>(acc_dp, ds_frag);
+  } else {
+    warp::store_c<Element>(acc_s, tpt, smem + Traits::kSmemPt, key0, q0);
+  }
   warp::store_c<Element>(acc_dp, tpt, smem + Traits::kSmemDSt, key0, q0);
 }
 
@@ -352,24 +360,35 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
     const int m_end = min(m0 + kBlockM, seq.seqlen_q);
     const bool full_tile = n0 + kBlockN <= seq.seqlen_k &&
                            (!Is_masked || mask.tile_is_full(m0, m_end, n0, n0 + kBlockN));
+    uint32_t p_frag[Traits::kSRows / 16][Traits::kSCols / 16][4];
+    uint32_t ds_frag[Traits::kSRows / 16][Traits::kSCols / 16][4];
     if (full_tile) {
       bwd_scores<Traits, Is_masked, Is_general, true>(params, seq, mask, m0, n0, subsequence,
-                                                      alibi_slope, smem, stage, warp, lane);
+                                                      alibi_slope, smem, stage, warp, lane,
+                                                      p_frag, ds_frag);
     } else {
       bwd_scores<Traits, Is_masked, Is_general, false>(params, seq, mask, m0, n0, subsequence,
-                                                       alibi_slope, smem, stage, warp, lane);
+                                                       alibi_slope, smem, stage, warp, lane,
+                                                       p_frag, ds_frag);
     }
-    __syncthreads();
+    if constexpr (!Traits::kPInRegs) __syncthreads();  // P^T, dS^T of every warp in place
 
     // ---- dKV-phase: dV += (P o Z)^T dO, dK += dS^T Q --------------------------------------
     const int stage_off = stage * Traits::kStageElems;
     const SmemTile<Traits::kSwizzleCols> tq{smem_u32(smem + Traits::kSmemQ + stage_off), kBlockM};
     const SmemTile<Traits::kSwizzleCols> tdo{smem_u32(smem + Traits::kSmemDO + stage_off),
                                              kBlockM};
-    warp::gemm_ss<Element, kKV16, kKV8, kBlockM / 16, false, true>(acc_dv, tpt, kv_key0, tdo,
-                                                                   kv_d0);
-    warp::gemm_ss<Element, kKV16, kKV8, kBlockM / 16, false, true>(acc_dk, tdst, kv_key0, tq,
-                                                                   kv_d0);
+    if constexpr (Traits::kPInRegs) {
+      // The warp's own keys: its S-phase fragments are the A operand (kv_key0 == its key0).
+      warp::gemm_rs<Element, kKV16, kKV8, kBlockM / 16, true>(acc_dv, p_frag, tdo, kv_d0);
+      warp::gemm_rs<Element, kKV16, kKV8, kBlockM / 16, true>(acc_dk, ds_frag, tq, kv_d0);
+      __syncthreads();  // dS^T of every warp in place for the dQ-phase
+    } else {
+      warp::gemm_ss<Element, kKV16, kKV8, kBlockM / 16, false, true>(acc_dv, tpt, kv_key0, tdo,
+                                                                     kv_d0);
+      warp::gemm_ss<Element, kKV16, kKV8, kBlockM / 16, false, true>(acc_dk, tdst, kv_key0, tq,
+                                                                     kv_d0);
+    }
 
     // ---- dQ-phase: dQ += dS K -----------------------------------------------------------
     float acc_dq[kQ16][kQ8][4];

@@ -88,6 +88,10 @@ struct BwdTraits {
   static constexpr int kSRows = kBlockN / kC.kWarpsS_N, kSCols = kBlockM / kC.kWarpsS_M;
   static constexpr int kKVRows = kBlockN / kC.kWarpsKV_N, kKVCols = kHeadDim / kC.kWarpsKV_D;
   static constexpr int kQRows = kBlockM / kC.kWarpsQ_M, kQCols = kHeadDim / kC.kWarpsQ_D;
+  // Whether each warp's S-phase block (keys x all queries) is its dKV-phase A operand (the same
+  // keys, reduced over the queries): then P^T and dS^T feed dV/dK from registers
+  // (warp::to_a_fragments), and only dS^T goes through shared memory, for the dQ-phase.
+  static constexpr bool kPInRegs = kC.kWarpsS_M == 1 && kC.kWarpsS_N == kC.kWarpsKV_N;
   static_assert(kC.kWarpsS_N * kC.kWarpsS_M == kNWarps && kC.kWarpsKV_N * kC.kWarpsKV_D == kNWarps &&
                     kC.kWarpsQ_M * kC.kWarpsQ_D == kNWarps,
                 "each phase uses every warp");
