@@ -31,8 +31,8 @@ template <typename T>
 struct QueryTile {
   using Acc = acc_t<T>;
   using Sum = sum_t<T>;
-  std::vector<Acc> qt, m, off, factor;
-  std::vector<Sum> o, l;
+  Scratch<Acc> qt, m, off, factor;
+  Scratch<Sum> o, l;
   TileRows<Acc> rows;
   int nrows = 0, mt = 0, nb = 0, ne = 0;  // rows, padded rows, visible key range
 
@@ -48,9 +48,9 @@ template <typename T>
 struct FwdScratch {
   using Acc = acc_t<T>;
   QueryTile<T> tiles[kTileGroup];
-  std::vector<Acc> k, v, st;
-  std::vector<Acc> pv, tsum;  // one key tile's P V and row sums (only when Sum is not Acc)
-  std::vector<uint8_t> keep;
+  Scratch<Acc> k, v, st;
+  Scratch<Acc> pv, tsum;  // one key tile's P V and row sums (only when Sum is not Acc)
+  Scratch<uint8_t> keep;
   KvTileRows kv, kv_next;
 
   void ensure(int dpad) {
@@ -151,12 +151,7 @@ void fwd_key_tile(const AttnCtx<T>& c, const Mask& mask, int n0, int n, QueryTil
   if constexpr (kSplit) {
     Acc* pv = sc.pv.data();
     gemm(st, 1, mt, sc.v.data(), dpad, pv, dpad, nrows, n, dpad, /*accumulate=*/false);
-    for (int r = 0; r < nrows; ++r) {
-      const Sum f = factor[r];
-      Sum* orow = o + r * dpad;
-      const Acc* pvrow = pv + r * dpad;
-      for (int col = 0; col < dpad; ++col) orow[col] = orow[col] * f + pvrow[col];
-    }
+    fold_rows(pv, dpad, o, dpad, nrows, dpad, factor);
   } else {
     for (int r = 0; r < nrows; ++r) {
       if (factor[r] == Acc(1)) continue;

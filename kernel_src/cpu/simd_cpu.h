@@ -64,6 +64,12 @@ void exp_cols(const double* X, int ldx, double* P, int ldp, int rows, int cols,
 void exp_cols_f32(const double* X, int ldx, double* P, int ldp, int rows, int cols,
                   const double* off, double* sum);
 double exp_row_f32(const double* x, double* out, int n_pad, double offset);
+// The same from fp64 logits into fp32 probabilities (the backward's P for fp32 inputs).
+float exp_row(const double* x, float* out, int n_pad, double offset);
+// dst[r][c] = dst[r][c] * f[r] + src[r][c] (f null: dst += src), r < rows, c < cols (a multiple
+// of kPad): one fp32 tile's product added to fp64 sums that run across tiles.
+void fold_rows(const float* src, int lds, double* dst, int ldd, int rows, int cols,
+               const float* f);
 // out[i] = exp(a[i] - b[i]) for i < n_pad (out may be a).
 void exp_diff(const float* a, const float* b, float* out, int n_pad);
 void exp_diff(const double* a, const double* b, double* out, int n_pad);
