@@ -46,20 +46,23 @@ struct BwdScratch {
   static constexpr bool kWideLogits = !std::is_same_v<Lg, Acc>;
   // Tiles (thread-local, reused across calls). dk/dv run across query tiles (Sum); tmp holds
   // one tile's product before it is added to them or to dQ (only when Sum is wider than Acc).
-  Scratch<Acc> qs, kt, kr, s, tanh_s, dp, pz, dout, vt, tmp;
+  Scratch<Acc> kt, kr, s, tanh_s, dp, pz, vt, tmp;
   Scratch<Sum> dk, dv;
-  Scratch<Lg> qs_lg, kt_lg, s_lg, tanh_lg;  // the logits' operands (only when kWideLogits)
+  // Per task, for all its query tiles (converted once, not once per key tile): Q scaled, dO, Q
+  // scaled in Lg (only when kWideLogits), and each tile's rows.
+  Scratch<Acc> qs_all, dout_all;
+  Scratch<Lg> qs_lg_all;
+  std::vector<TileRows<Acc>> rows_all;
+  std::vector<TileRows<Lg>> rows_lg_all;
+  Scratch<Lg> kt_lg, s_lg, tanh_lg;  // the logits' operands (only when kWideLogits)
   Scratch<uint8_t> keep;
-  TileRows<Acc> rows;
-  TileRows<Lg> rows_lg;
   KvTileRows kv;
 
   void ensure(int dpad) {
-    for (auto* x : {&qs, &kr, &dout}) grow_to(*x, std::max(kBlockM, kBlockN) * dpad);
+    grow_to(kr, kBlockN * dpad);
     for (auto* x : {&dk, &dv}) grow_to(*x, std::max(kBlockM, kBlockN) * dpad);
     if constexpr (!std::is_same_v<Acc, Sum>) grow_to(tmp, std::max(kBlockM, kBlockN) * dpad);
     if constexpr (kWideLogits) {
-      grow_to(qs_lg, kBlockM * dpad);
       grow_to(kt_lg, dpad * kBlockN);
       for (auto* x : {&s_lg, &tanh_lg}) grow_to(*x, kBlockM * kBlockN);
     }
@@ -169,6 +172,39 @@ void bwd_task(const AttnCtx<T>& c, const AttnCtx<logit_t<T>>& cl, const BwdParam
   const T* vbase = c.v() + off.v + hk * p.v_head_stride;
   const Lg ninf = -static_cast<Lg>(INFINITY);
 
+  // The query tiles any key of the task sees, loaded and converted once.
+  int qb, qe;
+  mask.q_range(k_begin, k_end, &qb, &qe);
+  const int t_first = qb * group / kBlockM;
+  const int t_end = (qe * group + kBlockM - 1) / kBlockM;
+  if (t_first < t_end) {
+    const size_t tiles = static_cast<size_t>(t_end - t_first);
+    grow_to(sc.qs_all, tiles * kBlockM * dpad);
+    grow_to(sc.dout_all, tiles * kBlockM * dpad);
+    grow_to(sc.rows_all, tiles);
+    if constexpr (kWideLogits) {
+      grow_to(sc.qs_lg_all, tiles * kBlockM * dpad);
+      grow_to(sc.rows_lg_all, tiles);
+    }
+  }
+  for (int t = t_first; t < t_end; ++t) {
+    const int pr0 = t * kBlockM;
+    const int nrows = packed - pr0 < kBlockM ? packed - pr0 : kBlockM;
+    const int64_t at = static_cast<int64_t>(t - t_first) * kBlockM * dpad;
+    TileRows<Acc>& rows = sc.rows_all[t - t_first];
+    make_tile_rows(c, b, hk, pr0, nrows, &rows);
+    load_rows(c.q() + s.q_off, p.q_row_stride, p.q_head_stride, rows, d, dpad, c.scale,
+              sc.qs_all.data() + at);
+    load_rows(dout, p.do_row_stride, p.do_head_stride, rows, d, dpad, Acc(1),
+              sc.dout_all.data() + at);
+    if constexpr (kWideLogits) {
+      TileRows<Lg>& rows_lg = sc.rows_lg_all[t - t_first];
+      make_tile_rows(cl, b, hk, pr0, nrows, &rows_lg);
+      load_rows(cl.q() + s.q_off, p.q_row_stride, p.q_head_stride, rows_lg, d, dpad, cl.scale,
+                sc.qs_lg_all.data() + at);
+    }
+  }
+
   for (int n0 = k_begin; n0 < k_end; n0 += kBlockN) {
     const int n = k_end - n0 < kBlockN ? k_end - n0 : kBlockN;
     for (int e = 0; e < n * dpad; ++e) sc.dk[e] = sc.dv[e] = Sum(0);
@@ -193,28 +229,28 @@ void bwd_task(const AttnCtx<T>& c, const AttnCtx<logit_t<T>>& cl, const BwdParam
         for (int col = 0; col < d; ++col) sc.vt[col * kBlockN + j] = Traits<T>::load(src[col]);
       }
     }
-    for (int pr0 = ib * group; pr0 < ie * group; pr0 += kBlockM) {
-      const int nrows = ie * group - pr0 < kBlockM ? ie * group - pr0 : kBlockM;
-      TileRows<Acc>& rows = sc.rows;
-      make_tile_rows(c, b, hk, pr0, nrows, &rows);
-      load_rows(c.q() + s.q_off, p.q_row_stride, p.q_head_stride, rows, d, dpad, c.scale,
-                sc.qs.data());
-      load_rows(dout, p.do_row_stride, p.do_head_stride, rows, d, dpad, Acc(1), sc.dout.data());
+    // Query tiles aligned to kBlockM packed rows (rows of the first and last tile that see no
+    // key of this tile are masked: P = 0, they add exact zeros).
+    for (int pr0 = ib * group / kBlockM * kBlockM; pr0 < ie * group; pr0 += kBlockM) {
+      const int nrows = packed - pr0 < kBlockM ? packed - pr0 : kBlockM;
+      const int tile = pr0 / kBlockM - t_first;
+      const TileRows<Acc>& rows = sc.rows_all[tile];
+      const Acc* qs = sc.qs_all.data() + static_cast<int64_t>(tile) * kBlockM * dpad;
+      const Acc* dot = sc.dout_all.data() + static_cast<int64_t>(tile) * kBlockM * dpad;
       // S = Q K^T (in Lg), then P = exp(S - lse) (rows with lse = +inf and masked entries
       // give 0)
       Lg* s_lg;
       if constexpr (kWideLogits) {
         s_lg = sc.s_lg.data();
-        make_tile_rows(cl, b, hk, pr0, nrows, &sc.rows_lg);
-        load_rows(cl.q() + s.q_off, p.q_row_stride, p.q_head_stride, sc.rows_lg, d, dpad,
-                  cl.scale, sc.qs_lg.data());
-        compute_scores(cl, mask, sc.rows_lg, sc.qs_lg.data(), sc.kt_lg.data(), n0, n, s_lg,
+        compute_scores(cl, mask, sc.rows_lg_all[tile],
+                       sc.qs_lg_all.data() + static_cast<int64_t>(tile) * kBlockM * dpad,
+                       sc.kt_lg.data(), n0, n, s_lg,
                        c.has_softcap ? sc.tanh_lg.data() : static_cast<Lg*>(nullptr));
         if (c.has_softcap)
           for (int e = 0; e < nrows * kBlockN; ++e) sc.tanh_s[e] = static_cast<Acc>(sc.tanh_lg[e]);
       } else {
         s_lg = sc.s.data();
-        compute_scores(c, mask, rows, sc.qs.data(), sc.kt.data(), n0, n, s_lg,
+        compute_scores(c, mask, rows, qs, sc.kt.data(), n0, n, s_lg,
                        c.has_softcap ? sc.tanh_s.data() : static_cast<Acc*>(nullptr));
       }
       for (int r = 0; r < nrows; ++r) {
@@ -238,10 +274,10 @@ void bwd_task(const AttnCtx<T>& c, const AttnCtx<logit_t<T>>& cl, const BwdParam
                 sc.keep[r * kBlockN + j] ? sc.s[r * kBlockN + j] * c.keep_scale : Acc(0);
         pz = sc.pz.data();
       }
-      gemm_add(pz, 1, kBlockN, sc.dout.data(), dpad, sc.dv.data(), dpad, n, nrows, dpad,
+      gemm_add(pz, 1, kBlockN, dot, dpad, sc.dv.data(), dpad, n, nrows, dpad,
                sc.tmp.data());
       // dP = (dO V^T) o Z
-      gemm(sc.dout.data(), dpad, sc.vt.data(), kBlockN, sc.dp.data(), kBlockN, nrows, d,
+      gemm(dot, dpad, sc.vt.data(), kBlockN, sc.dp.data(), kBlockN, nrows, d,
            pad_up(n), /*accumulate=*/false);
       // dS = P o (dP - D), o (1 - tanh^2) under softcap; kept in dp
       for (int r = 0; r < nrows; ++r) {
@@ -263,7 +299,7 @@ void bwd_task(const AttnCtx<T>& c, const AttnCtx<logit_t<T>>& cl, const BwdParam
       gemm_add(sc.dp.data(), kBlockN, 1, sc.kr.data(), dpad,
                dq + static_cast<int64_t>(pr0) * dpad, dpad, nrows, n, dpad, sc.tmp.data());
       // dK += dS^T (scale Q), dS^T read in place
-      gemm_add(sc.dp.data(), 1, kBlockN, sc.qs.data(), dpad, sc.dk.data(), dpad, n, nrows, dpad,
+      gemm_add(sc.dp.data(), 1, kBlockN, qs, dpad, sc.dk.data(), dpad, n, nrows, dpad,
                sc.tmp.data());
     }
     for (int j = 0; j < n; ++j) {
