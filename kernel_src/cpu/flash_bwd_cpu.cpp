@@ -44,9 +44,8 @@ struct BwdScratch {
   using Sum = sum_t<T>;
   using Lg = acc_t<logit_t<T>>;
   static constexpr bool kWideLogits = !std::is_same_v<Lg, Acc>;
-  // Tiles (thread-local, reused across calls). dk/dv run across query tiles (Sum); tmp holds
-  // one tile's product before it is added to them or to dQ (only when Sum is wider than Acc).
-  Scratch<Acc> kt, kr, s, tanh_s, dp, pz, vt, tmp;
+  // Tiles (thread-local, reused across calls). dk/dv run across query tiles (Sum).
+  Scratch<Acc> kt, kr, s, tanh_s, dp, pz, vt;
   Scratch<Sum> dk, dv;
   // Per task, for all its query tiles (converted once, not once per key tile): Q scaled, dO, Q
   // scaled in Lg (only when kWideLogits), and each tile's rows.
@@ -61,7 +60,6 @@ struct BwdScratch {
   void ensure(int dpad) {
     grow_to(kr, kBlockN * dpad);
     for (auto* x : {&dk, &dv}) grow_to(*x, std::max(kBlockM, kBlockN) * dpad);
-    if constexpr (!std::is_same_v<Acc, Sum>) grow_to(tmp, std::max(kBlockM, kBlockN) * dpad);
     if constexpr (kWideLogits) {
       grow_to(kt_lg, dpad * kBlockN);
       for (auto* x : {&s_lg, &tanh_lg}) grow_to(*x, kBlockM * kBlockN);
@@ -74,17 +72,15 @@ struct BwdScratch {
 
 // C += A B (gemm's operand strides; C in Sum, cols a multiple of kPad). When Sum is wider than
 // Acc (fp32 inputs), the product of this one tile (a chain of at most kBlockM or kBlockN terms)
-// is computed in Acc from zero into tmp and added to C in Sum, so no Acc chain runs across
-// tiles: dK/dV over the query tiles, dQ over the key tiles.
+// is computed in Acc and added to C in Sum (gemm_fold), so no Acc chain runs across tiles: dK/dV
+// over the query tiles, dQ over the key tiles.
 template <typename Acc, typename Sum>
 void gemm_add(const Acc* A, long ars, long aks, const Acc* B, int ldb, Sum* C, int ldc, int rows,
-              int depth, int cols, Acc* tmp) {
-  if constexpr (std::is_same_v<Acc, Sum>) {
+              int depth, int cols) {
+  if constexpr (std::is_same_v<Acc, Sum>)
     gemm(A, ars, aks, B, ldb, C, ldc, rows, depth, cols, /*accumulate=*/true);
-  } else {
-    gemm(A, ars, aks, B, ldb, tmp, cols, rows, depth, cols, /*accumulate=*/false);
-    fold_rows(tmp, cols, C, ldc, rows, cols, static_cast<const float*>(nullptr));
-  }
+  else
+    gemm_fold(A, ars, aks, B, ldb, C, ldc, rows, depth, cols, static_cast<const float*>(nullptr));
 }
 
 // Per-sequence offsets of the gradient-side tensors (the backward has no paging or left padding).
@@ -274,8 +270,7 @@ void bwd_task(const AttnCtx<T>& c, const AttnCtx<logit_t<T>>& cl, const BwdParam
                 sc.keep[r * kBlockN + j] ? sc.s[r * kBlockN + j] * c.keep_scale : Acc(0);
         pz = sc.pz.data();
       }
-      gemm_add(pz, 1, kBlockN, dot, dpad, sc.dv.data(), dpad, n, nrows, dpad,
-               sc.tmp.data());
+      gemm_add(pz, 1, kBlockN, dot, dpad, sc.dv.data(), dpad, n, nrows, dpad);
       // dP = (dO V^T) o Z
       gemm(dot, dpad, sc.vt.data(), kBlockN, sc.dp.data(), kBlockN, nrows, d,
            pad_up(n), /*accumulate=*/false);
@@ -297,10 +292,9 @@ void bwd_task(const AttnCtx<T>& c, const AttnCtx<logit_t<T>>& cl, const BwdParam
       }
       // dQ += dS K (softmax_scale applied once when dQ is written)
       gemm_add(sc.dp.data(), kBlockN, 1, sc.kr.data(), dpad,
-               dq + static_cast<int64_t>(pr0) * dpad, dpad, nrows, n, dpad, sc.tmp.data());
+               dq + static_cast<int64_t>(pr0) * dpad, dpad, nrows, n, dpad);
       // dK += dS^T (scale Q), dS^T read in place
-      gemm_add(sc.dp.data(), 1, kBlockN, qs, dpad, sc.dk.data(), dpad, n, nrows, dpad,
-               sc.tmp.data());
+      gemm_add(sc.dp.data(), 1, kBlockN, qs, dpad, sc.dk.data(), dpad, n, nrows, dpad);
     }
     for (int j = 0; j < n; ++j) {
       T* dkrow = dk_out + static_cast<int64_t>(n0 + j) * p.dk_row_stride;

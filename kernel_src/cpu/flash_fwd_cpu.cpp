@@ -49,7 +49,7 @@ struct FwdScratch {
   using Acc = acc_t<T>;
   QueryTile<T> tiles[kTileGroup];
   Scratch<Acc> k, v, st;
-  Scratch<Acc> pv, tsum;  // one key tile's P V and row sums (only when Sum is not Acc)
+  Scratch<Acc> tsum;  // one key tile's row sums (only when Sum is not Acc)
   Scratch<uint8_t> keep;
   KvTileRows kv, kv_next;
 
@@ -59,7 +59,6 @@ struct FwdScratch {
     grow_to(v, kBlockN * dpad);
     grow_to(st, kBlockN * kBlockM);
     if constexpr (!std::is_same_v<Acc, sum_t<T>>) {
-      grow_to(pv, kBlockM * dpad);
       grow_to(tsum, kBlockM);
     }
     grow_to(keep, kBlockM * kBlockN);
@@ -149,9 +148,7 @@ void fwd_key_tile(const AttnCtx<T>& c, const Mask& mask, int n0, int n, QueryTil
   }
   // O = factor * O + P V, P read through the transposed tile (element (r, j) at st[j * mt + r])
   if constexpr (kSplit) {
-    Acc* pv = sc.pv.data();
-    gemm(st, 1, mt, sc.v.data(), dpad, pv, dpad, nrows, n, dpad, /*accumulate=*/false);
-    fold_rows(pv, dpad, o, dpad, nrows, dpad, factor);
+    gemm_fold(st, 1, mt, sc.v.data(), dpad, o, dpad, nrows, n, dpad, factor);
   } else {
     for (int r = 0; r < nrows; ++r) {
       if (factor[r] == Acc(1)) continue;

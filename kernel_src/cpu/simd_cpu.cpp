@@ -260,9 +260,9 @@ void exp_cols_f32(const double* X, int ldx, double* P, int ldp, int rows, int co
   FLASH_CPU_PICK(exp_cols_f32, X, ldx, P, ldp, rows, cols, off, sum)
 }
 
-void fold_rows(const float* src, int lds, double* dst, int ldd, int rows, int cols,
-               const float* f) {
-  FLASH_CPU_PICK(fold_rows, src, lds, dst, ldd, rows, cols, f)
+void gemm_fold(const float* A, long a_row, long a_depth, const float* B, int ldb, double* C,
+               int ldc, int rows, int depth, int cols, const float* f) {
+  FLASH_CPU_PICK(gemm_fold, A, a_row, a_depth, B, ldb, C, ldc, rows, depth, cols, f)
 }
 
 float exp_row(const double* x, float* out, int n_pad, double offset) {
