@@ -26,7 +26,9 @@ bf16 (`--hf-dtypes`), interleaved rounds.
     python benchmarks/bench_cpu.py [--threads 2,16] [--quick] [--out PATH]
 
 JSON: benchmarks/results/<machine>-cpu.json (`--out` overrides), machine = `cpu<cores>`
-(the logical CPUs this process may use) unless --machine names it.
+(the logical CPUs this process may use) unless --machine names it. It is rewritten after every
+point with `"incomplete": true` until the run ends, so a run stopped early (e.g. under
+`timeout`) keeps the points it finished.
 """
 from __future__ import annotations
 
@@ -136,8 +138,9 @@ def pick_layout(sdpas):
     return min(best, key=best.get)
 
 
-def attention_points(flash, args, threads):
-    rows = []
+def attention_points(flash, args, threads, rows, save):
+    """Appends each point's row to `rows` and calls save() after it (so that a run stopped
+    early, e.g. by `timeout`, leaves the points it finished)."""
     for mode in args.modes:
         for dtype_name in args.dtypes:
             for hdim in args.hdims:
@@ -165,8 +168,8 @@ def attention_points(flash, args, threads):
                                    gflops_sdpa=round(flops / ms["sdpa"] / 1e6, 2),
                                    reps=len(ratios), sdpa_layout=layout)
                         rows.append(row)
+                        save()
                         print(json.dumps(row), flush=True)
-    return rows
 
 
 # ---- Transformers ------------------------------------------------------------------------------
@@ -277,19 +280,26 @@ def main():
                   cpu_capability=torch.backends.cpu.get_cpu_capability(), git_sha=git_sha(),
                   kernel_id=kernel_id(flash), command=command_line(sys.argv),
                   shape_rule="batch = max(1, tokens / seqlen), nheads = 1024 / hdim",
-                  tokens=args.tokens, rows=[], transformers=[])
+                  tokens=args.tokens, rows=[], transformers=[], incomplete=True)
+
+    def save():
+        """The JSON as it stands; `incomplete` stays true until the last point is written."""
+        if result["rows"]:
+            worst = max(result["rows"], key=lambda r: r["ratio"])
+            result["worst_ratio"] = {k: worst[k] for k in ("threads", "op", "dtype", "hdim",
+                                                           "seqlen", "causal", "ratio")}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+
     for nt in threads:
         torch.set_num_threads(nt)
         if args.attn:
-            result["rows"] += attention_points(flash, args, nt)
+            attention_points(flash, args, nt, result["rows"], save)
         if args.hf:
             result["transformers"].append(transformers_check(args, nt))
-    if result["rows"]:
-        worst = max(result["rows"], key=lambda r: r["ratio"])
-        result["worst_ratio"] = {k: worst[k] for k in ("threads", "op", "dtype", "hdim", "seqlen",
-                                                       "causal", "ratio")}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+            save()
+    del result["incomplete"]
+    save()
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
 
 

@@ -98,6 +98,38 @@ def test_bwd_packed_variants(flash, tol, device):
                 lambda q, kv, **o: attention_ref(q, *kv.unbind(2), **o)[0], [q, kv], dtype)
 
 
+# fp32 calls of at least 2^26 multiply-adds take the CPU backend's fp32 tiles (logits in fp64 in
+# the backward, every other product in fp32, sums across tiles in fp64; docs/cpu_backend.md,
+# "Numerics"); the grid reaches them only at 1023 x 1024. These cases are the ones that path is
+# most exposed on: a decode over 64k keys (each dK/dV row a sum over one query's 8 heads, P
+# carrying its logit's error unaveraged), softcap and ALiBi, and dropout.
+FP32_TILE_CASES = {
+    "decode_64k": dict(shape=(1, 1, 65536, 16, 2, 64)),
+    "softcap_alibi_local": dict(shape=(1, 1024, 1024, 4, 2, 64), softcap=3.0, alibi="bh",
+                                window_size=(300, 40)),
+    "dropout_causal": dict(shape=(1, 1024, 1024, 4, 2, 64), causal=True, dropout_p=0.17),
+}
+
+
+@pytest.mark.parametrize("name", list(FP32_TILE_CASES))
+def test_bwd_fp32_tiles_large_calls(flash, tol, name):
+    c = dict(FP32_TILE_CASES[name])
+    b, sq, sk, h, hk, d = c.pop("shape")
+    assert h * sq * sk * d >= 2**26  # the fp32-tile path
+    dtype = torch.float32
+    q, k, v = qkv(b, sq, sk, h, hk, d, dtype=dtype, device="cpu", requires_grad=True)
+    c["alibi_slopes"] = alibi_for(c.pop("alibi", "none"), b, h, "cpu")
+    p = c.get("dropout_p", 0.0)
+    out = flash.flash_attn_func(q, k, v, return_attn_probs=p > 0, **c)
+    if p > 0:  # the forward's keep mask, from S_dmask's sign
+        out, c["keep_mask"] = out[0], out[2] >= 0
+
+    def ours(q, k, v):  # the output above: a second call would draw another dropout mask
+        return out
+    check_grads(tol, ours, lambda q, k, v, **o: attention_ref(q, k, v, **c, **o)[0], [q, k, v],
+                dtype, name)
+
+
 def _determinism_params():
     """(device, dtype, repeats): the CPU's widest and narrowest types, both CUDA types; on CUDA
     the dQ accumulation order is what deterministic=True pins down, so it repeats 50 times."""

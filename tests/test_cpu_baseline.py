@@ -47,17 +47,20 @@ def _run(flash, q, k, v, dout):
     return (out.detach(), lse, *torch.autograd.grad(out, (q, k, v), dout))
 
 
-# fp16 computes in fp32 (the float primitives), fp64 in fp64 (the double ones). fp32 computes in
-# fp64 too, where the variants' difference rarely survives the rounding of the output to fp32.
+# fp16 computes in fp32 (the float primitives), fp64 in fp64 (the double ones). fp32 runs a call
+# large enough (>= 2^26 multiply-adds) for its fp32 tiles: fp32 tile products folded into fp64
+# sums in the micro-kernel (gemm_fold), fp64 logits and fp32 probabilities in the backward.
 @pytest.mark.skipif(not _has_avx2_fma(), reason="without AVX2+FMA the default is the baseline")
 @pytest.mark.parametrize("switch", ["FLASH_ATTN_CPU_BASELINE", "FLASH_ATTN_CPU_WIDE"],
                          ids=["baseline", "wide"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["fp16", "fp64"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.float32],
+                         ids=["fp16", "fp64", "fp32-tiles"])
 def test_baseline_cpu_variant_matches_reference_and_differs_from_avx2(flash, tol, tmp_path, dtype,
                                                                        switch):
     from kernel_loader import BUILD_DIR
 
-    q, k, v = qkv(2, 150, 170, 4, 2, 64, dtype=dtype, device="cpu")
+    shape = (1, 1024, 1024, 4, 2, 64) if dtype == torch.float32 else (2, 150, 170, 4, 2, 64)
+    q, k, v = qkv(*shape, dtype=dtype, device="cpu")
     dout = torch.randn(q.shape).to(dtype)
     torch.save((q, k, v, dout), tmp_path / "in.pt")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLASH_ATTN_CPU_")}

@@ -103,10 +103,10 @@ struct Traits<BFloat16> {
   static float load(BFloat16 x) { return bf16_to_float(x.bits); }
   static BFloat16 store(float x) { return BFloat16{float_to_bf16(x)}; }
 };
-// fp32 inputs, attention forward calls of at least kF32TileMinWork multiply-adds: fp32 tile
-// math, fp64 sums across tiles (fp32 sums across tiles too failed the rule on the long chains: an
-// output row's P V over ~1000 keys, ratio 1.05). Smaller forward calls and every backward call
-// run as FloatF64 below. Why: docs/cpu_backend.md, "Numerics".
+// fp32 inputs, attention calls of at least kF32TileMinWork multiply-adds: fp32 tile math, fp64
+// sums across tiles (fp32 sums across tiles too failed the rule on the long chains: an output
+// row's P V over ~1000 keys, ratio 1.05); the backward computes its logits in fp64 (logit_t in
+// flash_bwd_cpu.cpp). Smaller calls run as FloatF64 below. Why: docs/cpu_backend.md, "Numerics".
 template <>
 struct Traits<float> {
   using Acc = float;
@@ -168,7 +168,7 @@ void dispatch_dtype(DType dtype, const char* arg_name, F&& f) {
 constexpr int64_t kF32TileMinWork = int64_t(1) << 26;
 
 // dispatch_dtype for the attention forward and backward: fp32 calls below kF32TileMinWork get
-// FloatF64 instead of float (the backward passes work 0: always).
+// FloatF64 instead of float.
 template <typename F>
 void dispatch_attn_dtype(DType dtype, int64_t work, const char* arg_name, F&& f) {
   if (dtype == DType::kFloat32 && work < kF32TileMinWork) {

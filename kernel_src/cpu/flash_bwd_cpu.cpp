@@ -18,6 +18,7 @@
 // tile), query tile inner over Mask::q_range.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "attn_tile_cpu.h"
@@ -28,22 +29,59 @@ FLASH_NAMESPACE_BEGIN
 namespace cpu {
 namespace {
 
+// The storage type whose tile math computes the backward's logits: fp32 inputs on the fp32-tile
+// path compute S = Q K^T in fp64 (FloatF64's math: the same bits, read as fp32, products and
+// chains in fp64) and everything after P in fp32; other types in their own Acc. Why: P =
+// exp(s - lse) carries the logit's error as its relative error, and a decode's dK/dV rows (sums
+// over one query's heads) average nothing; with fp32 logits (an FMA chain over the head dim,
+// where the oracle's GEMM sums in shorter pieces) that stress exceeded the rule on some draws.
+template <typename T>
+using logit_t = std::conditional_t<std::is_same_v<T, float>, FloatF64, T>;
+
 template <typename T>
 struct BwdScratch {
   using Acc = acc_t<T>;
-  // Tiles (thread-local, reused across calls).
-  std::vector<Acc> qs, kt, kr, s, tanh_s, dp, pz, dk, dv, dout, vt;
-  std::vector<uint8_t> keep;
-  TileRows<Acc> rows;
+  using Sum = sum_t<T>;
+  using Lg = acc_t<logit_t<T>>;
+  static constexpr bool kWideLogits = !std::is_same_v<Lg, Acc>;
+  // Tiles (thread-local, reused across calls). dk/dv run across query tiles (Sum).
+  Scratch<Acc> kt, kr, s, tanh_s, dp, pz, vt;
+  Scratch<Sum> dk, dv;
+  // Per task, for all its query tiles (converted once, not once per key tile): Q scaled, dO, Q
+  // scaled in Lg (only when kWideLogits), and each tile's rows.
+  Scratch<Acc> qs_all, dout_all;
+  Scratch<Lg> qs_lg_all;
+  std::vector<TileRows<Acc>> rows_all;
+  std::vector<TileRows<Lg>> rows_lg_all;
+  Scratch<Lg> kt_lg, s_lg, tanh_lg;  // the logits' operands (only when kWideLogits)
+  Scratch<uint8_t> keep;
   KvTileRows kv;
 
   void ensure(int dpad) {
-    for (auto* x : {&qs, &dk, &dv, &kr, &dout}) grow_to(*x, std::max(kBlockM, kBlockN) * dpad);
+    grow_to(kr, kBlockN * dpad);
+    for (auto* x : {&dk, &dv}) grow_to(*x, std::max(kBlockM, kBlockN) * dpad);
+    if constexpr (kWideLogits) {
+      grow_to(kt_lg, dpad * kBlockN);
+      for (auto* x : {&s_lg, &tanh_lg}) grow_to(*x, kBlockM * kBlockN);
+    }
     for (auto* x : {&kt, &vt}) grow_to(*x, dpad * std::max(kBlockM, kBlockN));
     for (auto* x : {&s, &tanh_s, &dp, &pz}) grow_to(*x, kBlockM * kBlockN);
     grow_to(keep, kBlockM * kBlockN);
   }
 };
+
+// C += A B (gemm's operand strides; C in Sum, cols a multiple of kPad). When Sum is wider than
+// Acc (fp32 inputs), the product of this one tile (a chain of at most kBlockM or kBlockN terms)
+// is computed in Acc and added to C in Sum (gemm_fold), so no Acc chain runs across tiles: dK/dV
+// over the query tiles, dQ over the key tiles.
+template <typename Acc, typename Sum>
+void gemm_add(const Acc* A, long ars, long aks, const Acc* B, int ldb, Sum* C, int ldc, int rows,
+              int depth, int cols) {
+  if constexpr (std::is_same_v<Acc, Sum>)
+    gemm(A, ars, aks, B, ldb, C, ldc, rows, depth, cols, /*accumulate=*/true);
+  else
+    gemm_fold(A, ars, aks, B, ldb, C, ldc, rows, depth, cols, static_cast<const float*>(nullptr));
+}
 
 // Per-sequence offsets of the gradient-side tensors (the backward has no paging or left padding).
 struct BwdOffsets {
@@ -75,8 +113,9 @@ BwdOffsets bwd_offsets(const BwdParams& p, int b) {
   return o;
 }
 
-// Phase 1, one query tile of (b, hk): D = rowsum(dO * O) (also written out as softmax_d) and
-// the given lse of each packed row (fp64 when the caller passes one, fp64 inputs).
+// Phase 1, one query tile of (b, hk): D = rowsum(dO * O) (also written out as softmax_d; summed
+// in Sum, rounded once) and the given lse of each packed row (fp64 when the caller passes one,
+// fp64 inputs).
 template <typename T>
 void bwd_stats_tile(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int m_block,
                     acc_t<T>* lse, acc_t<T>* dsum) {
@@ -93,10 +132,10 @@ void bwd_stats_tile(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int 
     const int i = pi / group, h = hk * group + pi % group;
     const T* dorow = dout + i * p.do_row_stride + h * p.do_head_stride;
     const T* orow = out + i * p.o_row_stride + h * p.o_head_stride;
-    Acc acc = Acc(0);
+    sum_t<T> acc = 0;
     for (int col = 0; col < d; ++col)
-      acc += Traits<T>::load(dorow[col]) * Traits<T>::load(orow[col]);
-    dsum[pi] = acc;
+      acc += static_cast<sum_t<T>>(Traits<T>::load(dorow[col])) * Traits<T>::load(orow[col]);
+    dsum[pi] = static_cast<Acc>(acc);
     const int64_t lse_idx = s.lse_off + h * c.pr.lse_head_stride + i;
     if (p.dsoftmax_sum_ptr != nullptr) p.dsoftmax_sum_ptr[lse_idx] = static_cast<float>(acc);
     lse[pi] = p.softmax_lse_f64_ptr != nullptr
@@ -108,26 +147,63 @@ void bwd_stats_tile(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int 
 // Phase 2, keys [k_begin, k_end) of (b, hk): dK and dV of those keys, and their share of dQ
 // (unscaled) added into dq, (seqlen_q * group) x dpad rows that this task alone writes.
 template <typename T>
-void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int k_begin, int k_end,
-              const acc_t<T>* lse, const acc_t<T>* dsum, acc_t<T>* dq, BwdScratch<T>& sc) {
+void bwd_task(const AttnCtx<T>& c, const AttnCtx<logit_t<T>>& cl, const BwdParams& p, int b,
+              int hk, int k_begin, int k_end, const acc_t<T>* lse, const acc_t<T>* dsum,
+              sum_t<T>* dq, BwdScratch<T>& sc) {
   using Acc = acc_t<T>;
+  using Sum = sum_t<T>;
+  using Lg = acc_t<logit_t<T>>;
+  constexpr bool kWideLogits = BwdScratch<T>::kWideLogits;
   const SeqInfo& s = c.pr.seqs[b];
   const BwdOffsets off = bwd_offsets(p, b);
   const int d = c.pr.d, dpad = c.pr.dpad, group = c.pr.group;
   const int packed = s.seqlen_q * group;
   const Mask mask(s.seqlen_q, s.seqlen_k, p.window_left, p.window_right);
   const T* dout = static_cast<const T*>(p.do_ptr) + off.dout;
-  for (int64_t e = 0; e < static_cast<int64_t>(packed) * dpad; ++e) dq[e] = Acc(0);
+  for (int64_t e = 0; e < static_cast<int64_t>(packed) * dpad; ++e) dq[e] = Sum(0);
 
   T* dk_out = static_cast<T*>(p.dk_ptr) + off.dk + hk * p.dk_head_stride;
   T* dv_out = static_cast<T*>(p.dv_ptr) + off.dv + hk * p.dv_head_stride;
   const T* kbase = c.k() + off.k + hk * p.k_head_stride;
   const T* vbase = c.v() + off.v + hk * p.v_head_stride;
-  const Acc ninf = -static_cast<Acc>(INFINITY);
+  const Lg ninf = -static_cast<Lg>(INFINITY);
+
+  // The query tiles any key of the task sees, loaded and converted once.
+  int qb, qe;
+  mask.q_range(k_begin, k_end, &qb, &qe);
+  const int t_first = qb * group / kBlockM;
+  const int t_end = (qe * group + kBlockM - 1) / kBlockM;
+  if (t_first < t_end) {
+    const size_t tiles = static_cast<size_t>(t_end - t_first);
+    grow_to(sc.qs_all, tiles * kBlockM * dpad);
+    grow_to(sc.dout_all, tiles * kBlockM * dpad);
+    grow_to(sc.rows_all, tiles);
+    if constexpr (kWideLogits) {
+      grow_to(sc.qs_lg_all, tiles * kBlockM * dpad);
+      grow_to(sc.rows_lg_all, tiles);
+    }
+  }
+  for (int t = t_first; t < t_end; ++t) {
+    const int pr0 = t * kBlockM;
+    const int nrows = packed - pr0 < kBlockM ? packed - pr0 : kBlockM;
+    const int64_t at = static_cast<int64_t>(t - t_first) * kBlockM * dpad;
+    TileRows<Acc>& rows = sc.rows_all[t - t_first];
+    make_tile_rows(c, b, hk, pr0, nrows, &rows);
+    load_rows(c.q() + s.q_off, p.q_row_stride, p.q_head_stride, rows, d, dpad, c.scale,
+              sc.qs_all.data() + at);
+    load_rows(dout, p.do_row_stride, p.do_head_stride, rows, d, dpad, Acc(1),
+              sc.dout_all.data() + at);
+    if constexpr (kWideLogits) {
+      TileRows<Lg>& rows_lg = sc.rows_lg_all[t - t_first];
+      make_tile_rows(cl, b, hk, pr0, nrows, &rows_lg);
+      load_rows(cl.q() + s.q_off, p.q_row_stride, p.q_head_stride, rows_lg, d, dpad, cl.scale,
+                sc.qs_lg_all.data() + at);
+    }
+  }
 
   for (int n0 = k_begin; n0 < k_end; n0 += kBlockN) {
     const int n = k_end - n0 < kBlockN ? k_end - n0 : kBlockN;
-    for (int e = 0; e < n * dpad; ++e) sc.dk[e] = sc.dv[e] = Acc(0);
+    for (int e = 0; e < n * dpad; ++e) sc.dk[e] = sc.dv[e] = Sum(0);
     int ib, ie;
     mask.q_range(n0, n0 + n, &ib, &ie);
     if (ib < ie) {
@@ -137,26 +213,48 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int k_begi
         sc.kv.v[j] = static_cast<int64_t>(n0 + j) * p.v_row_stride;
       }
       load_kv_rows(kbase, sc.kv.k, n, d, dpad, sc.kr.data());
-      transpose(sc.kr.data(), dpad, sc.kt.data(), kBlockN, n, d);
+      if constexpr (kWideLogits) {
+        for (int j = 0; j < n; ++j)
+          for (int col = 0; col < d; ++col)
+            sc.kt_lg[col * kBlockN + j] = static_cast<Lg>(sc.kr[j * dpad + col]);
+      } else {
+        transpose(sc.kr.data(), dpad, sc.kt.data(), kBlockN, n, d);
+      }
       for (int j = 0; j < n; ++j) {
         const T* src = vbase + sc.kv.v[j];
         for (int col = 0; col < d; ++col) sc.vt[col * kBlockN + j] = Traits<T>::load(src[col]);
       }
     }
-    for (int pr0 = ib * group; pr0 < ie * group; pr0 += kBlockM) {
-      const int nrows = ie * group - pr0 < kBlockM ? ie * group - pr0 : kBlockM;
-      TileRows<Acc>& rows = sc.rows;
-      make_tile_rows(c, b, hk, pr0, nrows, &rows);
-      load_rows(c.q() + s.q_off, p.q_row_stride, p.q_head_stride, rows, d, dpad, c.scale,
-                sc.qs.data());
-      load_rows(dout, p.do_row_stride, p.do_head_stride, rows, d, dpad, Acc(1), sc.dout.data());
-      // S = Q K^T, then P = exp(S - lse) (rows with lse = +inf and masked entries give 0)
-      compute_scores(c, mask, rows, sc.qs.data(), sc.kt.data(), n0, n, sc.s.data(),
-                     c.has_softcap ? sc.tanh_s.data() : static_cast<Acc*>(nullptr));
+    // Query tiles aligned to kBlockM packed rows (rows of the first and last tile that see no
+    // key of this tile are masked: P = 0, they add exact zeros).
+    for (int pr0 = ib * group / kBlockM * kBlockM; pr0 < ie * group; pr0 += kBlockM) {
+      const int nrows = packed - pr0 < kBlockM ? packed - pr0 : kBlockM;
+      const int tile = pr0 / kBlockM - t_first;
+      const TileRows<Acc>& rows = sc.rows_all[tile];
+      const Acc* qs = sc.qs_all.data() + static_cast<int64_t>(tile) * kBlockM * dpad;
+      const Acc* dot = sc.dout_all.data() + static_cast<int64_t>(tile) * kBlockM * dpad;
+      // S = Q K^T (in Lg), then P = exp(S - lse) (rows with lse = +inf and masked entries
+      // give 0)
+      Lg* s_lg;
+      if constexpr (kWideLogits) {
+        s_lg = sc.s_lg.data();
+        compute_scores(cl, mask, sc.rows_lg_all[tile],
+                       sc.qs_lg_all.data() + static_cast<int64_t>(tile) * kBlockM * dpad,
+                       sc.kt_lg.data(), n0, n, s_lg,
+                       c.has_softcap ? sc.tanh_lg.data() : static_cast<Lg*>(nullptr));
+        if (c.has_softcap)
+          for (int e = 0; e < nrows * kBlockN; ++e) sc.tanh_s[e] = static_cast<Acc>(sc.tanh_lg[e]);
+      } else {
+        s_lg = sc.s.data();
+        compute_scores(c, mask, rows, qs, sc.kt.data(), n0, n, s_lg,
+                       c.has_softcap ? sc.tanh_s.data() : static_cast<Acc*>(nullptr));
+      }
       for (int r = 0; r < nrows; ++r) {
-        Acc* srow = sc.s.data() + r * kBlockN;
+        Lg* srow = s_lg + r * kBlockN;
         for (int j = n; j < pad_up(n); ++j) srow[j] = ninf;
-        if constexpr (Traits<T>::kExpF32)
+        if constexpr (kWideLogits)
+          exp_row(srow, sc.s.data() + r * kBlockN, pad_up(n), static_cast<Lg>(lse[pr0 + r]));
+        else if constexpr (Traits<T>::kExpF32)
           exp_row_f32(srow, srow, pad_up(n), lse[pr0 + r]);
         else
           exp_row(srow, pad_up(n), lse[pr0 + r]);
@@ -172,10 +270,9 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int k_begi
                 sc.keep[r * kBlockN + j] ? sc.s[r * kBlockN + j] * c.keep_scale : Acc(0);
         pz = sc.pz.data();
       }
-      gemm(pz, 1, kBlockN, sc.dout.data(), dpad, sc.dv.data(), dpad, n, nrows, dpad,
-           /*accumulate=*/true);
+      gemm_add(pz, 1, kBlockN, dot, dpad, sc.dv.data(), dpad, n, nrows, dpad);
       // dP = (dO V^T) o Z
-      gemm(sc.dout.data(), dpad, sc.vt.data(), kBlockN, sc.dp.data(), kBlockN, nrows, d,
+      gemm(dot, dpad, sc.vt.data(), kBlockN, sc.dp.data(), kBlockN, nrows, d,
            pad_up(n), /*accumulate=*/false);
       // dS = P o (dP - D), o (1 - tanh^2) under softcap; kept in dp
       for (int r = 0; r < nrows; ++r) {
@@ -194,11 +291,10 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int k_begi
         }
       }
       // dQ += dS K (softmax_scale applied once when dQ is written)
-      gemm(sc.dp.data(), kBlockN, sc.kr.data(), dpad, dq + static_cast<int64_t>(pr0) * dpad, dpad,
-           nrows, n, dpad, /*accumulate=*/true);
+      gemm_add(sc.dp.data(), kBlockN, 1, sc.kr.data(), dpad,
+               dq + static_cast<int64_t>(pr0) * dpad, dpad, nrows, n, dpad);
       // dK += dS^T (scale Q), dS^T read in place
-      gemm(sc.dp.data(), 1, kBlockN, sc.qs.data(), dpad, sc.dk.data(), dpad, n, nrows, dpad,
-           /*accumulate=*/true);
+      gemm_add(sc.dp.data(), 1, kBlockN, qs, dpad, sc.dk.data(), dpad, n, nrows, dpad);
     }
     for (int j = 0; j < n; ++j) {
       T* dkrow = dk_out + static_cast<int64_t>(n0 + j) * p.dk_row_stride;
@@ -223,8 +319,8 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int k_begi
 // order.
 template <typename T>
 void bwd_write_dq(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int m_block,
-                  const acc_t<T>* dq, int64_t split_stride, int nsplit) {
-  using Acc = acc_t<T>;
+                  const sum_t<T>* dq, int64_t split_stride, int nsplit) {
+  using Acc = sum_t<T>;
   const SeqInfo& s = c.pr.seqs[b];
   const int group = c.pr.group, d = c.pr.d, dpad = c.pr.dpad;
   const int packed = s.seqlen_q * group;
@@ -251,6 +347,7 @@ template <typename T>
 void run_bwd_typed(const BwdParams& p, const Problem& pr) {
   using Acc = acc_t<T>;
   const AttnCtx<T> c(p, pr);
+  const AttnCtx<logit_t<T>> cl(p, pr);
   const int64_t pairs = static_cast<int64_t>(pr.batch) * pr.nheads_k;
   // Per sequence: first packed row (of K/V head 0) in the row buffers, and first query-tile task.
   std::vector<int64_t> row0(pr.batch + 1, 0), tile0(pr.batch + 1, 0);
@@ -266,8 +363,8 @@ void run_bwd_typed(const BwdParams& p, const Problem& pr) {
   const int threads = max_threads();
   if (pr.work >= kParallelMinWork && pairs < 2 * threads)
     nsplit = static_cast<int>(std::min<int64_t>(max_key_tiles, (2 * threads + pairs - 1) / pairs));
-  std::vector<Acc> stats(2 * static_cast<size_t>(rows));
-  std::vector<Acc> dq(static_cast<size_t>(nsplit) * rows * pr.dpad);
+  Scratch<Acc> stats(2 * static_cast<size_t>(rows));
+  Scratch<sum_t<T>> dq(static_cast<size_t>(nsplit) * rows * pr.dpad);
   Acc* lse = stats.data();
   Acc* dsum = stats.data() + rows;
   const int64_t split_stride = rows * pr.dpad;
@@ -298,7 +395,7 @@ void run_bwd_typed(const BwdParams& p, const Problem& pr) {
     const int k_begin = std::min(seqlen_k, split * chunk);
     const int k_end = split == nsplit - 1 ? seqlen_k : std::min(seqlen_k, k_begin + chunk);
     const int64_t r0 = row0[b] + static_cast<int64_t>(hk) * pr.seqs[b].seqlen_q * pr.group;
-    bwd_task<T>(c, p, b, hk, k_begin, k_end, lse + r0, dsum + r0,
+    bwd_task<T>(c, cl, p, b, hk, k_begin, k_end, lse + r0, dsum + r0,
                 dq.data() + split * split_stride + r0 * pr.dpad, sc);
   });
   parallel_tasks(tile0[pr.batch], pr.work, [&](int64_t t) {
@@ -324,9 +421,9 @@ void check_bwd_pointers(const BwdParams& p) {
 void run_bwd_cpu(const BwdParams& params) {
   const cpu::Problem pr = cpu::make_problem(params, /*is_bwd=*/true);
   cpu::check_bwd_pointers(params);
-  // fp32 inputs always take the fp64-arithmetic path here (work 0): with fp32 tiles, decoding's
-  // dK/dV (each a sum over one query's heads) failed the rule (docs/cpu_backend.md, "Numerics").
-  cpu::dispatch_attn_dtype(params.dtype, /*work=*/0, "q", [&](auto tag) {
+  // fp32 inputs: fp32 tiles from kF32TileMinWork multiply-adds, like the forward (the same
+  // threshold on the same work, so a call's forward and backward take the same path).
+  cpu::dispatch_attn_dtype(params.dtype, pr.work, "q", [&](auto tag) {
     using T = decltype(tag);
     cpu::run_bwd_typed<T>(params, pr);
   });

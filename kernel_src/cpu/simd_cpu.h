@@ -64,6 +64,13 @@ void exp_cols(const double* X, int ldx, double* P, int ldp, int rows, int cols,
 void exp_cols_f32(const double* X, int ldx, double* P, int ldp, int rows, int cols,
                   const double* off, double* sum);
 double exp_row_f32(const double* x, double* out, int n_pad, double offset);
+// The same from fp64 logits into fp32 probabilities (the backward's P for fp32 inputs).
+float exp_row(const double* x, float* out, int n_pad, double offset);
+// C[r][c] = C[r][c] * f[r] + (A B)[r][c] (f null: C += A B) with A, B as gemm's and C fp64: one
+// fp32 tile's product (gemm's FMA chain, rounded to fp32 once) added to fp64 sums that run
+// across tiles, without storing the fp32 product.
+void gemm_fold(const float* A, long a_row, long a_depth, const float* B, int ldb, double* C,
+               int ldc, int rows, int depth, int cols, const float* f);
 // out[i] = exp(a[i] - b[i]) for i < n_pad (out may be a).
 void exp_diff(const float* a, const float* b, float* out, int n_pad);
 void exp_diff(const double* a, const double* b, double* out, int n_pad);
