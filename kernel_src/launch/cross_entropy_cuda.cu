@@ -143,13 +143,14 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(const CrossEntropyPara
   }
 }
 
-// exp(s * logit - lse); for fp32 logits the argument is formed in fp64 (an fp32 one would carry
-// a relative error of |lse| * 2^-24 into the gradient: docs/fused_ops.md), else in fp32.
+// exp(s * logit - lse); for fp32 logits the difference is taken in fp64 (an fp32 one would carry
+// a relative error of |lse| * 2^-24 into the gradient: docs/fused_ops.md), else in fp32. The
+// product s * logit is the fp32 one the forward's LSE summed, so that the largest logit's
+// exp(v - lse) is what the forward saw (exactly 1 with one class).
 template <typename T>
-__device__ __forceinline__ float softmax_of(float logit, float scale, double scale_d, double lse,
-                                            float lse_f) {
+__device__ __forceinline__ float softmax_of(float logit, float scale, double lse, float lse_f) {
   if constexpr (sizeof(T) == 4) {
-    return expf(static_cast<float>(static_cast<double>(logit) * scale_d - lse));
+    return expf(static_cast<float>(static_cast<double>(logit * scale) - lse));
   } else {
     return expf(scale * logit - lse_f);
   }
@@ -188,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) ce_bwd_kernel(const CrossEntropyPara
       load_group_rw(logits + c0, n, vec, v);
 #pragma unroll
       for (int i = 0; i < kGroup; ++i) {
-        float g = softmax_of<T>(v[i], scale, p.logit_scale, lse, lse_f) * zfactor - neg;
+        float g = softmax_of<T>(v[i], scale, lse, lse_f) * zfactor - neg;
         if (c0 + i == y) g -= 1.0f - eps;
         v[i] = gscale * g;
       }

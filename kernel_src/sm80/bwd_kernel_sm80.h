@@ -107,11 +107,13 @@ __global__ void bwd_convert_dq_kernel(const __grid_constant__ BwdParams p) {
   dq[c] = Element(acc * static_cast<float>(p.softmax_scale));
 }
 
-// dst[0] += a, dst[1] += b for an 8-byte aligned dst: one vector reduction on sm90 (red.v2.f32),
-// two scalar ones before.
+// dst[0] += a, dst[1] += b for an 8-byte aligned dst: one vector reduction on sm90, two scalar
+// ones before. The reduction is written as PTX `red`: atomicAdd(float2*) compiled to ATOMG (a
+// returning atomic), whose register reads held the loop's next instructions (long-scoreboard
+// and LSU-throttle stalls, docs/cuda_bwd.md).
 __device__ __forceinline__ void atomic_add2(float* dst, float a, float b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(a, b));
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(a), "f"(b) : "memory");
 #else
   atomicAdd(dst, a);
   atomicAdd(dst + 1, b);

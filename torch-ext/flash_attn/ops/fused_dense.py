@@ -14,7 +14,8 @@ How it is computed (docs/fused_ops.md, "Dense"): no GEMM of our own. ``fused_mlp
   GELU epilogue (cuBLASLt's GELU_AUX), so where the backward needs it (``checkpoint_lvl`` 0 and
   1), the forward is ``addmm`` (bias epilogue) followed by the tanh GELU, as 2.8's
   ``heuristic=-1``; the fused GELU epilogue runs where nothing is saved (no gradient needed,
-  ``save_pre_act=False`` in eval mode, ``checkpoint_lvl=2``). ReLU needs no pre-activation (its
+  ``save_pre_act=False`` in eval mode, ``checkpoint_lvl=2``), in fp16/bf16 only (fp32 keeps
+  ``F.gelu``: the epilogue's GELU is less exact than fp32 rounding). ReLU needs no pre-activation (its
   derivative is ``out > 0``), so relu and sqrelu always use the fused epilogue, on every device.
 * The backward: ``grad_out1 = grad @ w2``, the activation's derivative elementwise (ATen's
   ``gelu_backward(approximate="tanh")``, ``threshold_backward``; sqrelu ``2 relu(pre) grad``),
@@ -115,9 +116,12 @@ def _act_grad(activation, grad, saved, out1):
     return grad * (2.0 * saved)
 
 
-def _fuses_gelu(device, heuristic):
-    """Whether torch._addmm_activation's GELU is tanh GELU here (CUDA only) and not refused."""
-    return device.type == "cuda" and heuristic != -1
+def _fuses_gelu(x, heuristic):
+    """Whether torch._addmm_activation's GELU is tanh GELU here (CUDA only), its error is below
+    the output's rounding (fp16/bf16: in fp32 the epilogue's GELU measured about 10x the error of
+    F.gelu on the H200, docs/fused_ops.md) and the caller did not refuse it (heuristic -1)."""
+    return (x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16)
+            and heuristic != -1)
 
 
 def _grad_input(grad_pre, weight, batch_shape, process_group, sequence_parallel):
@@ -180,7 +184,7 @@ class FusedMLPFunc(torch.autograd.Function):
             total_x = all_gather_raw(x, process_group)[0]
         batch_shape = total_x.shape[:-1]
         x2d = total_x.reshape(-1, total_x.shape[-1])
-        fuse = _fuses_gelu(x.device, heuristic)
+        fuse = _fuses_gelu(x, heuristic)
         saved, out1 = _linear_act(x2d, weight1, bias1, activation,
                                   keep_pre_act=needs_grad and checkpoint_lvl < 2, fuse_gelu=fuse)
         out2 = F.linear(out1, weight2, bias2)
