@@ -15,10 +15,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LABEL_DTYPES = (torch.int64, torch.int32)
 
 
-# The CUDA kernels of these ops are built and reachable through torch.ops, but the public
-# functions take CUDA tensors only once the kernels have passed their GPU tests (docs/fused_ops.md,
-# "Status"); until then this stays False and the GPU tests switch it on for themselves.
-CUDA_ENABLED = False
+# Whether the public functions take CUDA tensors. The CUDA kernels passed their GPU tests
+# (docs/fused_ops.md, "Status"); set it to False to keep a release's fused ops on the CPU, e.g.
+# while a kernel change waits for its GPU run (the tests switch it on for themselves).
+CUDA_ENABLED = True
 
 
 def device(t, name, what):
