@@ -24,24 +24,32 @@ inline void cuda_check(cudaError_t err, const char* what) {
   }
 }
 
-// The current device's opt-in shared memory per block (what a kernel may request with
-// cudaFuncAttributeMaxDynamicSharedMemorySize): 99 KB on sm86/sm89, 163 KB on the A100, 227 KB
-// on the H100/H200. A driver query, no synchronisation.
-inline int device_smem_optin() {
-  int device = 0, bytes = 0;
+// The current device (per host thread; it can change between calls, so it is read per call).
+inline int current_device() {
+  int device = 0;
   cuda_check(cudaGetDevice(&device), "cudaGetDevice");
-  cuda_check(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-             "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
-  return bytes;
+  return device;
 }
 
-// The current device's multiprocessor count (grid sizes). A driver query, no synchronisation.
+// An attribute of `device`: a cheap driver query, no synchronisation.
+inline int device_attribute(int device, cudaDeviceAttr attr, const char* name) {
+  int value = 0;
+  cuda_check(cudaDeviceGetAttribute(&value, attr, device),
+             (std::string("cudaDeviceGetAttribute(") + name + ")").c_str());
+  return value;
+}
+
+// The current device's opt-in shared memory per block (what a kernel may request with
+// cudaFuncAttributeMaxDynamicSharedMemorySize): 99 KB on sm86/sm89, 163 KB on the A100, 227 KB
+// on the H100/H200.
+inline int device_smem_optin() {
+  return device_attribute(current_device(), cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                          "MaxSharedMemoryPerBlockOptin");
+}
+
+// The current device's multiprocessor count (grid sizes).
 inline int device_sms() {
-  int device = 0, sms = 0;
-  cuda_check(cudaGetDevice(&device), "cudaGetDevice");
-  cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-             "cudaDeviceGetAttribute(MultiProcessorCount)");
-  return sms;
+  return device_attribute(current_device(), cudaDevAttrMultiProcessorCount, "MultiProcessorCount");
 }
 
 namespace cuda {

@@ -38,13 +38,12 @@ void require(bool ok, const std::string& msg) {
 // than cached: the current device can change between calls.
 DeviceCaps check_device_and_sizes(const FwdParams& params) {
   DeviceCaps caps;
-  cuda_check(cudaGetDevice(&caps.device), "cudaGetDevice");
-  cuda_check(cudaDeviceGetAttribute(&caps.major, cudaDevAttrComputeCapabilityMajor, caps.device),
-             "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
-  cuda_check(cudaDeviceGetAttribute(&caps.minor, cudaDevAttrComputeCapabilityMinor, caps.device),
-             "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
-  cuda_check(cudaDeviceGetAttribute(&caps.sms, cudaDevAttrMultiProcessorCount, caps.device),
-             "cudaDeviceGetAttribute(MultiProcessorCount)");
+  caps.device = current_device();
+  caps.major = device_attribute(caps.device, cudaDevAttrComputeCapabilityMajor,
+                                "ComputeCapabilityMajor");
+  caps.minor = device_attribute(caps.device, cudaDevAttrComputeCapabilityMinor,
+                                "ComputeCapabilityMinor");
+  caps.sms = device_attribute(caps.device, cudaDevAttrMultiProcessorCount, "MultiProcessorCount");
   if (caps.major < 8) {
     cudaDeviceProp prop{};
     const std::string name =

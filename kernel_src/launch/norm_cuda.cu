@@ -398,12 +398,6 @@ void dispatch_norm(DType in, DType x, DType w, F&& f) {
 
 constexpr int kMaxDevices = 64;
 
-int current_device() {
-  int dev = 0;
-  cuda_check(cudaGetDevice(&dev), "cudaGetDevice");
-  return dev;
-}
-
 // Lets Kernel use kMaxSmemBytes of dynamic shared memory on the current device (set once per
 // kernel and device: one instantiation, so one flag array, per kernel; a launch with less is
 // unaffected).

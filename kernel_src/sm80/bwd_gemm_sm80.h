@@ -104,6 +104,23 @@ struct BOperand {
   }
 };
 
+// One reduction step kk of a warp GEMM: acc += af (the A fragments of rows 16 mi) times every
+// B fragment pair of step kk.
+template <typename Element, int kM16, int kN8, typename BOp>
+__device__ __forceinline__ void mma_step(float (&acc)[kM16][kN8][4], const uint32_t (&af)[kM16][4],
+                                         const BOp& bop, int kk) {
+#pragma unroll
+  for (int np = 0; np < kN8 / 2; ++np) {
+    uint32_t bf[4];
+    bop.load(kk, np, bf);
+#pragma unroll
+    for (int mi = 0; mi < kM16; ++mi) {
+      mma_m16n8k16<Element>(acc[mi][2 * np], af[mi], bf[0], bf[1]);
+      mma_m16n8k16<Element>(acc[mi][2 * np + 1], af[mi], bf[2], bf[3]);
+    }
+  }
+}
+
 // acc[kM16][kN8][4] += A[m0 : m0 + 16 kM16, 0 : 16 kK16] * B[0 : 16 kK16, n0 : n0 + 8 kN8].
 // kATrans: A is stored K-major (the tile holds A^T); kBTrans: B is stored K-major. m0/n0 are the
 // warp's block in A (rows m) and B (columns n), multiples of 16.
@@ -139,16 +156,7 @@ __device__ __forceinline__ void gemm_ss(float (&acc)[kM16][kN8][4], const SmemTi
                                            16 * mi * kSwA));
       }
     }
-#pragma unroll
-    for (int np = 0; np < kN8 / 2; ++np) {
-      uint32_t bf[4];
-      bop.load(kk, np, bf);
-#pragma unroll
-      for (int mi = 0; mi < kM16; ++mi) {
-        mma_m16n8k16<Element>(acc[mi][2 * np], af[mi], bf[0], bf[1]);
-        mma_m16n8k16<Element>(acc[mi][2 * np + 1], af[mi], bf[2], bf[3]);
-      }
-    }
+    mma_step<Element>(acc, af, bop, kk);
   }
 }
 
@@ -161,17 +169,14 @@ __device__ __forceinline__ void gemm_rs(float (&acc)[kM16][kN8][4],
   const int lane = thread_index_in_block() & 31;
   const BOperand<kN8, kBTrans, kSwB> bop(b, n0, lane);
 #pragma unroll
-  for (int kk = 0; kk < kK16; ++kk)
+  for (int kk = 0; kk < kK16; ++kk) {
+    uint32_t af[kM16][4];  // a[.][kk]: register copies, gone after unrolling
 #pragma unroll
-    for (int np = 0; np < kN8 / 2; ++np) {
-      uint32_t bf[4];
-      bop.load(kk, np, bf);
+    for (int mi = 0; mi < kM16; ++mi)
 #pragma unroll
-      for (int mi = 0; mi < kM16; ++mi) {
-        mma_m16n8k16<Element>(acc[mi][2 * np], a[mi][kk], bf[0], bf[1]);
-        mma_m16n8k16<Element>(acc[mi][2 * np + 1], a[mi][kk], bf[2], bf[3]);
-      }
-    }
+      for (int r = 0; r < 4; ++r) af[mi][r] = a[mi][kk][r];
+    mma_step<Element>(acc, af, bop, kk);
+  }
 }
 
 // A C fragment block (16 kM16 rows x 8 kN8 columns, fp32) as the A fragments of a GEMM that

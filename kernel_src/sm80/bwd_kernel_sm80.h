@@ -28,6 +28,7 @@
 // fully masked (query block, key block) pairs are never visited (Mask::q_range).
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/mask.h"
 #include "../common/params.h"
@@ -417,19 +418,10 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
       float* dq_lane = params.dq_accum_ptr + (bs.q_row_global + m0 + dq_row0 + g) * dq_row_stride +
                        bidh * dq_width + dq_d0 + 2 * t;
       const int64_t stride8 = 8 * dq_row_stride;
-      if (valid_q >= kBlockM && dq_width >= Traits::kHeadDim) {
-        // A whole query block and every column inside the accumulator: no per-element test.
-#pragma unroll
-        for (int mi = 0; mi < kQ16; ++mi)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            float* row = dq_lane + (2 * mi + h) * stride8;
-#pragma unroll
-            for (int nj = 0; nj < kQ8; ++nj) {
-              atomic_add2(row + 8 * nj, acc_dq[mi][nj][2 * h], acc_dq[mi][nj][2 * h + 1]);
-            }
-          }
-      } else {
+      // kWhole: a whole query block and every column inside the accumulator, so no
+      // per-element test (compiled separately: a run-time flag per element cost a branch each).
+      auto add_dq = [&](auto whole) {
+        constexpr bool kWhole = decltype(whole)::value;
 #pragma unroll
         for (int mi = 0; mi < kQ16; ++mi)
 #pragma unroll
@@ -439,11 +431,16 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
 #pragma unroll
             for (int nj = 0; nj < kQ8; ++nj) {
               const int c = dq_d0 + 8 * nj + 2 * t;  // even: c + 1 < dq_width when c < dq_width
-              if (r < valid_q && c < dq_width) {
+              if (kWhole || (r < valid_q && c < dq_width)) {
                 atomic_add2(row + 8 * nj, acc_dq[mi][nj][2 * h], acc_dq[mi][nj][2 * h + 1]);
               }
             }
           }
+      };
+      if (valid_q >= kBlockM && dq_width >= Traits::kHeadDim) {
+        add_dq(std::true_type{});
+      } else {
+        add_dq(std::false_type{});
       }
     }
     if (params.deterministic) {
