@@ -114,6 +114,18 @@ def wall_s(fn):
     return time.perf_counter() - t
 
 
+def wall_s_and_peak_mib(fn, device):
+    """(wall_s of one call of fn, the MiB it allocated at its peak beyond what was live before it
+    (torch.cuda.max_memory_allocated), None off CUDA)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    seconds = wall_s(fn)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else None
+    return seconds, peak
+
+
 def median_wall_s(fn, reps):
     """Median of `reps` wall_s timings after one untimed warm-up call."""
     fn()

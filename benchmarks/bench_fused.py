@@ -39,7 +39,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _measure import (clocks, gbps, git_sha, graph_ms, kernel_ms, load_flash,  # noqa: E402
-                      median_wall_s)
+                      median_wall_s, wall_s_and_peak_mib)
 
 SHAPES = {  # full, quick
     "norm": ([(16384, h) for h in (2048, 4096, 8192)], [(64, 40)]),
@@ -144,22 +144,10 @@ def ce_rows(flash, r, shapes):
         for name, fn in impls.items():
             step = r.fwd_bwd(fn, (logits, labels), (grad,))
             row["ms_fwd_bwd"][name] = r.ms(step)
-            row["peak_mib"][name] = peak_mib(step, dev)
+            row["peak_mib"][name] = wall_s_and_peak_mib(step, dev)[1]
         rows.append(ratios(row))
         print(json.dumps(row), flush=True)
     return rows
-
-
-def peak_mib(step, device):
-    """MiB one call allocates beyond what is live before it (CUDA only)."""
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def dense_rows(flash, r, shapes):

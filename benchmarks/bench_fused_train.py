@@ -48,7 +48,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _measure import (clocks, command_line, device_slug, git_sha, kernel_id,  # noqa: E402
-                      load_flash, wall_s)
+                      load_flash, wall_s_and_peak_mib)
 
 VARIANTS = ("hf", "rmsnorm", "ce", "rmsnorm+ce")
 FULL = dict(vocab_size=128256, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
@@ -117,12 +117,7 @@ def resident_mib(device):
 def timed_step(step, ids, device):
     """(seconds, MiB the step allocated at its peak beyond what was live before it, loss)."""
     out = {}
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    seconds = wall_s(lambda: out.setdefault("loss", step(ids)))
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else None
+    seconds, peak = wall_s_and_peak_mib(lambda: out.setdefault("loss", step(ids)), device)
     return seconds, peak, float(out["loss"])
 
 

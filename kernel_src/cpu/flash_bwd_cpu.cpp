@@ -214,9 +214,7 @@ void bwd_task(const AttnCtx<T>& c, const AttnCtx<logit_t<T>>& cl, const BwdParam
       }
       load_kv_rows(kbase, sc.kv.k, n, d, dpad, sc.kr.data());
       if constexpr (kWideLogits) {
-        for (int j = 0; j < n; ++j)
-          for (int col = 0; col < d; ++col)
-            sc.kt_lg[col * kBlockN + j] = static_cast<Lg>(sc.kr[j * dpad + col]);
+        transpose(sc.kr.data(), dpad, sc.kt_lg.data(), kBlockN, n, d);
       } else {
         transpose(sc.kr.data(), dpad, sc.kt.data(), kBlockN, n, d);
       }

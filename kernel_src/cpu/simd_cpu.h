@@ -75,11 +75,12 @@ void gemm_fold(const float* A, long a_row, long a_depth, const float* B, int ldb
 void exp_diff(const float* a, const float* b, float* out, int n_pad);
 void exp_diff(const double* a, const double* b, double* out, int n_pad);
 
-// dst[cols x rows] = src[rows x cols]^T (for the products that need a transposed operand).
-template <typename Acc>
-inline void transpose(const Acc* src, int lds, Acc* dst, int ldd, int rows, int cols) {
+// dst[cols x rows] = src[rows x cols]^T (for the products that need a transposed operand),
+// converted to dst's type where it differs (the backward's fp64 logit operand of fp32 inputs).
+template <typename Src, typename Dst>
+inline void transpose(const Src* src, int lds, Dst* dst, int ldd, int rows, int cols) {
   for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+    for (int c = 0; c < cols; ++c) dst[c * ldd + r] = static_cast<Dst>(src[r * lds + c]);
 }
 
 }  // namespace cpu

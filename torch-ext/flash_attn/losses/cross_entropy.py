@@ -21,6 +21,7 @@ import torch.nn as nn
 from .. import _fused_checks, _fused_meta
 from .._checks import fail
 from .._ops import ops
+from ..utils.distributed import all_gather_raw, all_reduce_raw
 
 __all__ = ["CrossEntropyLoss", "cross_entropy_loss"]
 
@@ -42,17 +43,14 @@ class _ShardedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, smoothing, logit_scale, lse_square_scale, ignore_index,
                 inplace_backward, process_group, world_size, rank):
-        import torch.distributed as dist  # noqa: PLC0415
-
         n_cols = logits.shape[1]
         total, start = world_size * n_cols, rank * n_cols
         losses, _, lse = ops.cross_entropy_fwd(logits, labels, None, smoothing, logit_scale,
                                                lse_square_scale, ignore_index, total, start, True,
                                                inplace_backward)
-        gathered = [torch.empty_like(lse) for _ in range(world_size)]
-        dist.all_gather(gathered, lse.contiguous(), group=process_group)
-        dist.all_reduce(losses, op=dist.ReduceOp.SUM, group=process_group)
-        lse = torch.logsumexp(torch.stack(gathered), dim=0)
+        gathered = all_gather_raw(lse, process_group)[0].view(world_size, *lse.shape)
+        losses = all_reduce_raw(losses, process_group)[0]
+        lse = torch.logsumexp(gathered, dim=0)
         ignored = labels == ignore_index
         # The lse is fp64 for fp32 logits (docs/fused_ops.md); the losses keep their dtype.
         losses = (losses + lse).to(losses.dtype)

@@ -335,6 +335,19 @@ class RowParallelLinear(nn.Linear):
         return reduce(out, self.process_group)
 
 
+def _init_mlp(module, in_features, hidden_features, out_features, activation, checkpoint_lvl,
+              heuristic):
+    """FusedMLP's and ParallelFusedMLP's shared setup: the argument checks, the activation and
+    recomputation settings on `module` (sqrelu never fuses its GEMM), and 2.8's defaults
+    -> (hidden_features: 4 * in_features, out_features: in_features)."""
+    _check_checkpoint_lvl(checkpoint_lvl)
+    _check_activation(activation)
+    module.activation = activation
+    module.checkpoint_lvl = checkpoint_lvl
+    module.heuristic = heuristic if activation != "sqrelu" else -1
+    return hidden_features or in_features * 4, out_features or in_features
+
+
 class FusedMLP(nn.Module):
     def __init__(self, in_features, hidden_features=None, out_features=None, bias1=True,
                  bias2=True, activation="gelu_approx", return_residual=False, checkpoint_lvl=0,
@@ -345,16 +358,12 @@ class FusedMLP(nn.Module):
         activation, 2 recompute the first linear and the activation. heuristic: -1 keeps the GELU
         out of the GEMM; other values and "auto" use the fused epilogue where it applies (module
         docstring). return_residual: also return x (post-norm residuals)."""
-        _check_checkpoint_lvl(checkpoint_lvl)
-        _check_activation(activation)
-        factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        out_features = out_features or in_features
-        hidden_features = hidden_features or in_features * 4
-        self.activation = activation
+        hidden_features, out_features = _init_mlp(self, in_features, hidden_features,
+                                                  out_features, activation, checkpoint_lvl,
+                                                  heuristic)
+        factory_kwargs = {"device": device, "dtype": dtype}
         self.return_residual = return_residual
-        self.checkpoint_lvl = checkpoint_lvl
-        self.heuristic = heuristic if activation != "sqrelu" else -1
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias1, **factory_kwargs)
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias2, **factory_kwargs)
 
@@ -381,19 +390,15 @@ class ParallelFusedMLP(nn.Module):
         """FusedMLP with fc1 a ColumnParallelLinear and fc2 a RowParallelLinear over
         process_group (required); the output is reduce-scattered (sequence_parallel) or
         all-reduced."""
-        _check_checkpoint_lvl(checkpoint_lvl)
-        _check_activation(activation)
         if process_group is None:
             raise ValueError("flash_attn: ParallelFusedMLP needs a process_group")
-        factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        out_features = out_features or in_features
-        hidden_features = hidden_features or in_features * 4
-        self.activation = activation
+        hidden_features, out_features = _init_mlp(self, in_features, hidden_features,
+                                                  out_features, activation, checkpoint_lvl,
+                                                  heuristic)
+        factory_kwargs = {"device": device, "dtype": dtype}
         self.process_group = process_group
         self.sequence_parallel = sequence_parallel
-        self.checkpoint_lvl = checkpoint_lvl
-        self.heuristic = heuristic if activation != "sqrelu" else -1
         self.fc1 = ColumnParallelLinear(in_features, hidden_features, process_group, bias=bias1,
                                         **factory_kwargs)
         self.fc2 = RowParallelLinear(hidden_features, out_features, process_group, bias=bias2,
