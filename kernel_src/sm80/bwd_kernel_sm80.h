@@ -241,7 +241,11 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   const SeqInfo& seq = bs.seq;
-  const int tid = thread_index_in_block(), warp = tid / 32, lane = tid % 32;
+  const int tid = thread_index_in_block();
+  // The range lets the compiler fold the warp-grid coordinates (e.g. warp / kWarpsKV_N == 0 for
+  // a one-column grid) and use unsigned shifts for them.
+  __builtin_assume(tid >= 0 && tid < Traits::kNThreads);
+  const int warp = tid / 32, lane = tid % 32;
   const int n0 = n_block * kBlockN;
   const int head_dim = params.head_dim;
   const CopyThread<Traits> ct(tid);
@@ -336,22 +340,24 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
     cp_async_commit();
   };
 
+  // One barrier per item, at its top: after it this item's copies are visible to every thread,
+  // and every warp is done with the previous item, whose Q/dO stage, P^T and dS^T may now be
+  // overwritten: the next item's copies are issued right behind it, into the other stage.
   int bidh = bidh_kv * group, m_block = m_block_min;  // the current item
+  int next_h = bidh, next_m = m_block;                 // the item after it
+  advance(next_h, next_m);
   if (n_items > 0) load_item(bidh, m_block * kBlockM, 0);
   for (int item = 0; item < n_items; ++item, advance(bidh, m_block)) {
     const int stage = item % Traits::kStages;
     const int m0 = m_block * kBlockM;
     const int valid_q = seq.seqlen_q - m0;
+    cp_async_wait<0>();
+    __syncthreads();
     // ---- copies of the next item in flight while this one computes -----------------------
     if (item + 1 < n_items) {
-      int next_h = bidh, next_m = m_block;
-      advance(next_h, next_m);
       load_item(next_h, next_m * kBlockM, stage ^ 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
+      advance(next_h, next_m);
     }
-    __syncthreads();
 
     // ---- S-phase: P^T and dS^T --------------------------------------------------------
     float alibi_slope = 0.f;
@@ -374,26 +380,10 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
                                                        alibi_slope, smem, stage, warp, lane,
                                                        p_frag, ds_frag);
     }
-    if constexpr (!Traits::kPInRegs) __syncthreads();  // P^T, dS^T of every warp in place
+    __syncthreads();  // dS^T (and P^T) of every warp in place
 
-    // ---- dKV-phase: dV += (P o Z)^T dO, dK += dS^T Q --------------------------------------
-    const int stage_off = stage * Traits::kStageElems;
-    const SmemTile<Traits::kSwizzleCols> tq{smem_u32(smem + Traits::kSmemQ + stage_off), kBlockM};
-    const SmemTile<Traits::kSwizzleCols> tdo{smem_u32(smem + Traits::kSmemDO + stage_off),
-                                             kBlockM};
-    if constexpr (Traits::kPInRegs) {
-      // The warp's own keys: its S-phase fragments are the A operand (kv_key0 == its key0).
-      warp::gemm_rs<Element, kKV16, kKV8, kBlockM / 16, true>(acc_dv, p_frag, tdo, kv_d0);
-      warp::gemm_rs<Element, kKV16, kKV8, kBlockM / 16, true>(acc_dk, ds_frag, tq, kv_d0);
-      __syncthreads();  // dS^T of every warp in place for the dQ-phase
-    } else {
-      warp::gemm_ss<Element, kKV16, kKV8, kBlockM / 16, false, true>(acc_dv, tpt, kv_key0, tdo,
-                                                                     kv_d0);
-      warp::gemm_ss<Element, kKV16, kKV8, kBlockM / 16, false, true>(acc_dk, tdst, kv_key0, tq,
-                                                                     kv_d0);
-    }
-
-    // ---- dQ-phase: dQ += dS K -----------------------------------------------------------
+    // ---- dQ-phase: dQ += dS K, first, so that its global reductions drain during the dK/dV
+    // GEMMs (issued last, they queued behind each other and held the item's end) ------------
     float acc_dq[kQ16][kQ8][4];
     warp::zero(acc_dq);
     warp::gemm_ss<Element, kQ16, kQ8, kBlockN / 16, true, true>(acc_dq, tdst, dq_row0, tk,
@@ -448,7 +438,22 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
       __syncthreads();
       if (tid == 0) atomicExch(sem, turn + 1);
     }
-    __syncthreads();  // the next item's copies overwrite this stage, P^T and dS^T
+
+    // ---- dKV-phase: dV += (P o Z)^T dO, dK += dS^T Q --------------------------------------
+    const int stage_off = stage * Traits::kStageElems;
+    const SmemTile<Traits::kSwizzleCols> tq{smem_u32(smem + Traits::kSmemQ + stage_off), kBlockM};
+    const SmemTile<Traits::kSwizzleCols> tdo{smem_u32(smem + Traits::kSmemDO + stage_off),
+                                             kBlockM};
+    if constexpr (Traits::kPInRegs) {
+      // The warp's own keys: its S-phase fragments are the A operand (kv_key0 == its key0).
+      warp::gemm_rs<Element, kKV16, kKV8, kBlockM / 16, true>(acc_dv, p_frag, tdo, kv_d0);
+      warp::gemm_rs<Element, kKV16, kKV8, kBlockM / 16, true>(acc_dk, ds_frag, tq, kv_d0);
+    } else {
+      warp::gemm_ss<Element, kKV16, kKV8, kBlockM / 16, false, true>(acc_dv, tpt, kv_key0, tdo,
+                                                                     kv_d0);
+      warp::gemm_ss<Element, kKV16, kKV8, kBlockM / 16, false, true>(acc_dk, tdst, kv_key0, tq,
+                                                                     kv_d0);
+    }
   }
   cp_async_wait<0>();  // K/V were never waited for when no query block sees this key block
 
