@@ -449,8 +449,8 @@ inline void run_fwd_kvcache(const FwdParams& p, const Tensor& q) {
 inline void run_bwd(BwdParams& p, const Tensor& q) {
   if (q.is_cpu()) return run_bwd_cpu(p);
 #ifdef CUDA_KERNEL
-  const int64_t rows = p.cu_seqlens_q != nullptr ? int64_t(p.total_q) : int64_t(p.batch) * p.seqlen_q;
-  Tensor dq_accum = alloc_zeros(q, {rows, p.nheads, dq_accum_width(p.head_dim)}, ScalarType::Float);
+  Tensor dq_accum = alloc_zeros(q, {std::max<int64_t>(1, bwd_cuda_dq_accum_elems(p))},
+                                ScalarType::Float);
   p.dq_accum_ptr = dq_accum.mutable_data_ptr<float>();
   Tensor semaphores;
   if (p.deterministic) {

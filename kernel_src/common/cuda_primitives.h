@@ -1,8 +1,9 @@
 // Owns: the small pieces both CUDA paths (kernel_src/sm80/, kernel_src/sm90/) use, which live here
 // because a build section may only include its own directory and common/ (docs/design.md):
-// on the device, the `.shared` address of a pointer, 2^x on the special-function unit, packing
-// two floats into fp16x2/bf16x2, and quad (4-lane) reductions; on the host, turning a CUDA error
-// into the std::runtime_error the binding reports. Included by CUDA sources only.
+// on the device, the `.shared` address of a pointer, the generic-to-async proxy fence, 2^x on the
+// special-function unit, packing two floats into fp16x2/bf16x2, and quad (4-lane) reductions;
+// on the host, turning a CUDA error into the std::runtime_error the binding reports. Included by
+// CUDA sources only.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -84,6 +85,15 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 
 __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// Makes this thread's earlier generic-proxy writes to shared memory visible to the async proxy
+// (wgmma operand reads, TMA and bulk copies) once the threads have synchronised. sm90+; a no-op
+// in code compiled for earlier GPUs, which has no async proxy.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
 }
 
 // 2^x on the special-function unit (ex2.approx.ftz: rel. error ~2^-22, denormals flushed, which

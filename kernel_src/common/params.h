@@ -125,17 +125,19 @@ struct BwdParams : FwdParams {
   // Workspace of the CUDA backward, allocated and zero-filled by the binding (the CPU backend
   // ignores the accumulator and the counters): linear in the number of query rows, never in
   // seqlen_q x seqlen_k.
-  float* dq_accum_ptr = nullptr;      // fp32 dQ accumulator: rows of q x nheads x
-                                      //   dq_accum_width(head_dim), contiguous (row = packed
-                                      //   varlen row or b * seqlen_q + i)
+  float* dq_accum_ptr = nullptr;      // fp32 dQ accumulator, bwd_cuda_dq_accum_elems floats in
+                                      //   the kernel's blocked layout (sm80/bwd_dq_sm80.h)
   float* dsoftmax_sum_ptr = nullptr;  // D_i = dO_i . O_i, laid out like softmax_lse (fp32);
                                       //   an output of the op (softmax_d), written by every
                                       //   backend for every row of every sequence
   int32_t* dq_semaphore = nullptr;    // deterministic: nheads x bwd_semaphores_per_head counters
+  bool dq_bulk_reduce = false;        // CUDA: the launch reserved shared memory for dQ's bulk
+                                      //   reductions (sm80/bwd_dq_sm80.h)
 };
 
-// Columns per (row, head) of BwdParams::dq_accum_ptr: head_dim rounded up to a multiple of 8, so
-// that kernels may add column pairs (and 32-byte pieces) without a ragged end.
+// Columns per (row, head) of a row-major fp32 accumulator (the split-KV forward's o_accum_ptr):
+// head_dim rounded up to a multiple of 8, so that kernels may add column pairs (and 32-byte
+// pieces) without a ragged end.
 FLASH_HOST_DEVICE int dq_accum_width(int head_dim) { return (head_dim + 7) / 8 * 8; }
 
 // In-place KV-cache update of flash_attn_with_kvcache, run before the attention.

@@ -44,15 +44,22 @@ inline int bwd_grid_key_blocks(const BwdParams& p, int block_n) {
 }
 
 template <typename Traits, bool Is_masked, bool Is_general>
-void launch_bwd_sm80(const BwdParams& params, cudaStream_t stream) {
+void launch_bwd_sm80(BwdParams params, int smem_optin, cudaStream_t stream) {
   auto kernel = &sm80::bwd_kernel_sm80<Traits, Is_masked, Is_general>;
-  constexpr int kSmem = Traits::kSmemBytes;
-  if (kSmem > 48 * 1024) {
-    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+  // dQ by bulk reductions from a shared chunk (sm80/bwd_dq_sm80.h) where the kernel that runs is
+  // sm90 code (the binary the runtime picked for this device) and the chunk fits beside the tiles.
+  cudaFuncAttributes attr{};
+  cuda_check(cudaFuncGetAttributes(&attr, kernel), "cudaFuncGetAttributes(sm80 backward)");
+  constexpr int kSmemBulk = Traits::kSmemBytes + sm80::DqChunk<Traits>::kBytes;
+  params.dq_bulk_reduce = !params.deterministic && attr.binaryVersion >= 90 &&
+                          kSmemBulk <= smem_optin;
+  const int smem = params.dq_bulk_reduce ? kSmemBulk : Traits::kSmemBytes;
+  if (smem > 48 * 1024) {
+    cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
   }
-  if (params.nheads_k > 65535) {
-    throw std::runtime_error("flash_attn CUDA: nheads_k = " + std::to_string(params.nheads_k) +
+  if (params.nheads > 65535) {  // nheads_k <= nheads: both grids' y
+    throw std::runtime_error("flash_attn CUDA: nheads = " + std::to_string(params.nheads) +
                              " exceeds the 65535 heads the grid can address");
   }
   if (params.deterministic && params.batch > 65535) {
@@ -61,7 +68,7 @@ void launch_bwd_sm80(const BwdParams& params, cudaStream_t stream) {
   }
   const dim3 grid(bwd_grid_key_blocks(params, Traits::kBlockN), params.nheads_k,
                   std::min(params.batch, 65535));
-  kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(params);
+  kernel<<<grid, Traits::kNThreads, smem, stream>>>(params);
   cuda_check(cudaGetLastError(), "launching the sm80 backward kernel");
 }
 
@@ -89,15 +96,19 @@ void run_bwd_sm80_tile(const BwdParams& params, int smem_optin, cudaStream_t str
   const bool masked = params.window_left >= 0 || params.window_right >= 0;
   BOOL_SWITCH(masked, Is_masked, [&] {
     BOOL_SWITCH(bwd_needs_general_kernel(params), Is_general,
-                [&] { launch_bwd_sm80<Traits, Is_masked, Is_general>(params, stream); });
+                [&] { launch_bwd_sm80<Traits, Is_masked, Is_general>(params, smem_optin, stream); });
   });
 
-  // dQ
-  constexpr int kConvertThreads = 256;
-  const int64_t elems = pairs * params.head_dim;
-  sm80::bwd_convert_dq_kernel<Element>
-      <<<static_cast<unsigned>((elems + kConvertThreads - 1) / kConvertThreads), kConvertThreads,
-         0, stream>>>(params);
+  // dQ: a CTA per (query block, query head, sequence), grid x from the rows' bound (varlen
+  // without one: twice the average length, and the CTAs loop).
+  int64_t rows = params.seqlen_q;
+  if (params.cu_seqlens_q != nullptr && !varlen_rows_bounded(params)) {
+    rows = 2 * ((int64_t(params.total_q) + params.batch - 1) / params.batch) + 1;
+  }
+  const int64_t m_blocks = std::max<int64_t>(1, (rows + Traits::kBlockM - 1) / Traits::kBlockM);
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(m_blocks, INT32_MAX)), params.nheads,
+                  std::min(params.batch, 65535));
+  sm80::bwd_convert_dq_kernel<Traits><<<grid, Traits::kNThreads, 0, stream>>>(params);
   cuda_check(cudaGetLastError(), "launching the sm80 backward's dQ conversion");
 }
 

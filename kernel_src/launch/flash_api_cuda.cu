@@ -165,16 +165,26 @@ int fwd_cuda_num_splits(const FwdParams& call) {
   return splits;
 }
 
-int64_t bwd_cuda_semaphore_count(const BwdParams& params) {
+// The query-block size and compiled head dim of the tile run_bwd_sm80 will choose
+// (bwd_launch_sm80.h), and the counters / dQ chunks per query head of that tile.
+static void bwd_tile_of_call(const BwdParams& params, int* block_m, int* head_dim) {
   const int smem_optin = device_smem_optin();
-  int64_t per_head = 0;
   HDIM_SWITCH(params.head_dim, [&] {
-    // The tile run_bwd_sm80 will choose (bwd_launch_sm80.h).
-    const sm80::BwdTileConfig tile =
-        sm80::bwd_tile_config(kHeadDim, sm80::bwd_use_large_tile(kHeadDim, smem_optin));
-    per_head = sm80::bwd_semaphores_per_head(params, tile.kBlockM);
+    *block_m = sm80::bwd_tile_config(kHeadDim, sm80::bwd_use_large_tile(kHeadDim, smem_optin)).kBlockM;
+    *head_dim = kHeadDim;
   });
-  return per_head * params.nheads;
+}
+
+int64_t bwd_cuda_semaphore_count(const BwdParams& params) {
+  int block_m = 0, head_dim = 0;
+  bwd_tile_of_call(params, &block_m, &head_dim);
+  return sm80::bwd_semaphores_per_head(params, block_m) * params.nheads;
+}
+
+int64_t bwd_cuda_dq_accum_elems(const BwdParams& params) {
+  int block_m = 0, head_dim = 0;
+  bwd_tile_of_call(params, &block_m, &head_dim);
+  return sm80::bwd_semaphores_per_head(params, block_m) * params.nheads * block_m * head_dim;
 }
 
 void run_bwd_cuda(const BwdParams& params, cudaStream_t stream) {

@@ -17,9 +17,11 @@ void run_fwd_cuda(const FwdParams& params, cudaStream_t stream);
 
 // The backward: dq, dk, dv (zero-filled by the caller) from the forward's O and LSE. params
 // carries the workspace (BwdParams: dq_accum_ptr zero-filled, dsoftmax_sum_ptr, and with
-// params.deterministic bwd_cuda_semaphore_count(params) zeroed int32 counters in dq_semaphore).
+// params.deterministic bwd_cuda_semaphore_count(params) zeroed int32 counters in dq_semaphore);
+// dq_accum_ptr holds bwd_cuda_dq_accum_elems(params) zeroed floats.
 void run_bwd_cuda(const BwdParams& params, cudaStream_t stream);
 int64_t bwd_cuda_semaphore_count(const BwdParams& params);
+int64_t bwd_cuda_dq_accum_elems(const BwdParams& params);
 
 // The number of split-KV partitions (common/split_kv.h) a forward call should use: the caller's
 // num_splits when it is > 0, else 1 when the grid already fills the device, else a count from

@@ -35,6 +35,7 @@
 #include "../common/philox.h"
 #include "../common/score_mod.h"
 #include "../common/seq_info_cuda.h"
+#include "bwd_dq_sm80.h"
 #include "bwd_gemm_sm80.h"
 #include "bwd_traits_sm80.h"
 #include "copy_sm80.h"
@@ -92,35 +93,6 @@ __global__ void __launch_bounds__(kWarps * 32) bwd_dot_do_o_kernel(const __grid_
   if (lane == 0) p.dsoftmax_sum_ptr[lse_index(p, row, h)] = acc;
 }
 
-// dQ = softmax_scale * accumulator, one thread per element.
-template <typename Element>
-__global__ void bwd_convert_dq_kernel(const __grid_constant__ BwdParams p) {
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int width = dq_accum_width(p.head_dim);
-  const int64_t per_row = int64_t(p.nheads) * p.head_dim;
-  if (idx >= q_rows(p) * per_row) return;
-  const int64_t row = idx / per_row;
-  const int h = static_cast<int>((idx % per_row) / p.head_dim);
-  const int c = static_cast<int>(idx % p.head_dim);
-  Element* dq = static_cast<Element*>(p.dq_ptr) +
-                q_like_offset(p, row, h, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
-  const float acc = p.dq_accum_ptr[(row * p.nheads + h) * width + c];
-  dq[c] = Element(acc * static_cast<float>(p.softmax_scale));
-}
-
-// dst[0] += a, dst[1] += b for an 8-byte aligned dst: one vector reduction on sm90, two scalar
-// ones before. The reduction is written as PTX `red`: atomicAdd(float2*) compiled to ATOMG (a
-// returning atomic), whose register reads held the loop's next instructions (long-scoreboard
-// and LSU-throttle stalls, docs/cuda_bwd.md).
-__device__ __forceinline__ void atomic_add2(float* dst, float a, float b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(a), "f"(b) : "memory");
-#else
-  atomicAdd(dst, a);
-  atomicAdd(dst + 1, b);
-#endif
-}
-
 // Per-sequence places the main kernel needs beyond SeqInfo.
 struct BwdSeq {
   SeqInfo seq;
@@ -145,6 +117,47 @@ struct BwdSeq {
     dv_row0 = seq.kv_batch * p.dv_batch_stride + int64_t(seq.k_first_row) * p.dv_row_stride;
   }
 };
+
+// dQ = softmax_scale * accumulator (bwd_dq_sm80.h's chunks): one CTA per (query block, query
+// head, sequence), looping where the grid has fewer blocks than the sequence (varlen grids sized
+// from an estimate). Each thread reads 16-byte fragment pieces in chunk order and writes their
+// four (row, column) elements through dQ's strides.
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNThreads)
+    bwd_convert_dq_kernel(const __grid_constant__ BwdParams p) {
+  using Element = typename Traits::Element;
+  using Chunk = DqChunk<Traits>;
+  constexpr int kBlockM = Traits::kBlockM;
+  const int h = blockIdx.y;
+  const int64_t per_head = bwd_semaphores_per_head(p, kBlockM);
+  const float scale = static_cast<float>(p.softmax_scale);
+  for (int bidb = blockIdx.z; bidb < p.batch; bidb += gridDim.z) {
+    const BwdSeq bs(p, bidb, kBlockM);
+    for (int m_block = blockIdx.x; m_block * kBlockM < bs.seq.seqlen_q; m_block += gridDim.x) {
+      const float* chunk = dq_chunk<Traits>(p, per_head, h, bs.sem_base, m_block);
+      const int valid = bs.seq.seqlen_q - m_block * kBlockM;
+      for (int f = threadIdx.x; f < Chunk::kElems / 4; f += Traits::kNThreads) {
+        const int lane = f % 32, q = f / 32;
+        const int nj = q % Chunk::kQ8, mi = (q / Chunk::kQ8) % Chunk::kQ16;
+        const int warp = q / (Chunk::kQ8 * Chunk::kQ16);
+        const int r = (warp % Traits::kC.kWarpsQ_M) * Traits::kQRows + 16 * mi + lane / 4;
+        const int c = (warp / Traits::kC.kWarpsQ_M) * Traits::kQCols + 8 * nj + 2 * (lane % 4);
+        const float4 v = *reinterpret_cast<const float4*>(chunk + 4 * f);
+        const float vals[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = r + 8 * (e / 2), col = c + (e & 1);
+          if (row < valid && col < p.head_dim) {
+            Element* dq = static_cast<Element*>(p.dq_ptr) +
+                          q_like_offset(p, bs.q_row_global + m_block * kBlockM + row, h,
+                                        p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
+            dq[col] = Element(vals[e] * scale);
+          }
+        }
+      }
+    }
+  }
+}
 
 // The S-phase of one (query block, key block): dS'^T into shared memory, and P^T o Z there too or,
 // with Traits::kPInRegs, both as the warp's A fragments of the dKV-phase. kFull: every
@@ -297,9 +310,11 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
   const int group = params.nheads / params.nheads_k;
   const int m_blocks = m_block_max - m_block_min;
   const int n_items = group * m_blocks;
-  const int dq_width = dq_accum_width(head_dim);  // a multiple of 8: column pairs stay aligned
-  const int64_t dq_row_stride = int64_t(params.nheads) * dq_width;
-  const int64_t sems_per_head = bwd_semaphores_per_head(params, kBlockM);
+  const int64_t sems_per_head = bwd_semaphores_per_head(params, kBlockM);  // = dQ chunks
+  // dQ by bulk reductions from a shared chunk (bwd_dq_sm80.h), where the launch reserved it.
+  const bool bulk_dq = FLASH_BWD_BULK_DQ && params.dq_bulk_reduce && !params.deterministic;
+  float* smem_dq = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(smem) +
+                                            Traits::kSmemBytes);
   // The item after (bidh, m_block), by counting (no integer division per item).
   auto advance = [&](int& bidh, int& m_block) {
     if (++m_block == m_block_max) {
@@ -350,7 +365,6 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
   for (int item = 0; item < n_items; ++item, advance(bidh, m_block)) {
     const int stage = item % Traits::kStages;
     const int m0 = m_block * kBlockM;
-    const int valid_q = seq.seqlen_q - m0;
     cp_async_wait<0>();
     __syncthreads();
     // ---- copies of the next item in flight while this one computes -----------------------
@@ -380,6 +394,9 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
                                                        alibi_slope, smem, stage, warp, lane,
                                                        p_frag, ds_frag);
     }
+    // The previous item's bulk reduction has read the shared dQ chunk (long done: it had the
+    // dK/dV GEMMs and this S-phase); the barrier then lets every warp rewrite it.
+    if (bulk_dq && tid == 0) bulk_wait_read_all();
     __syncthreads();  // dS^T (and P^T) of every warp in place
 
     // ---- dQ-phase: dQ += dS K, first, so that its global reductions drain during the dK/dV
@@ -388,55 +405,32 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
     warp::zero(acc_dq);
     warp::gemm_ss<Element, kQ16, kQ8, kBlockN / 16, true, true>(acc_dq, tdst, dq_row0, tk,
                                                                 dq_d0);
-    int* sem = nullptr;
-    int turn = 0;
-    if (params.deterministic) {
+    float* chunk = dq_chunk<Traits>(params, sems_per_head, bidh, bs.sem_base, m_block);
+    if (bulk_dq) {
+      DqChunk<Traits>::store(smem_dq, acc_dq, warp, lane);
+      cuda::fence_proxy_async_shared();  // the stores, visible to the copy engine's reads
+      __syncthreads();
+      if (tid == 0) {
+        bulk_reduce_add_f32(chunk, smem_u32(smem_dq), DqChunk<Traits>::kBytes);
+        bulk_commit();
+      }
+    } else if (params.deterministic) {
       // Key blocks add into this query block in descending order: wait for our turn.
       int col_begin, col_end;
       mask.kv_range(m0, m_end, &col_begin, &col_end);
-      turn = (col_end - 1) / kBlockN - n_block;
-      sem = params.dq_semaphore + bidh * sems_per_head + bs.sem_base + m_block;
+      const int turn = (col_end - 1) / kBlockN - n_block;
+      int* sem = params.dq_semaphore + bidh * sems_per_head + bs.sem_base + m_block;
       if (tid == 0) {
         while (atomicAdd(sem, 0) != turn) __nanosleep(32);
       }
       __syncthreads();
       __threadfence();
-    }
-    {
-      const int g = lane >> 2, t = lane & 3;
-      // The lane's first element; the others are whole multiples of 8 rows and 8 columns away.
-      float* dq_lane = params.dq_accum_ptr + (bs.q_row_global + m0 + dq_row0 + g) * dq_row_stride +
-                       bidh * dq_width + dq_d0 + 2 * t;
-      const int64_t stride8 = 8 * dq_row_stride;
-      // kWhole: a whole query block and every column inside the accumulator, so no
-      // per-element test (compiled separately: a run-time flag per element cost a branch each).
-      auto add_dq = [&](auto whole) {
-        constexpr bool kWhole = decltype(whole)::value;
-#pragma unroll
-        for (int mi = 0; mi < kQ16; ++mi)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int r = dq_row0 + 16 * mi + g + 8 * h;
-            float* row = dq_lane + (2 * mi + h) * stride8;
-#pragma unroll
-            for (int nj = 0; nj < kQ8; ++nj) {
-              const int c = dq_d0 + 8 * nj + 2 * t;  // even: c + 1 < dq_width when c < dq_width
-              if (kWhole || (r < valid_q && c < dq_width)) {
-                atomic_add2(row + 8 * nj, acc_dq[mi][nj][2 * h], acc_dq[mi][nj][2 * h + 1]);
-              }
-            }
-          }
-      };
-      if (valid_q >= kBlockM && dq_width >= Traits::kHeadDim) {
-        add_dq(std::true_type{});
-      } else {
-        add_dq(std::false_type{});
-      }
-    }
-    if (params.deterministic) {
+      DqChunk<Traits>::add(chunk, acc_dq, warp, lane);
       __threadfence();
       __syncthreads();
       if (tid == 0) atomicExch(sem, turn + 1);
+    } else {
+      DqChunk<Traits>::add(chunk, acc_dq, warp, lane);
     }
 
     // ---- dKV-phase: dV += (P o Z)^T dO, dK += dS^T Q --------------------------------------
@@ -455,6 +449,7 @@ __device__ __forceinline__ void bwd_col_block(const BwdParams& params, const Bwd
                                                                      kv_d0);
     }
   }
+  if (bulk_dq && tid == 0) bulk_wait_all();  // before the CTA's shared memory goes
   cp_async_wait<0>();  // K/V were never waited for when no query block sees this key block
 
   // ---- epilogue: dK = scale dS'^T Q, dV, straight from the fragments ---------------------

@@ -71,11 +71,7 @@ __device__ __forceinline__ void tma_prefetch_descriptor(const void* tmap) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap)) : "memory");
 }
 
-// Makes this thread's earlier generic-proxy writes to shared memory visible to the async proxy
-// (wgmma operand reads, TMA) once the threads have synchronised.
-__device__ __forceinline__ void fence_proxy_async_shared() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
+using cuda::fence_proxy_async_shared;  // (common/cuda_primitives.h)
 
 // ---- warpgroup MMA bookkeeping ------------------------------------------------------------------
 
