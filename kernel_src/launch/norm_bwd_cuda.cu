@@ -353,9 +353,11 @@ norm_bwd_general_kernel(const NormBwdParams p, float* partial, bool acc_in_smem)
 
 // ---- the column sums --------------------------------------------------------------------------
 
-// dgamma / dbeta / dcolscale[c] = the sum of the slots' partials: a CTA of 32 columns x 8
-// lanes; lane j adds slots j, j + 8, ... in order, then the 8 lane sums are added in order.
-constexpr int kReduceCols = 32, kReduceLanes = 8;
+// dgamma / dbeta / dcolscale[c] = the sum of the slots' partials. A CTA takes 32 columns with
+// 32 lanes each: lane j adds slots j, j + 32, ... in order (a warp reads 32 consecutive
+// columns of one slot), then warp w adds the 32 lane sums of column w with a fixed shuffle
+// tree. Deterministic; many loads in flight per column even for a few thousand columns.
+constexpr int kReduceCols = 32, kReduceLanes = 32;
 
 template <typename Tw>
 __global__ void __launch_bounds__(kReduceCols * kReduceLanes)
@@ -367,6 +369,7 @@ norm_bwd_reduce_kernel(const NormBwdParams p, const float* partial, int slots) {
   const int64_t c = int64_t(blockIdx.x) * kReduceCols + lane;
   float s[3] = {0.0f, 0.0f, 0.0f};
   if (c < cols) {
+#pragma unroll 4
     for (int b = j; b < slots; b += kReduceLanes) {
       const float* base = partial + int64_t(b) * sums_per_slot * cols + c;
       s[0] += base[0];
@@ -377,16 +380,14 @@ norm_bwd_reduce_kernel(const NormBwdParams p, const float* partial, int slots) {
 #pragma unroll
   for (int i = 0; i < 3; ++i) red[i][j][lane] = s[i];
   __syncthreads();
-  if (j != 0 || c >= cols) return;
+  // Warp j now owns column blockIdx.x * 32 + j; its lane t holds lane t's sum of it.
+  const int64_t cw = int64_t(blockIdx.x) * kReduceCols + j;
 #pragma unroll
-  for (int i = 0; i < 3; ++i) {
-    s[i] = red[i][0][lane];
-#pragma unroll
-    for (int t = 1; t < kReduceLanes; ++t) s[i] += red[i][t][lane];
-  }
-  static_cast<Tw*>(p.dgamma)[c] = from_float<Tw>(s[0]);
-  if (p.dbeta != nullptr) static_cast<Tw*>(p.dbeta)[c] = from_float<Tw>(s[1]);
-  if (p.dcolscale != nullptr) static_cast<Tw*>(p.dcolscale)[c] = from_float<Tw>(s[2]);
+  for (int i = 0; i < 3; ++i) s[i] = warp_sum(red[i][lane][j]);
+  if (lane != 0 || cw >= cols) return;
+  static_cast<Tw*>(p.dgamma)[cw] = from_float<Tw>(s[0]);
+  if (p.dbeta != nullptr) static_cast<Tw*>(p.dbeta)[cw] = from_float<Tw>(s[1]);
+  if (p.dcolscale != nullptr) static_cast<Tw*>(p.dcolscale)[cw] = from_float<Tw>(s[2]);
 }
 
 // ---- dispatch ---------------------------------------------------------------------------------
@@ -428,8 +429,7 @@ BwdLaunch bwd_launch(const NormBwdParams& p) {
     l.threads = S::kCtaThreads;
     l.smem = cs ? sizeof(float) * S::kCtaThreads * S::K * kGroup : 0;
     if (p.rows == 0) return;
-    const int64_t row_ctas = (p.rows + S::kRowsPerCta - 1) / S::kRowsPerCta;
-    l.ctas = std::min<int64_t>(row_ctas, resident_ctas<kernel, 2>(l.threads, l.smem, cs));
+    l.ctas = rows_grid(p.rows, S::kRowsPerCta, resident_ctas<kernel, 2>(l.threads, l.smem, cs));
     l.slots = l.ctas * S::kRowsPerCta;
     l.launch = [](const NormBwdParams& p, const BwdLaunch& l, cudaStream_t stream) {
       norm_bwd_rows_kernel<Tin, Tx, Tw, S>

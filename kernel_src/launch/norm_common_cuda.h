@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -246,6 +247,24 @@ int resident_ctas(int threads, size_t smem, int variant = 0) {
   const int ctas = (per_sm > 0 ? per_sm : 1) * device_sms();
   if (dev < kMaxDevices) cache[dev][variant].store(ctas, std::memory_order_relaxed);
   return ctas;
+}
+
+// The grid of a register-resident kernel for `rows` rows: the CTAs resident on the device (each
+// then loops over several rows, loading the weights once), or fewer when the rows need fewer.
+// FLASH_NORM_GRID_SCALE (a tuning knob for benchmarks, read once; default 1) scales the
+// resident count: a large value gives one CTA per row group and no row loop. The backward's
+// workspace grows with the grid (a partial per row slot).
+inline int64_t rows_grid(int64_t rows, int rows_per_cta, int resident) {
+  static const double scale = [] {
+    const char* e = std::getenv("FLASH_NORM_GRID_SCALE");
+    const double v = e != nullptr ? std::atof(e) : 1.0;
+    return v > 0.0 ? v : 1.0;
+  }();
+  const int64_t row_ctas = (rows + rows_per_cta - 1) / rows_per_cta;
+  const double want = scale * static_cast<double>(resident);
+  const int64_t ctas = want >= static_cast<double>(row_ctas) ? row_ctas
+                                                             : static_cast<int64_t>(want);
+  return ctas < 1 ? 1 : ctas;
 }
 
 // Dynamic shared memory the general (long-row) kernels may use: opted in above the 48 KB

@@ -369,9 +369,8 @@ void run_norm_fwd_cuda(const NormFwdParams& p, cudaStream_t stream) {
     const bool rows_kernel = fwd_shape(p.cols, [&](auto shape) {
       using S = decltype(shape);
       constexpr auto kernel = norm_fwd_rows_kernel<Tin, Tx, Tw, S>;
-      const int64_t row_ctas = (p.rows + S::kRowsPerCta - 1) / S::kRowsPerCta;
       const int64_t grid =
-          std::min<int64_t>(row_ctas, resident_ctas<kernel>(S::kCtaThreads, 0));
+          rows_grid(p.rows, S::kRowsPerCta, resident_ctas<kernel>(S::kCtaThreads, 0));
       kernel<<<static_cast<unsigned>(grid), S::kCtaThreads, 0, stream>>>(p);
       cuda_check(cudaGetLastError(), "norm_fwd_rows_kernel launch");
     });
