@@ -22,6 +22,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
+#include <string>
+#include <type_traits>
 
 #include "flash_api_cuda.h"
 #include "norm_common_cuda.h"
@@ -39,7 +41,9 @@ __host__ __device__ inline int norm_bwd_sums(const NormBwdParams& p) {
 
 // ---- register-resident rows -------------------------------------------------------------------
 
-template <typename Tin, typename Tx, typename Tw, typename S>
+// kAccSmem: dgamma / dbeta accumulate in the thread's own slots of shared memory instead of
+// registers (frees the registers for K = 4; see bwd_shape).
+template <typename Tin, typename Tx, typename Tw, typename S, bool kAccSmem>
 __global__ void __launch_bounds__(S::kCtaThreads, S::kMinCtasPerSm)
 norm_bwd_rows_kernel(const NormBwdParams p, float* partial) {
   constexpr int K = S::K, T = S::kThreadsPerRow, RPC = S::kRowsPerCta;
@@ -49,8 +53,15 @@ norm_bwd_rows_kernel(const NormBwdParams p, float* partial) {
   // The gradient of x is loaded with x and dz when it is fp16/bf16; fp32 (twice the registers)
   // is loaded after the row sums.
   constexpr bool kPrefetchDx = sizeof(Tx) == 2;
-  // dcolscale partials, only with a colscale: [K * 8][C] (thread-private slots, no conflicts).
-  extern __shared__ float dcs_acc[];
+  // Column-sum accumulators in shared memory, thread-private slots (no conflicts, no syncs):
+  // acc(s, k, i) for sum s of column i of group k; sums dgamma, dbeta (kAccSmem only) and
+  // dcolscale (only with a colscale).
+  extern __shared__ float acc_smem[];
+  auto acc = [&](int s, int k, int i) -> float& {
+    return acc_smem[((s * K + k) * kGroup + i) * C + threadIdx.x];
+  };
+  constexpr int kCsSlot = kAccSmem ? 2 : 0;
+  constexpr int KR = kAccSmem ? 1 : K;  // register accumulators
   __shared__ float red[S::template kRedFloats<2>];
   const int tid = threadIdx.x % T, group = threadIdx.x / T;
   RowReducer<S::W, 2> reducer{red, group, tid / 32, tid % 32, RPC};
@@ -71,15 +82,19 @@ norm_bwd_rows_kernel(const NormBwdParams p, float* partial) {
 #pragma unroll
     for (int k = 0; k < K; ++k) gam[k].load(gamma + group_col<T>(k, tid), n[k], w_vec);
   }
-  float dgamma[K][kGroup], dbeta[K][kGroup];
+  float dgamma[KR][kGroup], dbeta[KR][kGroup];
 #pragma unroll
-  for (int k = 0; k < K; ++k) {
+  for (int k = 0; k < KR; ++k) {
 #pragma unroll
     for (int i = 0; i < kGroup; ++i) dgamma[k][i] = dbeta[k][i] = 0.0f;
   }
-  if (colscale != nullptr) {
+  const int smem_sums = (kAccSmem ? 2 : 0) + (colscale != nullptr ? 1 : 0);
+  for (int s = 0; s < smem_sums; ++s) {
 #pragma unroll
-    for (int j = 0; j < K * kGroup; ++j) dcs_acc[j * C + threadIdx.x] = 0.0f;
+    for (int k = 0; k < K; ++k) {
+#pragma unroll
+      for (int i = 0; i < kGroup; ++i) acc(s, k, i) = 0.0f;
+    }
   }
 
   for (int64_t base = int64_t(blockIdx.x) * RPC; base < p.rows;
@@ -143,8 +158,13 @@ norm_bwd_rows_kernel(const NormBwdParams p, float* partial) {
             const float gi = __fmul_rn(dzi, w.get(i));  // rounded as below (see there)
             sums[0] += gi;
             sums[1] += gi * xh;
-            dgamma[k][i] += dzi * xh;
-            dbeta[k][i] += dzi;
+            if constexpr (kAccSmem) {
+              acc(0, k, i) += dzi * xh;
+              acc(1, k, i) += dzi;
+            } else {
+              dgamma[k][i] += dzi * xh;
+              dbeta[k][i] += dzi;
+            }
           }
         }
       }
@@ -193,8 +213,7 @@ norm_bwd_rows_kernel(const NormBwdParams p, float* partial) {
         x0v.load(x0 + c0, n[k], vec);
 #pragma unroll
         for (int i = 0; i < kGroup; ++i) {
-          float& acc = dcs_acc[(k * kGroup + i) * C + threadIdx.x];
-          if (i < n[k]) acc += dx[i] * (x0v.get(i) * factor[i]);
+          if (i < n[k]) acc(kCsSlot, k, i) += dx[i] * (x0v.get(i) * factor[i]);
           dx[i] *= cs.get(i);
         }
       }
@@ -212,12 +231,21 @@ norm_bwd_rows_kernel(const NormBwdParams p, float* partial) {
   for (int k = 0; k < K; ++k) {
     if (n[k] == 0) continue;
     const int c0 = group_col<T>(k, tid);
-    store_group(out + c0, n[k], pvec, dgamma[k]);
-    store_group(out + cols + c0, n[k], pvec, dbeta[k]);
-    if (colscale != nullptr) {
-      float t[kGroup];
+    float t[kGroup];
+    if constexpr (kAccSmem) {
 #pragma unroll
-      for (int i = 0; i < kGroup; ++i) t[i] = dcs_acc[(k * kGroup + i) * C + threadIdx.x];
+      for (int s = 0; s < 2; ++s) {
+#pragma unroll
+        for (int i = 0; i < kGroup; ++i) t[i] = acc(s, k, i);
+        store_group(out + s * cols + c0, n[k], pvec, t);
+      }
+    } else {
+      store_group(out + c0, n[k], pvec, dgamma[k]);
+      store_group(out + cols + c0, n[k], pvec, dbeta[k]);
+    }
+    if (colscale != nullptr) {
+#pragma unroll
+      for (int i = 0; i < kGroup; ++i) t[i] = acc(kCsSlot, k, i);
       store_group(out + 2 * cols + c0, n[k], pvec, t);
     }
   }
@@ -392,16 +420,40 @@ norm_bwd_reduce_kernel(const NormBwdParams p, const float* partial, int slots) {
 
 // ---- dispatch ---------------------------------------------------------------------------------
 
-// f(RowShape<K, W>{}) for the smallest shape that holds `cols` columns; false when none does.
-// Two groups per thread: x_hat, g and the dgamma / dbeta sums are four fp32 values per column.
-template <typename F>
+// Whether the backward of 1025-8192 columns keeps dgamma / dbeta in shared memory with four
+// groups per thread (half the threads per row, twice the loads in flight per thread, and two
+// or more CTAs per SM where the register version fits one 512-thread CTA at 8192 columns)
+// instead of in registers with two: FLASH_NORM_BWD_ACC=smem (a tuning knob for benchmarks, read
+// once; default: registers).
+inline bool bwd_acc_smem() {
+  static const bool smem = [] {
+    const char* e = std::getenv("FLASH_NORM_BWD_ACC");
+    return e != nullptr && std::string(e) == "smem";
+  }();
+  return smem;
+}
+
+// f(RowShape<K, W>{}, std::bool_constant<kAccSmem>{}) for the smallest shape that holds `cols`
+// columns; false when none does. Registers: two groups per thread (x_hat, g and the dgamma /
+// dbeta sums are four fp32 values per column); shared memory: four, for fp16/bf16 inputs only
+// (fp32 ones would spill).
+template <bool kSmemShapes, typename F>
 bool bwd_shape(int64_t cols, F&& f) {
-  if (cols <= RowShape<1, 1>::kMaxCols) return f(RowShape<1, 1>{}), true;
-  if (cols <= RowShape<2, 1>::kMaxCols) return f(RowShape<2, 1>{}), true;
-  if (cols <= RowShape<2, 2>::kMaxCols) return f(RowShape<2, 2>{}), true;
-  if (cols <= RowShape<2, 4>::kMaxCols) return f(RowShape<2, 4>{}), true;
-  if (cols <= RowShape<2, 8>::kMaxCols) return f(RowShape<2, 8>{}), true;
-  if (cols <= RowShape<2, 16>::kMaxCols) return f(RowShape<2, 16>{}), true;
+  using Reg = std::false_type;
+  using Smem = std::true_type;
+  if (cols <= RowShape<1, 1>::kMaxCols) return f(RowShape<1, 1>{}, Reg{}), true;
+  if (cols <= RowShape<2, 1>::kMaxCols) return f(RowShape<2, 1>{}, Reg{}), true;
+  if (cols <= RowShape<2, 2>::kMaxCols) return f(RowShape<2, 2>{}, Reg{}), true;
+  if constexpr (kSmemShapes) {
+    if (cols <= RowShape<2, 16>::kMaxCols && bwd_acc_smem()) {
+      if (cols <= RowShape<4, 2>::kMaxCols) return f(RowShape<4, 2>{}, Smem{}), true;
+      if (cols <= RowShape<4, 4>::kMaxCols) return f(RowShape<4, 4>{}, Smem{}), true;
+      return f(RowShape<4, 8>{}, Smem{}), true;
+    }
+  }
+  if (cols <= RowShape<2, 4>::kMaxCols) return f(RowShape<2, 4>{}, Reg{}), true;
+  if (cols <= RowShape<2, 8>::kMaxCols) return f(RowShape<2, 8>{}, Reg{}), true;
+  if (cols <= RowShape<2, 16>::kMaxCols) return f(RowShape<2, 16>{}, Reg{}), true;
   return false;
 }
 
@@ -422,17 +474,22 @@ struct BwdLaunch {
 template <typename Tin, typename Tx, typename Tw>
 BwdLaunch bwd_launch(const NormBwdParams& p) {
   BwdLaunch l;
-  const bool found = bwd_shape(p.cols, [&](auto shape) {
+  const bool found = bwd_shape<sizeof(Tin) == 2>(p.cols, [&](auto shape, auto acc_smem) {
     using S = decltype(shape);
-    constexpr auto kernel = norm_bwd_rows_kernel<Tin, Tx, Tw, S>;
+    constexpr bool kAccSmem = decltype(acc_smem)::value;
+    constexpr auto kernel = norm_bwd_rows_kernel<Tin, Tx, Tw, S, kAccSmem>;
     const bool cs = p.colscale != nullptr;
     l.threads = S::kCtaThreads;
-    l.smem = cs ? sizeof(float) * S::kCtaThreads * S::K * kGroup : 0;
+    const int smem_sums = (kAccSmem ? 2 : 0) + (cs ? 1 : 0);
+    l.smem = sizeof(float) * smem_sums * S::kCtaThreads * S::K * kGroup;
     if (p.rows == 0) return;
+    static_assert(sizeof(float) * 3 * S::kCtaThreads * S::K * kGroup <= kMaxSmemBytes,
+                  "the accumulators fit the shared memory the kernel opts in to");
+    if (l.smem > 48 * 1024) allow_smem<kernel>();
     l.ctas = rows_grid(p.rows, S::kRowsPerCta, resident_ctas<kernel, 2>(l.threads, l.smem, cs));
     l.slots = l.ctas * S::kRowsPerCta;
     l.launch = [](const NormBwdParams& p, const BwdLaunch& l, cudaStream_t stream) {
-      norm_bwd_rows_kernel<Tin, Tx, Tw, S>
+      norm_bwd_rows_kernel<Tin, Tx, Tw, S, kAccSmem>
           <<<static_cast<unsigned>(l.ctas), l.threads, l.smem, stream>>>(p, p.workspace);
       cuda_check(cudaGetLastError(), "norm_bwd_rows_kernel launch");
     };
