@@ -6,9 +6,7 @@ fair peer: what a user gets without our kernels), same inputs, same run:
          2048/4096/8192. Forward and forward+backward ms, and GB/s over the bytes the op must move
          at least: layer norm forward reads x0 and the residual and writes z and x (4 passes),
          its backward reads dz, the gradient of x and x and writes dx0 (4); RMSNorm forward 2
-         passes, backward 3 (dz, x; dx). The device copy rate of the same run is the roof:
-         `copy_frac_fwd` / `copy_frac_fwd_bwd` are each GB/s over it (issue 18's target: the
-         norms at >= 0.85 of it, and >= 1.2x torch.compile).
+         passes, backward 3 (dz, x; dx). The device copy rate of the same run is the roof.
   ce     `losses.cross_entropy.CrossEntropyLoss` at vocab 128256, 8k tokens, bf16 logits:
          forward+backward ms and the peak memory the call allocates beyond its inputs
          (torch.cuda.max_memory_allocated), against F.cross_entropy eager and compiled.
@@ -53,7 +51,6 @@ SHAPES = {  # full, quick
 class Runner:
     def __init__(self, device, compile_peers, graph=False):
         self.device, self.compile_peers, self.graph = device, compile_peers, graph
-        self.copy_gbps = None  # the plain copy's GB/s in this run (main measures it first)
 
     def ms(self, fn):
         if self.device == "cuda":
@@ -124,10 +121,6 @@ def norm_rows(flash, r, shapes):
             row["gbps_fwd"] = {k: gbps(passes[0] * tensor_bytes, v) for k, v in row["ms"].items()}
             row["gbps_fwd_bwd"] = {k: gbps(sum(passes) * tensor_bytes, v)
                                    for k, v in row["ms_fwd_bwd"].items()}
-            if r.copy_gbps:
-                for key in ("fwd", "fwd_bwd"):
-                    row["copy_frac_" + key] = {k: v / r.copy_gbps
-                                               for k, v in row["gbps_" + key].items()}
             rows.append(ratios(row))
             print(json.dumps(row), flush=True)
     return rows
@@ -220,7 +213,6 @@ def main():
                   torch=torch.__version__, git_sha=git_sha(),
                   command="python benchmarks/bench_fused.py " + " ".join(sys.argv[1:]),
                   copy_gbps=copy_rate(args.device, r.ms), rows=[])
-    r.copy_gbps = result["copy_gbps"]
     fns = {"norm": norm_rows, "ce": ce_rows, "dense": dense_rows}
     for op in args.ops.split(","):
         result["rows"] += fns[op](flash, r, SHAPES[op][1 if args.quick else 0])

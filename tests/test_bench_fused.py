@@ -2,7 +2,6 @@
 a fresh process, every op's row with ours and the eager peer timed and a ratio formed. Whether
 the numbers mean anything is the GPU run's business; this keeps the script from rotting."""
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,3 @@ def test_bench_fused_cpu_smoke(flash, tmp_path):
     assert set(mlp["ms_fwd_bwd"]) == {"ours", "ours_lvl2", "eager"}
     assert set(mlp["ms"]) == {"ours", "ours_unfused", "eager"}
     assert result["copy_gbps"] > 0
-    for row in result["rows"][:2]:  # the norms: GB/s as a fraction of the copy rate
-        want = row["gbps_fwd"]["ours"] / result["copy_gbps"]
-        assert math.isclose(row["copy_frac_fwd"]["ours"], want, rel_tol=1e-12)

@@ -1,9 +1,8 @@
 // Owns: the norm ops `dropout_add_ln_fwd` and `dropout_add_ln_bwd` (flash_attn.ops.layer_norm,
 // flash_attn.ops.rms_norm): argument checks -> NormFwdParams / NormBwdParams -> the backend of
-// the input's device (CPU, or CUDA: kernel_src/launch/norm_fwd_cuda.cu and norm_bwd_cuda.cu,
-// whose column-sum workspace is allocated here). Outputs are allocated here. The math and the
-// dropout stream are stated in kernel_src/common/fused_params.h; docs/fused_ops.md has the
-// contract.
+// the input's device (CPU, or CUDA: kernel_src/launch/norm_cuda.cu, whose column-sum workspace
+// is allocated here). Outputs are allocated here. The math and the dropout
+// stream are stated in kernel_src/common/fused_params.h; docs/fused_ops.md has the contract.
 #include <algorithm>
 #include <tuple>
 #include <vector>

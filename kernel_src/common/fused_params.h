@@ -2,8 +2,8 @@
 // LayerNorm/RMSNorm forward and backward, and the chunked cross-entropy forward and backward.
 // Filled by the torch binding (torch-ext/ops_layer_norm.cpp, torch-ext/ops_cross_entropy.cpp) by
 // named assignment; no torch types here. Shared by the CPU backend and the CUDA one
-// (kernel_src/launch/norm_fwd_cuda.cu, norm_bwd_cuda.cu, cross_entropy_cuda.cu), which computes
-// in fp32 where the CPU uses fp64 (docs/fused_ops.md).
+// (kernel_src/launch/norm_cuda.cu, cross_entropy_cuda.cu), which computes in fp32 where the CPU
+// uses fp64 (docs/fused_ops.md).
 //
 // Conventions (normative; docs/fused_ops.md states them for users):
 // * Norm rows: x0 (rows, cols); every row stride is given in elements, the last dimension is
@@ -102,8 +102,8 @@ struct NormBwdParams {
   void* dgamma = nullptr;
   void* dbeta = nullptr;
   void* dcolscale = nullptr;
-  // CUDA only: fp32 scratch for the partial column sums, norm_bwd_cuda_workspace_floats(params)
-  // entries, uninitialised (launch/norm_bwd_cuda.cu). Unused by the CPU backend.
+  // CUDA only: fp32 scratch for the per-CTA column sums, norm_bwd_cuda_workspace_floats(params)
+  // entries, uninitialised (launch/norm_cuda.cu). Unused by the CPU backend.
   float* workspace = nullptr;
 };
 

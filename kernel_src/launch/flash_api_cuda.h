@@ -47,8 +47,8 @@ void run_rotary_q_cuda(const RotaryQParams& params, cudaStream_t stream);
 // The `rotary` op (flash_attn.layers.rotary).
 void run_rotary_cuda(const RotaryParams& params, cudaStream_t stream);
 
-// The fused norm ops (norm_fwd_cuda.cu, norm_bwd_cuda.cu; common/fused_params.h). The backward
-// needs norm_bwd_cuda_workspace_floats(params) fp32 entries of scratch in params.workspace
+// The fused norm ops (norm_cuda.cu; common/fused_params.h). The backward needs
+// norm_bwd_cuda_workspace_floats(params) fp32 entries of scratch in params.workspace
 // (uninitialised; may be 0 entries, then null).
 void run_norm_fwd_cuda(const NormFwdParams& params, cudaStream_t stream);
 void run_norm_bwd_cuda(const NormBwdParams& params, cudaStream_t stream);

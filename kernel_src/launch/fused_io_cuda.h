@@ -1,5 +1,5 @@
-// Owns: the device helpers of the fused training ops' CUDA kernels (norm_fwd_cuda.cu,
-// norm_bwd_cuda.cu, cross_entropy_cuda.cu; the norms' own in norm_common_cuda.h): storage <-> fp32 conversion, groups of 8 elements loaded and stored
+// Owns: the device helpers of the fused training ops' CUDA kernels (norm_cuda.cu,
+// cross_entropy_cuda.cu): storage <-> fp32 conversion, groups of 8 elements loaded and stored
 // with 16-byte vector accesses when the row is aligned (scalar otherwise and for the tail), and
 // block-wide reductions. fp32 is the accumulation type on CUDA (docs/fused_ops.md).
 #pragma once
