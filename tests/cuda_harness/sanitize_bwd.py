@@ -48,8 +48,10 @@ def reference(q, k, v, dout, causal, window, softcap, scale):
 
 
 def check(name, got, want, tol):
+    """Max error relative to the reference's largest element, floored at 1e-3: a one-token
+    sequence's dQ and dK are exactly zero in exact math (D cancels dP) and about 1e-7 in fp32."""
     err = (got.float() - want).abs().max().item()
-    scale = want.abs().max().item() + 1e-6
+    scale = max(want.abs().max().item(), 1e-3)
     ok = err <= tol * scale
     print(f"{name}: max err {err:.3e} (scale {scale:.3e}) {'ok' if ok else 'WRONG'}", flush=True)
     return ok
