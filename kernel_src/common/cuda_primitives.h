@@ -10,6 +10,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -38,6 +39,13 @@ inline int device_attribute(int device, cudaDeviceAttr attr, const char* name) {
   cuda_check(cudaDeviceGetAttribute(&value, attr, device),
              (std::string("cudaDeviceGetAttribute(") + name + ")").c_str());
   return value;
+}
+
+// Whether environment variable `name` is set to something other than "" or "0" (the kernels'
+// switches for tests and benchmarks, e.g. FLASH_ATTN_DISABLE_SM90). Read per call.
+inline bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] != '\0' && v[0] != '0';
 }
 
 // The current device's opt-in shared memory per block (what a kernel may request with

@@ -47,12 +47,13 @@ template <typename Traits, bool Is_masked, bool Is_general>
 void launch_bwd_sm80(BwdParams params, int smem_optin, cudaStream_t stream) {
   auto kernel = &sm80::bwd_kernel_sm80<Traits, Is_masked, Is_general>;
   // dQ by bulk reductions from a shared chunk (sm80/bwd_dq_sm80.h) where the kernel that runs is
-  // sm90 code (the binary the runtime picked for this device) and the chunk fits beside the tiles.
+  // sm90 code (the binary the runtime picked for this device) and the chunk fits beside the tiles;
+  // FLASH_ATTN_BWD_DQ_ATOMIC=1 keeps the per-warp vector reductions (to compare the two).
   cudaFuncAttributes attr{};
   cuda_check(cudaFuncGetAttributes(&attr, kernel), "cudaFuncGetAttributes(sm80 backward)");
   constexpr int kSmemBulk = Traits::kSmemBytes + sm80::DqChunk<Traits>::kBytes;
   params.dq_bulk_reduce = !params.deterministic && attr.binaryVersion >= 90 &&
-                          kSmemBulk <= smem_optin;
+                          kSmemBulk <= smem_optin && !env_flag("FLASH_ATTN_BWD_DQ_ATOMIC");
   const int smem = params.dq_bulk_reduce ? kSmemBulk : Traits::kSmemBytes;
   if (smem > 48 * 1024) {
     cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "../common/cuda_primitives.h"  // env_flag
 #include "../common/params.h"
 #include "static_switch.h"
 
@@ -24,10 +25,7 @@ namespace sm90 {
 // FLASH_ATTN_DISABLE_SM90=1 sends every call to the sm80 kernels (tests and benchmarks compare
 // the two paths on one GPU). Read once per process.
 inline bool disabled_by_env() {
-  static const bool disabled = [] {
-    const char* v = std::getenv("FLASH_ATTN_DISABLE_SM90");
-    return v != nullptr && v[0] != '\0' && v[0] != '0';
-  }();
+  static const bool disabled = env_flag("FLASH_ATTN_DISABLE_SM90");
   return disabled;
 }
 
