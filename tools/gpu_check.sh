@@ -18,6 +18,9 @@
 #              SAN_SHARD (default 0/100) of three groups: the fwd tier (sm90 dispatch), the
 #              fwd-sm80 tier, and bwd + decode; nine runs side by side, one process each (no
 #              xdist), PYTORCH_NO_CUDA_MEMORY_CACHING=1; logs san-<tool>-<group>.log
+#   sanitize-bwd the three sanitizers over tests/cuda_harness/sanitize_bwd.py (one small backward
+#              call per kernel shape, checked against fp32 math), side by side; logs
+#              san-<tool>-bwd-harness.log
 #
 # Environment: PYTHON (default python3), JOBS (xdist workers, default: cores, at most 16),
 # BUDGET (seconds per tier, default 600), SHARD (I/N: pass --shard to every tier),
@@ -91,6 +94,14 @@ for tier in "${tiers[@]}"; do
     api) run_tier api -- tests/test_compile_opcheck.py tests/test_multihead_attention.py \
            tests/test_transformers_cuda.py ;;
     sanitize) run_sanitizers ;;
+    sanitize-bwd)
+      for tool in racecheck memcheck synccheck; do
+        ( t0=$SECONDS; log="$out/san-$tool-bwd-harness.log"
+          PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT "$budget" compute-sanitizer --tool "$tool" \
+            "$py" tests/cuda_harness/sanitize_bwd.py >"$log" 2>&1
+          echo "gpu_check: $tool bwd-harness: exit $? in $((SECONDS - t0)) s: $(grep -E 'results right|RESULTS WRONG' "$log" | tail -1) / $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)" ) &
+      done
+      wait ;;
     *) echo "gpu_check: unknown tier $tier" >&2; exit 2 ;;
   esac
 done
