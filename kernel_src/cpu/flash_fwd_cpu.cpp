@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "attn_tile_cpu.h"
+#include "flash_amx_cpu.h"
 #include "flash_api_cpu.h"
 #include "parallel_cpu.h"
 
@@ -273,6 +274,10 @@ void run_fwd_typed(const FwdParams& p, const Problem& pr) {
 
 void run_fwd_cpu(const FwdParams& params) {
   const cpu::Problem pr = cpu::make_problem(params, /*is_bwd=*/false);
+  if (cpu::amx_fwd_applies(params)) {  // bf16 on AMX tiles (flash_fwd_amx_cpu.cpp)
+    cpu::run_fwd_amx(params, pr);
+    return;
+  }
   cpu::dispatch_attn_dtype(params.dtype, pr.work, "q", [&](auto tag) {
     using T = decltype(tag);
     cpu::run_fwd_typed<T>(params, pr);
