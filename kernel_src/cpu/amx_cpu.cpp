@@ -318,6 +318,33 @@ void amx_exp_rows(const float* S, int lds, int rows, int n, int n_pad, float sca
   }
 }
 
+void amx_ds_tile(const float* P, float* dP, int ld, int rows, int rows_pad, int n_pad,
+                 const float* D, const uint8_t* keep, int ldk, float keep_scale,
+                 const float* tanh) {
+  const __m512 one = _mm512_set1_ps(1.f), ks = _mm512_set1_ps(keep_scale);
+  for (int r = 0; r < rows; ++r) {
+    const float* p = P + static_cast<long>(r) * ld;
+    float* dp = dP + static_cast<long>(r) * ld;
+    const __m512 dr = _mm512_set1_ps(D[r]);
+    for (int j = 0; j < n_pad; j += 16) {
+      __m512 g = _mm512_loadu_ps(dp + j);
+      if (keep != nullptr) {
+        const __m128i kb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(
+            keep + static_cast<long>(r) * ldk + j));
+        g = _mm512_maskz_mul_ps(_mm_test_epi8_mask(kb, kb), g, ks);
+      }
+      __m512 ds = _mm512_mul_ps(_mm512_loadu_ps(p + j), _mm512_sub_ps(g, dr));
+      if (tanh != nullptr) {
+        const __m512 t = _mm512_loadu_ps(tanh + static_cast<long>(r) * ld + j);
+        ds = _mm512_mul_ps(ds, _mm512_fnmadd_ps(t, t, one));
+      }
+      _mm512_storeu_ps(dp + j, ds);
+    }
+  }
+  for (int r = rows; r < rows_pad; ++r)
+    for (int j = 0; j < n_pad; j += 16) _mm512_storeu_ps(dP + static_cast<long>(r) * ld + j, _mm512_setzero_ps());
+}
+
 #pragma GCC pop_options
 
 #else  // no AMX compiler support: the callers never get past amx_usable()
@@ -333,6 +360,8 @@ void amx_to_bf16(const float*, int, int, int, int, uint16_t*, int) {}
 void amx_softmax_tile(const float*, int, int, int, int, float, float*, float*, float*, int, int,
                       const uint8_t*, int, uint16_t*, int) {}
 void amx_exp_rows(const float*, int, int, int, int, float, const float*, float*, int) {}
+void amx_ds_tile(const float*, float*, int, int, int, int, const float*, const uint8_t*, int, float,
+                 const float*) {}
 
 #endif
 

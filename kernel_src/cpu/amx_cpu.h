@@ -73,5 +73,13 @@ void amx_softmax_tile(const float* S, int lds, int rows, int n, int n_pad, float
 void amx_exp_rows(const float* S, int lds, int rows, int n, int n_pad, float scale,
                   const float* lse, float* P, int ldp);
 
+// The backward's dS, in place of dP: dP[r][j] = P[r][j] * (dP[r][j] z - D[r]) (1 - t^2) for
+// r < rows, j < n_pad, with z = keep[r * ldk + j] ? keep_scale : 0 (keep null: z = 1) and t =
+// tanh[r * ld + j] (null: t = 0); rows in [rows, rows_pad) are zeroed. P is zero past the tile's
+// keys, so dS is too.
+void amx_ds_tile(const float* P, float* dP, int ld, int rows, int rows_pad, int n_pad,
+                 const float* D, const uint8_t* keep, int ldk, float keep_scale,
+                 const float* tanh);
+
 }  // namespace cpu
 FLASH_NAMESPACE_END

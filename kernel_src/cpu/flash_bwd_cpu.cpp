@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "attn_tile_cpu.h"
+#include "flash_amx_cpu.h"
 #include "flash_api_cpu.h"
 #include "parallel_cpu.h"
 
@@ -419,6 +420,10 @@ void check_bwd_pointers(const BwdParams& p) {
 void run_bwd_cpu(const BwdParams& params) {
   const cpu::Problem pr = cpu::make_problem(params, /*is_bwd=*/true);
   cpu::check_bwd_pointers(params);
+  if (cpu::amx_bwd_applies(params)) {  // bf16 on AMX tiles (flash_bwd_amx_cpu.cpp)
+    cpu::run_bwd_amx(params, pr);
+    return;
+  }
   // fp32 inputs: fp32 tiles from kF32TileMinWork multiply-adds, like the forward (the same
   // threshold on the same work, so a call's forward and backward take the same path).
   cpu::dispatch_attn_dtype(params.dtype, pr.work, "q", [&](auto tag) {
