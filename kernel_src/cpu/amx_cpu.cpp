@@ -142,6 +142,26 @@ struct alignas(64) TileConfig {
 inline float hmax(__m512 v) { return _mm512_reduce_max_ps(v); }
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 inline __m512 exp16(__m512 x) { return (__m512)vexp((VF)x); }
+// 2^t for the forward's probabilities, lanes outside mk (and t below -126, where the result is
+// below the smallest normal) 0: t = k + f with k = round(t), |f| <= 1/2, 2^f by its Taylor
+// polynomial in f ln2 (degree 7, truncation < 2e-8 relative, as vexp), scaled by 2^k (VSCALEFPS,
+// which needs no exponent-bit arithmetic). t = -inf (masked) gives 0.
+inline __m512 exp2_poly(__m512 t, __mmask16 mk) {
+  mk = _mm512_mask_cmp_ps_mask(mk, t, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
+  const __m512 tc = _mm512_max_ps(t, _mm512_set1_ps(-127.f));
+  const __m512 k = _mm512_roundscale_ps(tc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 x = _mm512_mul_ps(_mm512_sub_ps(tc, k), _mm512_set1_ps(0.693147180559945309f));
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(mk, p, k);
+}
+
 // Lanes [0, n) of a 16-lane chunk.
 inline __mmask16 lanes(int n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff)
@@ -261,26 +281,37 @@ void amx_to_bf16(const float* X, int ldx, int rows, int cols, int cols_pad, uint
 void amx_softmax_tile(const float* S, int lds, int rows, int n, int n_pad, float scale, float* m,
                       float* l, float* O, int ldo, int dpad, const uint8_t* keep, int ldk,
                       uint16_t* P, int ldp) {
+  // In phases, so that the per-row reductions of one row overlap the work of the others and the
+  // per-row scalars (reference, rescale factor, sum) are vectors across rows (kBlockM <= 64 rows).
   const float ninf = -INFINITY;
-  const __m512 vscale = _mm512_set1_ps(scale);
+  alignas(64) float off[64], factor[64], tsum[64];
   for (int r = 0; r < rows; ++r) {
     const float* s = S + static_cast<long>(r) * lds;
     __m512 mx = _mm512_set1_ps(ninf);
     for (int j = 0; j < n; j += 16)
-      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(ninf), amx::lanes(n - j), s + j));
-    const float m_old = m[r];
-    float m_new = amx::hmax(mx) * scale;
-    m_new = m_new > m_old ? m_new : m_old;
-    const float off = m_new == ninf ? 0.f : m_new;
-    const float factor = _mm512_cvtss_f32(amx::exp16(_mm512_set1_ps(m_old - off)));
-    m[r] = m_new;
-    const __m512 voff = _mm512_set1_ps(-off);
+      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, amx::lanes(n - j), s + j));
+    off[r] = amx::hmax(mx) * scale;
+  }
+  for (int r = 0; r < rows; r += 16) {
+    const __mmask16 mk = amx::lanes(rows - r);
+    const __m512 m_old = _mm512_maskz_loadu_ps(mk, m + r);
+    const __m512 m_new = _mm512_max_ps(_mm512_maskz_loadu_ps(mk, off + r), m_old);
+    const __m512 o = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m_new, _mm512_set1_ps(ninf), _CMP_NEQ_OQ), m_new);
+    _mm512_mask_storeu_ps(m + r, mk, m_new);
+    _mm512_storeu_ps(off + r, o);
+    // exp(m_old - off): 0 for a row empty so far (-inf), exactly 1 when the max did not move
+    _mm512_storeu_ps(factor + r, amx::exp16(_mm512_sub_ps(m_old, o)));
+  }
+  // exp(scale * s - off) = 2^(s * scale log2(e) - off log2(e)) (amx::exp2_poly)
+  const __m512 vscale = _mm512_set1_ps(scale * 1.44269504088896341f);
+  for (int r = 0; r < rows; ++r) {
+    const float* s = S + static_cast<long>(r) * lds;
+    const __m512 voff = _mm512_set1_ps(-off[r] * 1.44269504088896341f);
     __m512 sum = _mm512_setzero_ps();
     uint16_t* prow = P + static_cast<long>(r) * ldp;
     for (int j = 0; j < n_pad; j += 16) {
       const __mmask16 mk = amx::lanes(n - j);
-      __m512 e = amx::exp16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, s + j), vscale, voff));
-      e = _mm512_maskz_mov_ps(mk, e);
+      __m512 e = amx::exp2_poly(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, s + j), vscale, voff), mk);
       sum = _mm512_add_ps(sum, e);
       if (keep != nullptr) {
         const __m128i kb = _mm_maskz_loadu_epi8(mk, keep + static_cast<long>(r) * ldk + j);
@@ -288,12 +319,19 @@ void amx_softmax_tile(const float* S, int lds, int rows, int n, int n_pad, float
       }
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + j), (__m256i)_mm512_cvtneps_pbh(e));
     }
-    l[r] = l[r] * factor + amx::hsum(sum);
-    if (factor != 1.f) {
-      float* o = O + static_cast<long>(r) * ldo;
-      const __m512 f = _mm512_set1_ps(factor);
-      for (int c = 0; c < dpad; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(o + c), f));
-    }
+    tsum[r] = amx::hsum(sum);
+  }
+  for (int r = 0; r < rows; r += 16) {
+    const __mmask16 mk = amx::lanes(rows - r);
+    _mm512_mask_storeu_ps(l + r, mk, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, l + r),
+                                                     _mm512_load_ps(factor + r),
+                                                     _mm512_load_ps(tsum + r)));
+  }
+  for (int r = 0; r < rows; ++r) {
+    if (factor[r] == 1.f) continue;
+    float* o = O + static_cast<long>(r) * ldo;
+    const __m512 f = _mm512_set1_ps(factor[r]);
+    for (int c = 0; c < dpad; c += 16) _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(o + c), f));
   }
 }
 

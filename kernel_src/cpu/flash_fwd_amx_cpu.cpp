@@ -27,7 +27,11 @@ namespace cpu {
 namespace {
 
 using T = BFloat16;
-constexpr int kTileGroup = 8;  // as flash_fwd_cpu.cpp
+constexpr int kTileGroup = 16;
+// Keys per step: two kBlockN tiles, so that each P V product has a depth of 128 (its fp32 C tiles,
+// the running O, are loaded and stored once per 128 keys) and the softmax's per-row work (max,
+// rescale of O) is shared by 128 keys.
+constexpr int kN = 2 * kBlockN;
 
 inline int pad32(int n) { return (n + 31) / 32 * 32; }
 
@@ -41,12 +45,12 @@ struct AmxQueryTile {
 
 struct AmxFwdScratch {
   AmxQueryTile tiles[kTileGroup];
-  Scratch<uint16_t> kraw, vraw;  // the K/V tile rows, [kBlockN][d32] / [kBlockN][dpad]
-  Scratch<uint16_t> kt, vp;      // B operands: K^T [d32/2][2 kBlockN], V [kBlockN/2][2 dpad]
-  Scratch<float> s;              // [kBlockM][kBlockN]
-  Scratch<uint16_t> p;           // [kBlockM][kBlockN] bf16
-  Scratch<uint8_t> keep;
-  KvTileRows kv, kv_next;
+  Scratch<uint16_t> kraw, vraw;  // the K/V rows of a step, [kN][d32] / [kN][dpad]
+  Scratch<uint16_t> kt, vp;      // B operands: K^T [d32/2][2 kN], V [kN/2][2 dpad]
+  Scratch<float> s;              // [kBlockM][kN]
+  Scratch<uint16_t> p;           // [kBlockM][kN] bf16
+  Scratch<uint8_t> keep, keep_half;  // [kBlockM][kN], one kBlockN tile's [kBlockM][kBlockN]
+  KvTileRows kv[2], kv_next[2];
 
   void ensure(int d32, int dpad) {
     for (auto& t : tiles) {
@@ -55,13 +59,14 @@ struct AmxFwdScratch {
       grow_to(t.m, kBlockM);
       grow_to(t.l, kBlockM);
     }
-    grow_to(kraw, kBlockN * d32);
-    grow_to(vraw, kBlockN * dpad);
-    grow_to(kt, d32 / 2 * 2 * kBlockN);
-    grow_to(vp, kBlockN / 2 * 2 * dpad);
-    grow_to(s, kBlockM * kBlockN);
-    grow_to(p, kBlockM * kBlockN);
-    grow_to(keep, kBlockM * kBlockN);
+    grow_to(kraw, kN * d32);
+    grow_to(vraw, kN * dpad);
+    grow_to(kt, d32 / 2 * 2 * kN);
+    grow_to(vp, kN / 2 * 2 * dpad);
+    grow_to(s, kBlockM * kN);
+    grow_to(p, kBlockM * kN);
+    grow_to(keep, kBlockM * kN);
+    grow_to(keep_half, kBlockM * kBlockN);
   }
 };
 
@@ -75,31 +80,35 @@ inline void copy_rows(const T* base, const int64_t* row_off, int n, int d, int w
   }
 }
 
-// One key tile (operands in sc.kt / sc.vp) applied to one query tile.
+// One step of n <= kN keys (operands in sc.kt / sc.vp) applied to one query tile.
 void fwd_key_tile(const AttnCtx<T>& c, const Mask& mask, int n0, int n, int d32,
                   AmxQueryTile& q, AmxFwdScratch& sc) {
   const int dpad = c.pr.dpad;
   const int n16 = pad_up(n), n32 = pad32(n);
   float* s = sc.s.data();
-  amx_gemm(q.q.data(), d32, sc.kt.data(), 2 * kBlockN, s, kBlockN, q.mt, n16, d32, false);
+  amx_gemm(q.q.data(), d32, sc.kt.data(), 2 * kN, s, kN, q.mt, n16, d32, false);
   // The logit is scale * s; softcap and ALiBi need it formed first, the mask alone does not
   // (it writes -inf), and a non-positive scale would reverse the max.
   float sm_scale = c.scale;
   if (c.has_softcap || c.has_alibi || !(c.scale > 0.f)) {
     for (int r = 0; r < q.nrows; ++r)
-      for (int j = 0; j < n; ++j) s[r * kBlockN + j] *= c.scale;
+      for (int j = 0; j < n; ++j) s[r * kN + j] *= c.scale;
     sm_scale = 1.f;
   }
-  apply_score_mods(c, mask, q.rows, n0, n, s, kBlockN, 1, static_cast<float*>(nullptr));
+  apply_score_mods(c, mask, q.rows, n0, n, s, kN, 1, static_cast<float*>(nullptr));
   const uint8_t* keep = nullptr;
-  if (c.has_dropout) {
-    dropout_keep_tile(c, q.rows, n0, n, sc.keep.data());
+  if (c.has_dropout) {  // the keep tiles of the step's kBlockN tiles, side by side
+    for (int h0 = 0; h0 < n; h0 += kBlockN) {
+      const int nh = std::min(kBlockN, n - h0);
+      dropout_keep_tile(c, q.rows, n0 + h0, nh, sc.keep_half.data());
+      for (int r = 0; r < q.nrows; ++r)
+        std::memcpy(sc.keep.data() + r * kN + h0, sc.keep_half.data() + r * kBlockN, nh);
+    }
     keep = sc.keep.data();
   }
-  amx_softmax_tile(s, kBlockN, q.nrows, n, n32, sm_scale, q.m.data(), q.l.data(), q.o.data(),
-                   dpad, dpad, keep, kBlockN, sc.p.data(), kBlockN);
-  amx_gemm(sc.p.data(), kBlockN, sc.vp.data(), 2 * dpad, q.o.data(), dpad, q.mt, dpad, n32,
-           true);
+  amx_softmax_tile(s, kN, q.nrows, n, n32, sm_scale, q.m.data(), q.l.data(), q.o.data(), dpad,
+                   dpad, keep, kN, sc.p.data(), kN);
+  amx_gemm(sc.p.data(), kN, sc.vp.data(), 2 * dpad, q.o.data(), dpad, q.mt, dpad, n32, true);
 }
 
 void fwd_task(const AttnCtx<T>& c, int b, int hk, int pr0, AmxFwdScratch& sc) {
@@ -137,18 +146,24 @@ void fwd_task(const AttnCtx<T>& c, int b, int hk, int pr0, AmxFwdScratch& sc) {
 
   const T* kbase = c.k() + hk * p.k_head_stride;
   const T* vbase = c.v() + hk * p.v_head_stride;
-  for (int n0 = nb; n0 < ne; n0 += kBlockN) {
-    const int n = ne - n0 < kBlockN ? ne - n0 : kBlockN;
-    kv_row_offsets(p, s, n0, n, sc.kv.k, sc.kv.v);
-    copy_rows(kbase, sc.kv.k, n, d, d32, sc.kraw.data());
-    copy_rows(vbase, sc.kv.v, n, d, dpad, sc.vraw.data());
-    if (n0 + kBlockN < ne) {  // the next tile's rows, fetched while this one computes
-      const int n1 = ne - n0 - kBlockN < kBlockN ? ne - n0 - kBlockN : kBlockN;
-      kv_row_offsets(p, s, n0 + kBlockN, n1, sc.kv_next.k, sc.kv_next.v);
-      prefetch_rows(kbase, sc.kv_next.k, n1, d);
-      prefetch_rows(vbase, sc.kv_next.v, n1, d);
+  for (int n0 = nb; n0 < ne; n0 += kN) {
+    const int n = std::min(kN, ne - n0);
+    for (int h0 = 0; h0 < n; h0 += kBlockN) {
+      const int nh = std::min(kBlockN, n - h0);
+      KvTileRows& kv = sc.kv[h0 / kBlockN];
+      kv_row_offsets(p, s, n0 + h0, nh, kv.k, kv.v);
+      copy_rows(kbase, kv.k, nh, d, d32, sc.kraw.data() + h0 * d32);
+      copy_rows(vbase, kv.v, nh, d, dpad, sc.vraw.data() + h0 * dpad);
     }
-    amx_pack_transposed(sc.kraw.data(), d32, n, pad_up(n), d32, sc.kt.data(), 2 * kBlockN);
+    // the next step's rows, fetched while this one computes
+    for (int h0 = n0 + kN; h0 < std::min(ne, n0 + 2 * kN); h0 += kBlockN) {
+      const int nh = std::min(kBlockN, ne - h0);
+      KvTileRows& kv = sc.kv_next[(h0 - n0 - kN) / kBlockN];
+      kv_row_offsets(p, s, h0, nh, kv.k, kv.v);
+      prefetch_rows(kbase, kv.k, nh, d);
+      prefetch_rows(vbase, kv.v, nh, d);
+    }
+    amx_pack_transposed(sc.kraw.data(), d32, n, pad_up(n), d32, sc.kt.data(), 2 * kN);
     amx_pack_pairs(sc.vraw.data(), dpad, n, pad32(n), dpad, sc.vp.data(), 2 * dpad);
     for (int g = 0; g < ntiles; ++g) {
       AmxQueryTile& q = sc.tiles[g];
