@@ -45,6 +45,7 @@ struct AmxBwdScratch {
   Scratch<float> s, dp, tanh_s, pz;
   Scratch<uint16_t> pp, dsb, dsp;
   Scratch<uint8_t> keep;
+  Scratch<float> dq_own;  // the task's dQ rows when keys are not split
   KvTileRows kv;
 
   void ensure(int d32, int dpad) {
@@ -307,7 +308,9 @@ void run_bwd_amx(const BwdParams& p, const Problem& pr) {
   if (pr.work >= kParallelMinWork && pairs < 2 * threads)
     nsplit = static_cast<int>(std::min<int64_t>(max_key_tiles, (2 * threads + pairs - 1) / pairs));
   Scratch<float> stats(2 * static_cast<size_t>(rows));
-  Scratch<float> dq(static_cast<size_t>(nsplit) * rows * pr.dpad);
+  // Shared by the splits when keys are split, else each task's own (thread-local, grow-only:
+  // flash_bwd_cpu.cpp) and the task writes dQ itself.
+  Scratch<float> dq(nsplit > 1 ? static_cast<size_t>(nsplit) * rows * pr.dpad : 0);
   float* lse = stats.data();
   float* dsum = stats.data() + rows;
   const int64_t split_stride = rows * pr.dpad;
@@ -338,11 +341,19 @@ void run_bwd_amx(const BwdParams& p, const Problem& pr) {
     const int k_begin = std::min(seqlen_k, split * chunk);
     const int k_end = split == nsplit - 1 ? seqlen_k : std::min(seqlen_k, k_begin + chunk);
     const int64_t r0 = first_row(b, hk);
+    float* dq_task = dq.data() + split * split_stride + r0 * pr.dpad;
+    if (nsplit == 1) {
+      grow_to(sc.dq_own, static_cast<size_t>(row0[b + 1] - row0[b]) / pr.nheads_k * pr.dpad);
+      dq_task = sc.dq_own.data();
+    }
     amx_begin();
-    bwd_task(c, p, b, hk, k_begin, k_end, lse + r0, dsum + r0,
-             dq.data() + split * split_stride + r0 * pr.dpad, sc);
+    bwd_task(c, p, b, hk, k_begin, k_end, lse + r0, dsum + r0, dq_task, sc);
     amx_end();
+    if (nsplit == 1)
+      for (int m_block = 0; m_block * kBlockM < pr.seqs[b].seqlen_q * pr.group; ++m_block)
+        write_dq(c, p, b, hk, m_block, dq_task, 0, 1);
   });
+  if (nsplit == 1) return;
   parallel_tasks(tile0[pr.batch], pr.work, [&](int64_t t) {
     int b, hk, m_block;
     tile_task(t, &b, &hk, &m_block);

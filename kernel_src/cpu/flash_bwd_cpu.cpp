@@ -56,6 +56,7 @@ struct BwdScratch {
   std::vector<TileRows<Lg>> rows_lg_all;
   Scratch<Lg> kt_lg, s_lg, tanh_lg;  // the logits' operands (only when kWideLogits)
   Scratch<uint8_t> keep;
+  Scratch<Sum> dq_own;  // the task's dQ rows when keys are not split
   KvTileRows kv;
 
   void ensure(int dpad) {
@@ -363,7 +364,10 @@ void run_bwd_typed(const BwdParams& p, const Problem& pr) {
   if (pr.work >= kParallelMinWork && pairs < 2 * threads)
     nsplit = static_cast<int>(std::min<int64_t>(max_key_tiles, (2 * threads + pairs - 1) / pairs));
   Scratch<Acc> stats(2 * static_cast<size_t>(rows));
-  Scratch<sum_t<T>> dq(static_cast<size_t>(nsplit) * rows * pr.dpad);
+  // The dQ buffer: shared by the splits (and summed in phase 3) when keys are split; otherwise
+  // each task's own, thread-local and grow-only (a fresh call-sized buffer costs page faults and
+  // zeroing on every call: 32 MiB at fp32, 2k, 16 heads), and the task writes dQ itself.
+  Scratch<sum_t<T>> dq(nsplit > 1 ? static_cast<size_t>(nsplit) * rows * pr.dpad : 0);
   Acc* lse = stats.data();
   Acc* dsum = stats.data() + rows;
   const int64_t split_stride = rows * pr.dpad;
@@ -394,9 +398,18 @@ void run_bwd_typed(const BwdParams& p, const Problem& pr) {
     const int k_begin = std::min(seqlen_k, split * chunk);
     const int k_end = split == nsplit - 1 ? seqlen_k : std::min(seqlen_k, k_begin + chunk);
     const int64_t r0 = row0[b] + static_cast<int64_t>(hk) * pr.seqs[b].seqlen_q * pr.group;
+    if (nsplit == 1) {
+      const int packed = pr.seqs[b].seqlen_q * pr.group;
+      grow_to(sc.dq_own, static_cast<size_t>(packed) * pr.dpad);
+      bwd_task<T>(c, cl, p, b, hk, k_begin, k_end, lse + r0, dsum + r0, sc.dq_own.data(), sc);
+      for (int m_block = 0; m_block * kBlockM < packed; ++m_block)
+        bwd_write_dq<T>(c, p, b, hk, m_block, sc.dq_own.data(), 0, 1);
+      return;
+    }
     bwd_task<T>(c, cl, p, b, hk, k_begin, k_end, lse + r0, dsum + r0,
                 dq.data() + split * split_stride + r0 * pr.dpad, sc);
   });
+  if (nsplit == 1) return;
   parallel_tasks(tile0[pr.batch], pr.work, [&](int64_t t) {
     int b, hk, m_block;
     int64_t r0;
