@@ -278,6 +278,21 @@ void amx_to_bf16(const float* X, int ldx, int rows, int cols, int cols_pad, uint
   }
 }
 
+void amx_store_bf16(const float* src, int n, float f, uint16_t* dst) {
+  const __m512 vf = _mm512_set1_ps(f);
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+  for (int c = 0; c < n; c += 16) {
+    const __mmask16 mk = amx::lanes(n - c);
+    const __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, src + c), vf));
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, bias), lsb), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs_mask), inf);
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    _mm256_mask_storeu_epi16(dst + c, mk, _mm512_cvtepi32_epi16(r));
+  }
+}
+
 void amx_softmax_tile(const float* S, int lds, int rows, int n, int n_pad, float scale, float* m,
                       float* l, float* O, int ldo, int dpad, const uint8_t* keep, int ldk,
                       uint16_t* P, int ldp) {
@@ -395,6 +410,7 @@ void amx_pack_transposed(const uint16_t*, int, int, int, int, uint16_t*, int) {}
 void amx_pack_pairs(const uint16_t*, int, int, int, int, uint16_t*, int) {}
 void amx_pack_pairs(const float*, int, int, int, int, uint16_t*, int) {}
 void amx_to_bf16(const float*, int, int, int, int, uint16_t*, int) {}
+void amx_store_bf16(const float*, int, float, uint16_t*) {}
 void amx_softmax_tile(const float*, int, int, int, int, float, float*, float*, float*, int, int,
                       const uint8_t*, int, uint16_t*, int) {}
 void amx_exp_rows(const float*, int, int, int, int, float, const float*, float*, int) {}

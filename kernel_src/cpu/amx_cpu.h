@@ -56,6 +56,10 @@ void amx_pack_pairs(const float* X, int ldx, int rows, int rows_pad, int cols, u
 void amx_to_bf16(const float* X, int ldx, int rows, int cols, int cols_pad, uint16_t* dst,
                  int ldd);
 
+// dst[c] = bf16(src[c] * f) for c < n, rounded as float_to_bf16 (dtype_cpu.h: nearest even,
+// NaN kept quiet, subnormals kept), the product formed in fp32.
+void amx_store_bf16(const float* src, int n, float f, uint16_t* dst);
+
 // The forward's online softmax on one tile of raw products S[r][j] (r < rows, j < n, ld lds); the
 // logit is scale * S (scale = 1 when S already holds the final logits). Per row (SoftmaxState's
 // rules): m the running max (-inf while empty), new reference off = m_new (0 while empty),

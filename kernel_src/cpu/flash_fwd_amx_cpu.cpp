@@ -181,7 +181,7 @@ void fwd_task(const AttnCtx<T>& c, int b, int hk, int pr0, AmxFwdScratch& sc) {
       const float inv = empty ? 0.f : 1.f / sum * (c.has_dropout ? c.keep_scale : 1.f);
       const float* orow = q.o.data() + r * dpad;
       T* dst = out + q.rows.i[r] * p.o_row_stride + q.rows.h[r] * p.o_head_stride;
-      for (int col = 0; col < d; ++col) dst[col] = Traits<T>::store(orow[col] * inv);
+      amx_store_bf16(orow, d, inv, reinterpret_cast<uint16_t*>(dst));
       const float lse = empty ? INFINITY : q.m[r] + std::log(sum);
       const int64_t lse_idx = s.lse_off + q.rows.h[r] * c.pr.lse_head_stride + q.rows.i[r];
       if (p.softmax_lse_f64_ptr != nullptr)
