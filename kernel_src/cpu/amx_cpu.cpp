@@ -278,6 +278,16 @@ void amx_to_bf16(const float* X, int ldx, int rows, int cols, int cols_pad, uint
   }
 }
 
+void amx_copy_row(const uint16_t* src, int d, int width, uint16_t* dst) {
+  for (int c = 0; c < width; c += 32) {
+    const int left = d - c;
+    const __mmask32 mk = left >= 32 ? ~0u : left <= 0 ? 0u : (1u << left) - 1u;
+    const int wl = width - c;
+    const __mmask32 ms = wl >= 32 ? ~0u : (1u << wl) - 1u;
+    _mm512_mask_storeu_epi16(dst + c, ms, _mm512_maskz_loadu_epi16(mk, src + c));
+  }
+}
+
 void amx_store_bf16(const float* src, int n, float f, uint16_t* dst) {
   const __m512 vf = _mm512_set1_ps(f);
   const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
@@ -410,6 +420,7 @@ void amx_pack_transposed(const uint16_t*, int, int, int, int, uint16_t*, int) {}
 void amx_pack_pairs(const uint16_t*, int, int, int, int, uint16_t*, int) {}
 void amx_pack_pairs(const float*, int, int, int, int, uint16_t*, int) {}
 void amx_to_bf16(const float*, int, int, int, int, uint16_t*, int) {}
+void amx_copy_row(const uint16_t*, int, int, uint16_t*) {}
 void amx_store_bf16(const float*, int, float, uint16_t*) {}
 void amx_softmax_tile(const float*, int, int, int, int, float, float*, float*, float*, int, int,
                       const uint8_t*, int, uint16_t*, int) {}

@@ -56,6 +56,9 @@ void amx_pack_pairs(const float* X, int ldx, int rows, int rows_pad, int cols, u
 void amx_to_bf16(const float* X, int ldx, int rows, int cols, int cols_pad, uint16_t* dst,
                  int ldd);
 
+// dst[0..width) = src[0..d), zero past d (bf16 bits; width a multiple of 16).
+void amx_copy_row(const uint16_t* src, int d, int width, uint16_t* dst);
+
 // dst[c] = bf16(src[c] * f) for c < n, rounded as float_to_bf16 (dtype_cpu.h: nearest even,
 // NaN kept quiet, subnormals kept), the product formed in fp32.
 void amx_store_bf16(const float* src, int n, float f, uint16_t* dst);
