@@ -274,20 +274,25 @@ void bwd_task(const AttnCtx<T>& c, const AttnCtx<logit_t<T>>& cl, const BwdParam
       // dP = (dO V^T) o Z
       gemm(dot, dpad, sc.vt.data(), kBlockN, sc.dp.data(), kBlockN, nrows, d,
            pad_up(n), /*accumulate=*/false);
-      // dS = P o (dP - D), o (1 - tanh^2) under softcap; kept in dp
-      for (int r = 0; r < nrows; ++r) {
-        const Acc drow = dsum[pr0 + r];
-        const Acc* prow = sc.s.data() + r * kBlockN;
-        Acc* dprow = sc.dp.data() + r * kBlockN;
-        for (int j = 0; j < n; ++j) {
-          Acc dpz = dprow[j];
-          if (c.has_dropout) dpz = sc.keep[r * kBlockN + j] ? dpz * c.keep_scale : Acc(0);
-          Acc ds = prow[j] * (dpz - drow);
-          if (c.has_softcap) {
-            const Acc t = sc.tanh_s[r * kBlockN + j];
-            ds *= Acc(1) - t * t;
+      // dS = P o (dP - D), o (1 - tanh^2) under softcap; kept in dp (columns past n are not
+      // read by the products below)
+      if (!c.has_dropout && !c.has_softcap) {
+        ds_rows(sc.s.data(), sc.dp.data(), kBlockN, nrows, pad_up(n), dsum + pr0);
+      } else {
+        for (int r = 0; r < nrows; ++r) {
+          const Acc drow = dsum[pr0 + r];
+          const Acc* prow = sc.s.data() + r * kBlockN;
+          Acc* dprow = sc.dp.data() + r * kBlockN;
+          for (int j = 0; j < n; ++j) {
+            Acc dpz = dprow[j];
+            if (c.has_dropout) dpz = sc.keep[r * kBlockN + j] ? dpz * c.keep_scale : Acc(0);
+            Acc ds = prow[j] * (dpz - drow);
+            if (c.has_softcap) {
+              const Acc t = sc.tanh_s[r * kBlockN + j];
+              ds *= Acc(1) - t * t;
+            }
+            dprow[j] = ds;
           }
-          dprow[j] = ds;
         }
       }
       // dQ += dS K (softmax_scale applied once when dQ is written)

@@ -132,12 +132,13 @@ struct Table {
   void (*col_max)(const Acc*, int, int, int, Acc*);
   void (*exp_cols)(const Acc*, int, Acc*, int, int, int, const Acc*, Acc*);
   void (*exp_diff)(const Acc*, const Acc*, Acc*, int);
+  void (*ds_rows)(const Acc*, Acc*, int, int, int, const Acc*);
 };
 
 template <typename Acc, template <typename> class Impl>
 Table<Acc> table_of() {
   return {&Impl<Acc>::gemm, &Impl<Acc>::exp_row, &Impl<Acc>::col_max, &Impl<Acc>::exp_cols,
-          &Impl<Acc>::exp_diff};
+          &Impl<Acc>::exp_diff, &Impl<Acc>::ds_rows};
 }
 
 template <typename Acc>
@@ -174,6 +175,9 @@ const Table<Acc>& table() {
   }                                                                                             \
   void exp_diff(const Acc* a, const Acc* b, Acc* out, int n_pad) {                              \
     table<Acc>().exp_diff(a, b, out, n_pad);                                                    \
+  }                                                                                             \
+  void ds_rows(const Acc* P, Acc* dP, int ld, int rows, int cols, const Acc* D) {               \
+    table<Acc>().ds_rows(P, dP, ld, rows, cols, D);                                             \
   }
 FLASH_CPU_ENTRY_POINTS(float)
 FLASH_CPU_ENTRY_POINTS(double)
