@@ -72,13 +72,12 @@ struct AmxFwdScratch {
 
 // dst[j][0..width) = the bf16 bits of row j (zero past d).
 // Rows not prefetched before (a task's first step) arrive from memory: each copy prefetches the
-// row kAhead further on.
-constexpr int kAhead = 8;
+// row kLoadAhead further on (attn_tile_cpu.h).
 constexpr int64_t kZeroOffset = 0;
 inline void copy_rows(const T* base, const int64_t* row_off, int n, int d, int width,
                       uint16_t* dst) {
   for (int j = 0; j < n; ++j) {
-    if (j + kAhead < n) prefetch_rows(base, row_off + j + kAhead, 1, d);
+    if (j + kLoadAhead < n) prefetch_rows(base, row_off + j + kLoadAhead, 1, d);
     amx_copy_row(reinterpret_cast<const uint16_t*>(base + row_off[j]), d, width,
                  dst + static_cast<int64_t>(j) * width);
   }
@@ -129,9 +128,9 @@ void fwd_task(const AttnCtx<T>& c, int b, int hk, int pr0, AmxFwdScratch& sc) {
     q.mt = pad_up(q.nrows);
     make_tile_rows(c, b, hk, r0, q.nrows, &q.rows);
     for (int r = 0; r < q.mt; ++r) {
-      if (r + kAhead < q.nrows)
-        prefetch_rows(qbase + q.rows.i[r + kAhead] * p.q_row_stride +
-                          q.rows.h[r + kAhead] * p.q_head_stride,
+      if (r + kLoadAhead < q.nrows)
+        prefetch_rows(qbase + q.rows.i[r + kLoadAhead] * p.q_row_stride +
+                          q.rows.h[r + kLoadAhead] * p.q_head_stride,
                       &kZeroOffset, 1, d);
       uint16_t* out = q.q.data() + r * d32;
       if (r < q.nrows)
