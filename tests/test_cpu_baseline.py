@@ -5,7 +5,9 @@ here. Both must pass the error rule against the fp64 reference (2x for out and L
 gradients), and they must differ (FMA rounds differently), which shows that the switch really
 changed the code path. FLASH_ATTN_CPU_WIDE=1 is tested the same way: the AVX-512 variant's
 16-lane source lowered to the baseline (no FMA), so that its padding and tails are checked on
-machines without AVX-512."""
+machines without AVX-512. On CPUs with AMX, bf16 runs on AMX tiles (kernel_src/cpu/amx_cpu.cpp);
+FLASH_ATTN_CPU_NO_AMX=1 keeps it on the fp32-tile path that CPUs without AMX run, tested the same
+way (and BASELINE/WIDE imply it)."""
 import os
 import subprocess
 import sys
@@ -20,12 +22,19 @@ from reference import attention_ref, max_abs, pt_options
 pytestmark = pytest.mark.fast
 
 
-def _has_avx2_fma():
+def _cpu_flags():
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        return set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
+        return set()
+
+
+def _has_avx2_fma():
+    return {"avx2", "fma"} <= _cpu_flags()
+
+
+def _has_amx_bf16():
+    return {"amx_bf16", "amx_tile", "avx512_bf16"} <= _cpu_flags()
 
 
 # Runs the forward (with the LSE) and the backward with a given dout; saves the results.
@@ -57,9 +66,22 @@ def _run(flash, q, k, v, dout):
                          ids=["fp16", "fp64", "fp32-tiles"])
 def test_baseline_cpu_variant_matches_reference_and_differs_from_avx2(flash, tol, tmp_path, dtype,
                                                                        switch):
+    shape = (1, 1024, 1024, 4, 2, 64) if dtype == torch.float32 else (2, 150, 170, 4, 2, 64)
+    _check_switch(flash, tol, tmp_path, dtype, switch, shape)
+
+
+# bf16: AMX tiles by default (bf16 operands, fp32 accumulation); the switch gives the fp32 tiles.
+# 1023 x 1024 with GQA: several 128-key forward steps, key tails, key splits in the backward.
+@pytest.mark.skipif(not _has_amx_bf16(), reason="the CPU has no AMX-BF16: bf16 is on fp32 tiles")
+@pytest.mark.parametrize("shape", [(2, 150, 170, 4, 2, 64), (1, 1023, 1024, 6, 2, 80)],
+                         ids=["small", "1k-gqa-hdim80"])
+def test_no_amx_switch_matches_reference_and_differs_from_amx(flash, tol, tmp_path, shape):
+    _check_switch(flash, tol, tmp_path, torch.bfloat16, "FLASH_ATTN_CPU_NO_AMX", shape)
+
+
+def _check_switch(flash, tol, tmp_path, dtype, switch, shape):
     from kernel_loader import BUILD_DIR
 
-    shape = (1, 1024, 1024, 4, 2, 64) if dtype == torch.float32 else (2, 150, 170, 4, 2, 64)
     q, k, v = qkv(*shape, dtype=dtype, device="cpu")
     dout = torch.randn(q.shape).to(dtype)
     torch.save((q, k, v, dout), tmp_path / "in.pt")

@@ -81,6 +81,21 @@ void make_tile_rows(const AttnCtx<T>& c, int b, int hk, int pr0, int n,
   rows->i_last = rows->i[n - 1];
 }
 
+// Software prefetch of n rows of X (K or V) into the cache: the rows of a K/V tile are strided
+// (by the heads, or scattered over pages), which the hardware prefetchers follow poorly.
+template <typename T>
+inline void prefetch_rows(const T* base, const int64_t* row_off, int n, int d) {
+  const int bytes = d * static_cast<int>(sizeof(T));
+  for (int j = 0; j < n; ++j) {
+    const char* row = reinterpret_cast<const char*>(base + row_off[j]);
+    for (int b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
+  }
+}
+
+// Row loads that are not prefetched otherwise (a task's query rows, its first K/V tile) wait on
+// memory row by row: each load prefetches the row kLoadAhead further on.
+constexpr int kLoadAhead = 8;
+
 // dst[r][0..dpad) = factor * src row (zero padded), for the rows of a tile, in Out (the
 // accumulation type by default). src_base points at (row 0, head 0) of the sequence; rows live
 // at src_base + i * row_stride + h * head_stride.
@@ -100,7 +115,12 @@ void load_rows(const T* src_base, int64_t row_stride, int64_t head_stride,
 template <typename T>
 void load_rows_t(const T* src_base, int64_t row_stride, int64_t head_stride,
                  const TileRows<acc_t<T>>& rows, int d, int mt, acc_t<T> factor, acc_t<T>* dst) {
+  const int64_t zero = 0;
   for (int r = 0; r < rows.n; ++r) {
+    if (r + kLoadAhead < rows.n)
+      prefetch_rows(src_base + rows.i[r + kLoadAhead] * row_stride +
+                        rows.h[r + kLoadAhead] * head_stride,
+                    &zero, 1, d);
     const T* src = src_base + rows.i[r] * row_stride + rows.h[r] * head_stride;
     for (int c = 0; c < d; ++c) dst[c * mt + r] = Traits<T>::load(src[c]) * factor;
   }
@@ -126,22 +146,12 @@ void load_k_transposed(const AttnCtx<T>& c, const KvTileRows& kv, int hk, int n,
   }
 }
 
-// Software prefetch of n rows of X (K or V) into the cache: the rows of a K/V tile are strided
-// (by the heads, or scattered over pages), which the hardware prefetchers follow poorly.
-template <typename T>
-inline void prefetch_rows(const T* base, const int64_t* row_off, int n, int d) {
-  const int bytes = d * static_cast<int>(sizeof(T));
-  for (int j = 0; j < n; ++j) {
-    const char* row = reinterpret_cast<const char*>(base + row_off[j]);
-    for (int b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
-  }
-}
-
 // dst[j][c] = X[n0 + j][c] row-major (zero padded to dpad), X = K or V, converted to Out (the
 // accumulation type, or the probability type for V).
 template <typename T, typename Out = acc_t<T>>
 void load_kv_rows(const T* base, const int64_t* row_off, int n, int d, int dpad, Out* dst) {
   for (int j = 0; j < n; ++j) {
+    if (j + kLoadAhead < n) prefetch_rows(base, row_off + j + kLoadAhead, 1, d);
     const T* src = base + row_off[j];
     Out* out = dst + j * dpad;
     for (int col = 0; col < d; ++col) out[col] = static_cast<Out>(Traits<T>::load(src[col]));

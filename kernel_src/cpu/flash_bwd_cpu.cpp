@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "attn_tile_cpu.h"
+#include "flash_amx_cpu.h"
 #include "flash_api_cpu.h"
 #include "parallel_cpu.h"
 
@@ -55,6 +56,7 @@ struct BwdScratch {
   std::vector<TileRows<Lg>> rows_lg_all;
   Scratch<Lg> kt_lg, s_lg, tanh_lg;  // the logits' operands (only when kWideLogits)
   Scratch<uint8_t> keep;
+  Scratch<Sum> dq_own;  // the task's dQ rows when keys are not split
   KvTileRows kv;
 
   void ensure(int dpad) {
@@ -223,9 +225,21 @@ void bwd_task(const AttnCtx<T>& c, const AttnCtx<logit_t<T>>& cl, const BwdParam
         for (int col = 0; col < d; ++col) sc.vt[col * kBlockN + j] = Traits<T>::load(src[col]);
       }
     }
+    // The next key tile's rows, prefetched in shares between this tile's query tiles.
+    const int n_next = n0 + kBlockN < k_end ? std::min(kBlockN, k_end - n0 - kBlockN) : 0;
+    const int pr_first = ib * group / kBlockM * kBlockM;
+    const int nq = ie * group > pr_first ? (ie * group - pr_first + kBlockM - 1) / kBlockM : 0;
+    const int share = nq > 0 ? (n_next + nq - 1) / nq : 0;
     // Query tiles aligned to kBlockM packed rows (rows of the first and last tile that see no
     // key of this tile are masked: P = 0, they add exact zeros).
-    for (int pr0 = ib * group / kBlockM * kBlockM; pr0 < ie * group; pr0 += kBlockM) {
+    for (int pr0 = pr_first; pr0 < ie * group; pr0 += kBlockM) {
+      for (int j = (pr0 - pr_first) / kBlockM * share;
+           j < std::min(n_next, (pr0 - pr_first) / kBlockM * share + share); ++j) {
+        const int64_t koff = static_cast<int64_t>(n0 + kBlockN + j) * p.k_row_stride;
+        const int64_t voff = static_cast<int64_t>(n0 + kBlockN + j) * p.v_row_stride;
+        prefetch_rows(kbase, &koff, 1, d);
+        prefetch_rows(vbase, &voff, 1, d);
+      }
       const int nrows = packed - pr0 < kBlockM ? packed - pr0 : kBlockM;
       const int tile = pr0 / kBlockM - t_first;
       const TileRows<Acc>& rows = sc.rows_all[tile];
@@ -272,20 +286,25 @@ void bwd_task(const AttnCtx<T>& c, const AttnCtx<logit_t<T>>& cl, const BwdParam
       // dP = (dO V^T) o Z
       gemm(dot, dpad, sc.vt.data(), kBlockN, sc.dp.data(), kBlockN, nrows, d,
            pad_up(n), /*accumulate=*/false);
-      // dS = P o (dP - D), o (1 - tanh^2) under softcap; kept in dp
-      for (int r = 0; r < nrows; ++r) {
-        const Acc drow = dsum[pr0 + r];
-        const Acc* prow = sc.s.data() + r * kBlockN;
-        Acc* dprow = sc.dp.data() + r * kBlockN;
-        for (int j = 0; j < n; ++j) {
-          Acc dpz = dprow[j];
-          if (c.has_dropout) dpz = sc.keep[r * kBlockN + j] ? dpz * c.keep_scale : Acc(0);
-          Acc ds = prow[j] * (dpz - drow);
-          if (c.has_softcap) {
-            const Acc t = sc.tanh_s[r * kBlockN + j];
-            ds *= Acc(1) - t * t;
+      // dS = P o (dP - D), o (1 - tanh^2) under softcap; kept in dp (columns past n are not
+      // read by the products below)
+      if (!c.has_dropout && !c.has_softcap) {
+        ds_rows(sc.s.data(), sc.dp.data(), kBlockN, nrows, pad_up(n), dsum + pr0);
+      } else {
+        for (int r = 0; r < nrows; ++r) {
+          const Acc drow = dsum[pr0 + r];
+          const Acc* prow = sc.s.data() + r * kBlockN;
+          Acc* dprow = sc.dp.data() + r * kBlockN;
+          for (int j = 0; j < n; ++j) {
+            Acc dpz = dprow[j];
+            if (c.has_dropout) dpz = sc.keep[r * kBlockN + j] ? dpz * c.keep_scale : Acc(0);
+            Acc ds = prow[j] * (dpz - drow);
+            if (c.has_softcap) {
+              const Acc t = sc.tanh_s[r * kBlockN + j];
+              ds *= Acc(1) - t * t;
+            }
+            dprow[j] = ds;
           }
-          dprow[j] = ds;
         }
       }
       // dQ += dS K (softmax_scale applied once when dQ is written)
@@ -362,7 +381,10 @@ void run_bwd_typed(const BwdParams& p, const Problem& pr) {
   if (pr.work >= kParallelMinWork && pairs < 2 * threads)
     nsplit = static_cast<int>(std::min<int64_t>(max_key_tiles, (2 * threads + pairs - 1) / pairs));
   Scratch<Acc> stats(2 * static_cast<size_t>(rows));
-  Scratch<sum_t<T>> dq(static_cast<size_t>(nsplit) * rows * pr.dpad);
+  // The dQ buffer: shared by the splits (and summed in phase 3) when keys are split; otherwise
+  // each task's own, thread-local and grow-only (a fresh call-sized buffer costs page faults and
+  // zeroing on every call: 32 MiB at fp32, 2k, 16 heads), and the task writes dQ itself.
+  Scratch<sum_t<T>> dq(nsplit > 1 ? static_cast<size_t>(nsplit) * rows * pr.dpad : 0);
   Acc* lse = stats.data();
   Acc* dsum = stats.data() + rows;
   const int64_t split_stride = rows * pr.dpad;
@@ -393,9 +415,18 @@ void run_bwd_typed(const BwdParams& p, const Problem& pr) {
     const int k_begin = std::min(seqlen_k, split * chunk);
     const int k_end = split == nsplit - 1 ? seqlen_k : std::min(seqlen_k, k_begin + chunk);
     const int64_t r0 = row0[b] + static_cast<int64_t>(hk) * pr.seqs[b].seqlen_q * pr.group;
+    if (nsplit == 1) {
+      const int packed = pr.seqs[b].seqlen_q * pr.group;
+      grow_to(sc.dq_own, static_cast<size_t>(packed) * pr.dpad);
+      bwd_task<T>(c, cl, p, b, hk, k_begin, k_end, lse + r0, dsum + r0, sc.dq_own.data(), sc);
+      for (int m_block = 0; m_block * kBlockM < packed; ++m_block)
+        bwd_write_dq<T>(c, p, b, hk, m_block, sc.dq_own.data(), 0, 1);
+      return;
+    }
     bwd_task<T>(c, cl, p, b, hk, k_begin, k_end, lse + r0, dsum + r0,
                 dq.data() + split * split_stride + r0 * pr.dpad, sc);
   });
+  if (nsplit == 1) return;
   parallel_tasks(tile0[pr.batch], pr.work, [&](int64_t t) {
     int b, hk, m_block;
     int64_t r0;
@@ -419,6 +450,10 @@ void check_bwd_pointers(const BwdParams& p) {
 void run_bwd_cpu(const BwdParams& params) {
   const cpu::Problem pr = cpu::make_problem(params, /*is_bwd=*/true);
   cpu::check_bwd_pointers(params);
+  if (cpu::amx_bwd_applies(params)) {  // bf16 on AMX tiles (flash_bwd_amx_cpu.cpp)
+    cpu::run_bwd_amx(params, pr);
+    return;
+  }
   // fp32 inputs: fp32 tiles from kF32TileMinWork multiply-adds, like the forward (the same
   // threshold on the same work, so a call's forward and backward take the same path).
   cpu::dispatch_attn_dtype(params.dtype, pr.work, "q", [&](auto tag) {

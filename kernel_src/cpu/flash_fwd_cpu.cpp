@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "attn_tile_cpu.h"
+#include "flash_amx_cpu.h"
 #include "flash_api_cpu.h"
 #include "parallel_cpu.h"
 
@@ -201,13 +202,15 @@ void fwd_task(const AttnCtx<T>& c, int b, int hk, int pr0, FwdScratch<T>& sc) {
     kv_row_offsets(p, s, n0, n, sc.kv.k, sc.kv.v);
     load_kv_rows(kbase, sc.kv.k, n, d, dpad, sc.k.data());
     load_kv_rows(vbase, sc.kv.v, n, d, dpad, sc.v.data());
-    if (n0 + kBlockN < ne) {  // the next tile's rows, fetched while this one computes
-      const int n1 = ne - n0 - kBlockN < kBlockN ? ne - n0 - kBlockN : kBlockN;
-      kv_row_offsets(p, s, n0 + kBlockN, n1, sc.kv_next.k, sc.kv_next.v);
-      prefetch_rows(kbase, sc.kv_next.k, n1, d);
-      prefetch_rows(vbase, sc.kv_next.v, n1, d);
-    }
+    // The next tile's rows, fetched while this one computes, in shares between the query tiles
+    // (issued all at once, the prefetches stall on the line fill buffers).
+    const int n1 = n0 + kBlockN < ne ? std::min(kBlockN, ne - n0 - kBlockN) : 0;
+    if (n1 > 0) kv_row_offsets(p, s, n0 + kBlockN, n1, sc.kv_next.k, sc.kv_next.v);
+    const int share = (n1 + ntiles - 1) / ntiles;
     for (int g = 0; g < ntiles; ++g) {
+      const int j0 = std::min(n1, g * share), j1 = std::min(n1, (g + 1) * share);
+      prefetch_rows(kbase, sc.kv_next.k + j0, j1 - j0, d);
+      prefetch_rows(vbase, sc.kv_next.v + j0, j1 - j0, d);
       QueryTile<T>& q = sc.tiles[g];
       if (n0 < q.ne && n0 + n > q.nb) fwd_key_tile(c, mask, n0, n, q, sc);
     }
@@ -273,6 +276,10 @@ void run_fwd_typed(const FwdParams& p, const Problem& pr) {
 
 void run_fwd_cpu(const FwdParams& params) {
   const cpu::Problem pr = cpu::make_problem(params, /*is_bwd=*/false);
+  if (cpu::amx_fwd_applies(params)) {  // bf16 on AMX tiles (flash_fwd_amx_cpu.cpp)
+    cpu::run_fwd_amx(params, pr);
+    return;
+  }
   cpu::dispatch_attn_dtype(params.dtype, pr.work, "q", [&](auto tag) {
     using T = decltype(tag);
     cpu::run_fwd_typed<T>(params, pr);

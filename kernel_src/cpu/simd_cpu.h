@@ -75,6 +75,11 @@ void gemm_fold(const float* A, long a_row, long a_depth, const float* B, int ldb
 void exp_diff(const float* a, const float* b, float* out, int n_pad);
 void exp_diff(const double* a, const double* b, double* out, int n_pad);
 
+// dP[r][c] = P[r][c] * (dP[r][c] - D[r]) for r < rows, c < cols (a multiple of kPad); rows of
+// stride ld (the backward's dS without dropout or softcap).
+void ds_rows(const float* P, float* dP, int ld, int rows, int cols, const float* D);
+void ds_rows(const double* P, double* dP, int ld, int rows, int cols, const double* D);
+
 // dst[cols x rows] = src[rows x cols]^T (for the products that need a transposed operand),
 // converted to dst's type where it differs (the backward's fp64 logit operand of fp32 inputs).
 template <typename Src, typename Dst>
