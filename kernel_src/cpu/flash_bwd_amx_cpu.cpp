@@ -60,35 +60,6 @@ struct AmxBwdScratch {
   }
 };
 
-struct BwdOffsets {
-  int64_t dout, dq, k, v, dk, dv;
-};
-
-BwdOffsets bwd_offsets(const BwdParams& p, int b) {
-  BwdOffsets o;
-  if (p.cu_seqlens_q != nullptr) {
-    const int64_t q0 = p.cu_seqlens_q[b];
-    o.dout = q0 * p.do_row_stride;
-    o.dq = q0 * p.dq_row_stride;
-  } else {
-    o.dout = static_cast<int64_t>(b) * p.do_batch_stride;
-    o.dq = static_cast<int64_t>(b) * p.dq_batch_stride;
-  }
-  if (p.cu_seqlens_k != nullptr) {
-    const int64_t k0 = p.cu_seqlens_k[b];
-    o.k = k0 * p.k_row_stride;
-    o.v = k0 * p.v_row_stride;
-    o.dk = k0 * p.dk_row_stride;
-    o.dv = k0 * p.dv_row_stride;
-  } else {
-    o.k = static_cast<int64_t>(b) * p.k_batch_stride;
-    o.v = static_cast<int64_t>(b) * p.v_batch_stride;
-    o.dk = static_cast<int64_t>(b) * p.dk_batch_stride;
-    o.dv = static_cast<int64_t>(b) * p.dv_batch_stride;
-  }
-  return o;
-}
-
 // Phase 1, one query tile of (b, hk): D = rowsum(dO * O) in fp64, rounded once (also written
 // out as softmax_d), and the given lse of each packed row.
 void stats_tile(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int m_block, float* lse,

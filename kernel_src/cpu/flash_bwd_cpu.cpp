@@ -85,36 +85,6 @@ void gemm_add(const Acc* A, long ars, long aks, const Acc* B, int ldb, Sum* C, i
     gemm_fold(A, ars, aks, B, ldb, C, ldc, rows, depth, cols, static_cast<const float*>(nullptr));
 }
 
-// Per-sequence offsets of the gradient-side tensors (the backward has no paging or left padding).
-struct BwdOffsets {
-  int64_t dout, dq, k, v, dk, dv;
-};
-
-BwdOffsets bwd_offsets(const BwdParams& p, int b) {
-  BwdOffsets o;
-  if (p.cu_seqlens_q != nullptr) {
-    const int64_t q0 = p.cu_seqlens_q[b];
-    o.dout = q0 * p.do_row_stride;
-    o.dq = q0 * p.dq_row_stride;
-  } else {
-    o.dout = static_cast<int64_t>(b) * p.do_batch_stride;
-    o.dq = static_cast<int64_t>(b) * p.dq_batch_stride;
-  }
-  if (p.cu_seqlens_k != nullptr) {
-    const int64_t k0 = p.cu_seqlens_k[b];
-    o.k = k0 * p.k_row_stride;
-    o.v = k0 * p.v_row_stride;
-    o.dk = k0 * p.dk_row_stride;
-    o.dv = k0 * p.dv_row_stride;
-  } else {
-    o.k = static_cast<int64_t>(b) * p.k_batch_stride;
-    o.v = static_cast<int64_t>(b) * p.v_batch_stride;
-    o.dk = static_cast<int64_t>(b) * p.dk_batch_stride;
-    o.dv = static_cast<int64_t>(b) * p.dv_batch_stride;
-  }
-  return o;
-}
-
 // Phase 1, one query tile of (b, hk): D = rowsum(dO * O) (also written out as softmax_d; summed
 // in Sum, rounded once) and the given lse of each packed row (fp64 when the caller passes one,
 // fp64 inputs).

@@ -67,6 +67,12 @@ inline void kv_row_offsets(const FwdParams& p, const SeqInfo& s, int n0, int n, 
 }
 
 // Throws std::runtime_error("flash_attn (CPU): <what>") naming the argument.
+// Per-sequence offsets of the gradient-side tensors (the backward has no paging or left padding).
+struct BwdOffsets {
+  int64_t dout, dq, k, v, dk, dv;
+};
+BwdOffsets bwd_offsets(const BwdParams& p, int b);
+
 [[noreturn]] void fail(const char* what);
 [[noreturn]] void fail(const char* arg, const char* what, long long value);
 
