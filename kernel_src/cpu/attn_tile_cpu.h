@@ -8,6 +8,7 @@
 // is then loaded and converted once for the whole group, and decoding (seqlen_q = 1) still fills
 // a tile with `group` rows (FA2 does the same "seqlen_q <-> ngroups swap" for decode).
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -89,6 +90,22 @@ inline void prefetch_rows(const T* base, const int64_t* row_off, int n, int d) {
   for (int j = 0; j < n; ++j) {
     const char* row = reinterpret_cast<const char*>(base + row_off[j]);
     for (int b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 3);
+  }
+}
+
+// The backward's prefetch of the next key tile, split between the query tiles that compute with
+// the current one (issued all at once, the prefetches stall on the line fill buffers): query
+// tile t of nq prefetches its share of rows [first, first + n) of K and V (contiguous rows of a
+// sequence, row strides in elements).
+template <typename T>
+inline void prefetch_kv_share(const T* kbase, const T* vbase, int64_t k_stride, int64_t v_stride,
+                              int first, int n, int nq, int t, int d) {
+  const int share = nq > 0 ? (n + nq - 1) / nq : 0;
+  for (int j = t * share; j < std::min(n, (t + 1) * share); ++j) {
+    const int64_t koff = static_cast<int64_t>(first + j) * k_stride;
+    const int64_t voff = static_cast<int64_t>(first + j) * v_stride;
+    prefetch_rows(kbase, &koff, 1, d);
+    prefetch_rows(vbase, &voff, 1, d);
   }
 }
 

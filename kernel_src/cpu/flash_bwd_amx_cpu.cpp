@@ -174,15 +174,9 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int k_begi
     const int n_next = n0 + kBlockN < k_end ? std::min(kBlockN, k_end - n0 - kBlockN) : 0;
     const int pr_first = ib * group / kBlockM * kBlockM;
     const int nq = ie * group > pr_first ? (ie * group - pr_first + kBlockM - 1) / kBlockM : 0;
-    const int share = nq > 0 ? (n_next + nq - 1) / nq : 0;
     for (int pr0 = pr_first; pr0 < ie * group; pr0 += kBlockM) {
-      for (int j = (pr0 - pr_first) / kBlockM * share;
-           j < std::min(n_next, (pr0 - pr_first) / kBlockM * share + share); ++j) {
-        const int64_t koff = static_cast<int64_t>(n0 + kBlockN + j) * p.k_row_stride;
-        const int64_t voff = static_cast<int64_t>(n0 + kBlockN + j) * p.v_row_stride;
-        prefetch_rows(kbase, &koff, 1, d);
-        prefetch_rows(vbase, &voff, 1, d);
-      }
+      prefetch_kv_share(kbase, vbase, p.k_row_stride, p.v_row_stride, n0 + kBlockN, n_next, nq,
+                        (pr0 - pr_first) / kBlockM, d);
       const int nrows = std::min(kBlockM, packed - pr0);
       const int mt = pad_up(nrows), mt32 = pad32(nrows);
       const int tile = pr0 / kBlockM - t_first;

@@ -199,17 +199,11 @@ void bwd_task(const AttnCtx<T>& c, const AttnCtx<logit_t<T>>& cl, const BwdParam
     const int n_next = n0 + kBlockN < k_end ? std::min(kBlockN, k_end - n0 - kBlockN) : 0;
     const int pr_first = ib * group / kBlockM * kBlockM;
     const int nq = ie * group > pr_first ? (ie * group - pr_first + kBlockM - 1) / kBlockM : 0;
-    const int share = nq > 0 ? (n_next + nq - 1) / nq : 0;
     // Query tiles aligned to kBlockM packed rows (rows of the first and last tile that see no
     // key of this tile are masked: P = 0, they add exact zeros).
     for (int pr0 = pr_first; pr0 < ie * group; pr0 += kBlockM) {
-      for (int j = (pr0 - pr_first) / kBlockM * share;
-           j < std::min(n_next, (pr0 - pr_first) / kBlockM * share + share); ++j) {
-        const int64_t koff = static_cast<int64_t>(n0 + kBlockN + j) * p.k_row_stride;
-        const int64_t voff = static_cast<int64_t>(n0 + kBlockN + j) * p.v_row_stride;
-        prefetch_rows(kbase, &koff, 1, d);
-        prefetch_rows(vbase, &voff, 1, d);
-      }
+      prefetch_kv_share(kbase, vbase, p.k_row_stride, p.v_row_stride, n0 + kBlockN, n_next, nq,
+                        (pr0 - pr_first) / kBlockM, d);
       const int nrows = packed - pr0 < kBlockM ? packed - pr0 : kBlockM;
       const int tile = pr0 / kBlockM - t_first;
       const TileRows<Acc>& rows = sc.rows_all[tile];
