@@ -22,6 +22,7 @@
 
 #include "amx_cpu.h"
 #include "attn_tile_cpu.h"
+#include "bwd_tile_cpu.h"
 #include "flash_amx_cpu.h"
 #include "parallel_cpu.h"
 
@@ -59,33 +60,6 @@ struct AmxBwdScratch {
     grow_to(keep, kBlockM * kBlockN);
   }
 };
-
-// Phase 1, one query tile of (b, hk): D = rowsum(dO * O) in fp64, rounded once (also written
-// out as softmax_d), and the given lse of each packed row.
-void stats_tile(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int m_block, float* lse,
-                float* dsum) {
-  const SeqInfo& s = c.pr.seqs[b];
-  const BwdOffsets off = bwd_offsets(p, b);
-  const int group = c.pr.group, d = c.pr.d;
-  const int packed = s.seqlen_q * group;
-  const int pr0 = m_block * kBlockM;
-  const int pr1 = std::min(packed, pr0 + kBlockM);
-  const T* dout = static_cast<const T*>(p.do_ptr) + off.dout;
-  const T* out = static_cast<const T*>(p.o_ptr) + s.o_off;
-  for (int pi = pr0; pi < pr1; ++pi) {
-    const int i = pi / group, h = hk * group + pi % group;
-    const T* dorow = dout + i * p.do_row_stride + h * p.do_head_stride;
-    const T* orow = out + i * p.o_row_stride + h * p.o_head_stride;
-    double acc = 0;
-    for (int col = 0; col < d; ++col)
-      acc += static_cast<double>(Traits<T>::load(dorow[col])) * Traits<T>::load(orow[col]);
-    dsum[pi] = static_cast<float>(acc);
-    const int64_t lse_idx = s.lse_off + h * c.pr.lse_head_stride + i;
-    if (p.dsoftmax_sum_ptr != nullptr) p.dsoftmax_sum_ptr[lse_idx] = static_cast<float>(acc);
-    lse[pi] = p.softmax_lse_f64_ptr != nullptr ? static_cast<float>(p.softmax_lse_f64_ptr[lse_idx])
-                                               : p.softmax_lse_ptr[lse_idx];
-  }
-}
 
 // The rows of one query tile as A operands: row-major [kBlockM][d32] and transposed
 // [dpad][kBlockM], zero outside the tile's rows and the head dim.
@@ -240,27 +214,6 @@ void bwd_task(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int k_begi
   }
 }
 
-// Phase 3, one query tile: dQ = softmax_scale * the splits' sums, added in split order.
-void write_dq(const AttnCtx<T>& c, const BwdParams& p, int b, int hk, int m_block,
-              const float* dq, int64_t split_stride, int nsplit) {
-  const SeqInfo& s = c.pr.seqs[b];
-  const int group = c.pr.group, d = c.pr.d, dpad = c.pr.dpad;
-  const int packed = s.seqlen_q * group;
-  const int pr0 = m_block * kBlockM;
-  const int pr1 = std::min(packed, pr0 + kBlockM);
-  T* dq_out = static_cast<T*>(p.dq_ptr) + bwd_offsets(p, b).dq;
-  float row[256];
-  for (int pi = pr0; pi < pr1; ++pi) {
-    const int i = pi / group, h = hk * group + pi % group;
-    const float* src = dq + static_cast<int64_t>(pi) * dpad;
-    for (int col = 0; col < d; ++col) row[col] = src[col];
-    for (int k = 1; k < nsplit; ++k)
-      for (int col = 0; col < d; ++col) row[col] += src[k * split_stride + col];
-    T* dst = dq_out + i * p.dq_row_stride + h * p.dq_head_stride;
-    for (int col = 0; col < d; ++col) dst[col] = Traits<T>::store(row[col] * c.scale);
-  }
-}
-
 }  // namespace
 
 bool amx_bwd_applies(const BwdParams& p) { return p.dtype == DType::kBFloat16 && amx_usable(); }
@@ -305,7 +258,7 @@ void run_bwd_amx(const BwdParams& p, const Problem& pr) {
     int b, hk, m_block;
     tile_task(t, &b, &hk, &m_block);
     const int64_t r0 = first_row(b, hk);
-    stats_tile(c, p, b, hk, m_block, lse + r0, dsum + r0);
+    bwd_stats_tile<T, double>(c, p, b, hk, m_block, lse + r0, dsum + r0);  // D summed in fp64
   });
   parallel_tasks(pairs * nsplit, pr.work, [&](int64_t t) {
     AmxBwdScratch& sc = thread_scratch<AmxBwdScratch>();
@@ -328,13 +281,14 @@ void run_bwd_amx(const BwdParams& p, const Problem& pr) {
     amx_end();
     if (nsplit == 1)
       for (int m_block = 0; m_block * kBlockM < pr.seqs[b].seqlen_q * pr.group; ++m_block)
-        write_dq(c, p, b, hk, m_block, dq_task, 0, 1);
+        bwd_write_dq<T>(c, p, b, hk, m_block, dq_task, 0, 1);
   });
   if (nsplit == 1) return;
   parallel_tasks(tile0[pr.batch], pr.work, [&](int64_t t) {
     int b, hk, m_block;
     tile_task(t, &b, &hk, &m_block);
-    write_dq(c, p, b, hk, m_block, dq.data() + first_row(b, hk) * pr.dpad, split_stride, nsplit);
+    bwd_write_dq<T>(c, p, b, hk, m_block, dq.data() + first_row(b, hk) * pr.dpad, split_stride,
+                    nsplit);
   });
 }
 
