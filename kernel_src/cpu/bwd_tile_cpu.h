@@ -1,15 +1,25 @@
-// Owns: the per-query-tile steps of the CPU backward that its fp32-tile path
-// (flash_bwd_cpu.cpp) and its bf16 AMX path (flash_bwd_amx_cpu.cpp) share: D = rowsum(dO o O)
-// with the lse rows of a tile (phase 1), and the dQ write from the key splits' sums (phase 3).
+// Owns: what the CPU backward's fp32-tile path (flash_bwd_cpu.cpp) and its bf16 AMX path
+// (flash_bwd_amx_cpu.cpp) share: how many splits the keys get, D = rowsum(dO o O) with the lse
+// rows of a query tile (phase 1), and the dQ write from the key splits' sums (phase 3).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 #include "attn_tile_cpu.h"
 #include "dtype_cpu.h"
 #include "layout_cpu.h"
+#include "parallel_cpu.h"
 
 FLASH_NAMESPACE_BEGIN
 namespace cpu {
+
+// Key splits per (sequence, K/V head): 1 (the result then does not depend on the thread count)
+// unless the pairs are too few to occupy the threads; at most the longest sequence's key tiles.
+inline int bwd_key_splits(const Problem& pr, int64_t pairs, int max_key_tiles) {
+  const int threads = max_threads();
+  if (pr.work < kParallelMinWork || pairs >= 2 * threads) return 1;
+  return static_cast<int>(std::min<int64_t>(max_key_tiles, (2 * threads + pairs - 1) / pairs));
+}
 
 // Phase 1, one query tile of (b, hk): D = rowsum(dO * O) (also written out as softmax_d; summed
 // in Sum, rounded once) and the given lse of each packed row (fp64 when the caller passes one,

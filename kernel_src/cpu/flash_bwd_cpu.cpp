@@ -288,10 +288,7 @@ void run_bwd_typed(const BwdParams& p, const Problem& pr) {
     max_key_tiles = std::max(max_key_tiles, (pr.seqs[b].seqlen_k + kBlockN - 1) / kBlockN);
   }
   const int64_t rows = row0[pr.batch];
-  int nsplit = 1;
-  const int threads = max_threads();
-  if (pr.work >= kParallelMinWork && pairs < 2 * threads)
-    nsplit = static_cast<int>(std::min<int64_t>(max_key_tiles, (2 * threads + pairs - 1) / pairs));
+  const int nsplit = bwd_key_splits(pr, pairs, max_key_tiles);
   Scratch<Acc> stats(2 * static_cast<size_t>(rows));
   // The dQ buffer: shared by the splits (and summed in phase 3) when keys are split; otherwise
   // each task's own, thread-local and grow-only (a fresh call-sized buffer costs page faults and
